@@ -1,0 +1,3 @@
+from edge_lora.cli import main
+
+main()

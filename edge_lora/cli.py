@@ -1,0 +1,343 @@
+"""The `edge-lora` command: a thin click layer over the stage functions.
+
+Each command imports its stage's heavy dependencies inside its body, so that `edge-lora run` on a device
+needs only the runtime's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edge_lora.errors import UsageError
+
+EXIT_BAD_INPUT = 2
+
+
+def csv_ints(value: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{name} {value!r} is not a comma-separated list of integers — for example 1,2,4") from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"{name} {value!r} needs one or more integers >= 0 — for example 1,2,4")
+    return values
+
+
+def not_yet(command: str, issue: str) -> None:
+    raise UsageError(f"'edge-lora {command}' is not available in this version yet ({issue}) — see README.md for what works")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="edge-lora")
+def cli():
+    """edge-lora: QLoRA fine-tune a Hugging Face causal LM, export it to ONNX with proven parity, and run it
+    torch-free on an edge device.
+
+    \b
+    Start with:  edge-lora demo --workdir demo-out
+    """
+
+
+@cli.command()
+@click.option("--workdir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo writes its model, data, adapter, exports and summary.json.")
+def demo(workdir):
+    """Run the whole job offline on a tiny model: build a random-weight Llama, QLoRA-train it on a
+    date-reformatting task, export ONNX fp32 and int4, run both on the torch-free runtime, print one table.
+
+    \b
+    Example:  edge-lora demo --workdir demo-out
+    """
+    from edge_lora.demo.run import run_demo
+
+    run_demo(workdir)
+
+
+@cli.command()
+@click.option("--model", required=True, help="Base model: a local Hugging Face dir or a hub id.")
+@click.option("--data", required=True, help="Training JSONL: prompt/completion, messages or text records.")
+@click.option("--eval-data", default=None, help="Held-out JSONL of the same shape.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="TOML file of TrainConfig fields; the options below override it.")
+@click.option("--output", default=None, help="Adapter dir to write [default: adapter].")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps [default: 600].")
+@click.option("--batch-size", type=int, default=None, help="Samples per step [default: 32].")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate [default: 2e-4].")
+@click.option("--rank", type=int, default=None, help="LoRA rank r [default: 16].")
+@click.option("--seed", type=int, default=None, help="Seed [default: 0].")
+@click.option("--train-on-prompt", is_flag=True, default=None, help="Take the loss on prompt tokens too.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(model, data, eval_data, config_file, output, max_steps, batch_size, learning_rate, rank, seed,
+          train_on_prompt, resume, quiet):
+    """QLoRA: train LoRA adapters on a frozen 4-bit NF4 base; write a PEFT adapter dir with edge_lora.json.
+
+    \b
+    Example:  edge-lora train --model demo-out/base --data demo-out/data/train.jsonl --output my-adapter --max-steps 300 --lr 2e-3
+    """
+    from edge_lora.config import LoraConfig, TrainConfig, load_toml
+
+    if resume:
+        not_yet("train --resume", "checkpoints and resume arrive with the Training issue")
+    overrides = dict(model=model, data=data, eval_data=eval_data, output=output, max_steps=max_steps,
+                     batch_size=batch_size, learning_rate=learning_rate, seed=seed, train_on_prompt=train_on_prompt)
+    if config_file:
+        config = load_toml(config_file, overrides)
+    else:
+        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if rank is not None:
+        lora = config.lora.__dict__ | {"r": rank}
+        config = TrainConfig.from_dict(config.to_dict() | {"lora": lora, "quant": config.quant.__dict__})
+
+    from edge_lora.trainer import train as run_training
+
+    out = run_training(config, show_progress=not quiet)
+    metrics = json.loads((out / "edge_lora.json").read_text())["metrics"]
+    click.echo(f"adapter written to {out}: final loss {metrics['train_loss']:.4f}, {metrics['seconds_per_step']:.3f} s/step")
+
+
+@cli.command()
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--output", required=True, help="Export dir to write (built in a temporary dir, then renamed).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
+              help="Weight precision [default: fp32, or the device profile's].")
+@click.option("--flavor", type=click.Choice(["merged", "adapters"]), default="merged", show_default=True,
+              help="Merge the adapter into the base, or keep adapters apart (not yet available).")
+@click.option("--merge-into", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
+              help="Merge onto the dequantized 4-bit weights the adapter was trained against, or the original ones.")
+@click.option("--device", default=None, help="Device profile (see 'edge-lora devices list') for precision and opset.")
+@click.option("--base", default=None, help="Base model dir, if not where the adapter's manifest says.")
+@click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
+@click.option("--no-validate", is_flag=True, help="Skip the parity gate (not recommended).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(adapter_dir, output, precision, flavor, merge_into, device, base, force, overwrite, no_validate, quiet):
+    """Merge an adapter, export ONNX with KV cache, quantize, and check parity with the trained model.
+
+    \b
+    Example:  edge-lora export my-adapter --output my-export --precision int4
+    """
+    from edge_lora import devices
+
+    if flavor == "adapters":
+        not_yet("export --flavor adapters", "it arrives with the Export issue; use --flavor merged")
+    options = {"flavor": flavor, "merge_into": merge_into, "validate": not no_validate}
+    if device:
+        profile = devices.load(device)
+        options |= {"precision": profile.precision, "opset": profile.opset, "device": profile.name,
+                    "int4_block_size": profile.int4_block_size, "int4_accuracy_level": profile.int4_accuracy_level}
+    if precision:
+        options["precision"] = precision
+
+    from edge_lora.export import ExportOptions, export as run_export
+
+    out = run_export(adapter_dir, output, ExportOptions(**options), base=base, force=force, overwrite=overwrite,
+                     show_progress=not quiet)
+    manifest = json.loads((out / "export.json").read_text())
+    parity = manifest.get("parity")
+    verdict = (f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, greedy agreement {parity['greedy_agreement']:.1%}"
+               if parity else "parity not checked (--no-validate)")
+    click.echo(f"export written to {out} ({manifest['precision']}); {verdict}")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path())
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--adapter", default=None, help="Adapter name, for an export of flavor adapters (not yet available).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--device", default=None, help="Device profile for providers and threads.")
+@click.option("--providers", default=None, help="Comma-separated execution providers, overriding the profile.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (0: one per physical core).")
+def run(export_dir, prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stream, device, providers, threads):
+    """Generate from an export on the torch-free runtime (onnxruntime).
+
+    \b
+    Example:  edge-lora run demo-out/export-int4 --prompt "2024-03-17 ->" --max-new-tokens 16
+    """
+    from edge_lora import runtime
+
+    if adapter:
+        not_yet("run --adapter", "adapter switching arrives with the Runtime issue")
+    sampling = runtime.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, seed=seed)
+    generator = runtime.load(export_dir, providers=providers.split(",") if providers else None, device=device,
+                             threads=threads)
+    if stream:
+        for delta in generator.stream(prompt, sampling):
+            click.echo(delta, nl=False)
+        click.echo()
+    else:
+        click.echo(generator.generate(prompt, sampling).text)
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="EDGE_LORA_API_KEY")
+def serve(export_dir, host, port, api_key):
+    """Serve an export over an OpenAI-compatible HTTP API (not yet available).
+
+    \b
+    Example:  edge-lora serve demo-out/export-int4 --port 8000
+    """
+    not_yet("serve", "the OpenAI-compatible server arrives with the Serving issue")
+
+
+class ProfileGroup(click.Group):
+    """`edge-lora profile EXPORT_DIR ...` profiles; `edge-lora profile compare A.json B.json` compares."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["measure", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=ProfileGroup)
+def profile():
+    """Measure latency of an export (MLPerf single-stream style), or compare reports.
+
+    \b
+    Example:  edge-lora profile demo-out/export-int4 --threads 1,2 --prompt-lens 16,64 --new-tokens 32 --out prof
+              edge-lora profile compare prof-a/profile.json prof-b/profile.json
+    """
+
+
+@profile.command("measure")
+@click.argument("export_dir", type=click.Path())
+@click.option("--device", default=None, help="Device profile (providers, threads, bandwidth).")
+@click.option("--providers", default=None, help="Comma-separated execution providers, overriding the profile.")
+@click.option("--threads", default="0", show_default=True, help="Comma-separated thread counts (0: the profile's).")
+@click.option("--prompt-lens", default="128", show_default=True, help="Comma-separated prompt lengths in tokens.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="New tokens per run (end-of-sequence ignored).")
+@click.option("--min-runs", type=int, default=5, show_default=True)
+@click.option("--min-seconds", type=float, default=2.0, show_default=True)
+@click.option("--out", default="profile-out", show_default=True, help="Dir for profile.json and profile.md.")
+def profile_measure(export_dir, device, providers, threads, prompt_lens, new_tokens, min_runs, min_seconds, out):
+    """Profile an export: warm-up, then runs until both --min-runs and --min-seconds are met.
+
+    \b
+    Example:  edge-lora profile demo-out/export-int4 --threads 1,2 --prompt-lens 16,64 --new-tokens 32
+    """
+    from edge_lora.runtime.profile import ProfileSettings, profile as run_profile, render_table, write_report
+
+    settings = ProfileSettings(
+        threads=csv_ints(threads, "--threads"), prompt_lens=csv_ints(prompt_lens, "--prompt-lens"),
+        new_tokens=new_tokens, min_runs=min_runs, min_seconds=min_seconds,
+        providers=tuple(providers.split(",")) if providers else None, device=device,
+    )
+    report = run_profile(export_dir, settings)
+    paths = write_report(report, out)
+    click.echo(render_table(report))
+    click.echo(f"report: {', '.join(str(p) for p in paths.values())}")
+
+
+@profile.command("compare")
+@click.argument("reports", nargs=-1, type=click.Path())
+def profile_compare(reports):
+    """Ratio tables across profile reports (not yet available).
+
+    \b
+    Example:  edge-lora profile compare a/profile.json b/profile.json
+    """
+    not_yet("profile compare", "report comparison arrives with the Profiler issue")
+
+
+@cli.command("eval")
+@click.argument("target", type=click.Path())
+@click.option("--data", required=True, multiple=True)
+@click.option("--metric", default="exact")
+def eval_command(target, data, metric):
+    """Evaluate an adapter or an export on a data set (not yet available).
+
+    \b
+    Example:  edge-lora eval demo-out/export-int4 --data demo-out/data/eval.jsonl
+    """
+    not_yet("eval", "evaluation arrives with the Evaluation issue; the demo reports held-out accuracy")
+
+
+@cli.group()
+def devices():
+    """Device profiles: list them, show one, or detect this host.
+
+    \b
+    Example:  edge-lora devices detect
+    """
+
+
+@devices.command("list")
+def devices_list():
+    """List the shipped device profiles."""
+    from edge_lora import devices as dev
+
+    for p in dev.load_all():
+        providers = ", ".join(x.name.removesuffix("ExecutionProvider") for x in p.providers)
+        click.echo(f"{p.name:18} {p.precision:5} {providers:32} {p.description}")
+
+
+@devices.command("show")
+@click.argument("name")
+def devices_show(name):
+    """Show one profile as TOML-shaped JSON.
+
+    \b
+    Example:  edge-lora devices show arm64-a76
+    """
+    from edge_lora import devices as dev
+
+    click.echo(json.dumps(dev.load(name).to_dict(), indent=2))
+
+
+@devices.command("detect")
+def devices_detect():
+    """Describe this host (CPU, cores, memory, providers, measured bandwidth) and name the closest profile."""
+    import dataclasses
+
+    import onnxruntime
+
+    from edge_lora import devices as dev
+
+    host = dev.detect(onnxruntime.get_available_providers())
+    click.echo(json.dumps(dataclasses.asdict(host), indent=2))
+
+
+def bad_input_types() -> tuple[type[Exception], ...]:
+    """Errors that mean the user's input was wrong; each carries a one-line message with the fix."""
+    from edge_lora.devices import DeviceProfileError
+    from edge_lora.runtime import ExportError, PromptError, ProviderError
+    from edge_lora.runtime.profile import ProfileError
+
+    return UsageError, DeviceProfileError, ExportError, PromptError, ProviderError, ProfileError
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="edge-lora", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "edge-lora"
+        click.echo(f"error: {e.format_message()} — see '{command} --help'", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except bad_input_types() as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except Exception as e:
+        from edge_lora.demo.run import DemoStepError
+
+        if isinstance(e, DemoStepError):
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        raise

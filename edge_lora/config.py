@@ -1,0 +1,175 @@
+"""Training configuration: frozen dataclasses holding every default, checked once on construction.
+
+A config comes from code, from a TOML file of the same shape (`[quant]` and `[lora]` tables for the nested
+parts), or from the CLI, whose options override the file's values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+from edge_lora.errors import UsageError
+
+
+def _check_choice(problems: list[str], name: str, value, literal) -> None:
+    allowed = get_args(literal)
+    if value not in allowed:
+        problems.append(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+QuantType = Literal["nf4", "fp4"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen base weights are stored (bitsandbytes 4-bit)."""
+
+    quant_type: QuantType = "nf4"
+    """4-bit data type: NF4 (QLoRA's normal float) or FP4."""
+    double_quant: bool = True
+    """Quantize the per-block absmax constants too (about 0.4 bits per weight saved)."""
+    compute_dtype: ComputeDtype = "auto"
+    """Dtype of the matmuls: "auto" picks bfloat16 on a GPU that has it, else float32."""
+
+    def __post_init__(self):
+        problems: list[str] = []
+        _check_choice(problems, "quant.quant_type", self.quant_type, QuantType)
+        _check_choice(problems, "quant.compute_dtype", self.compute_dtype, ComputeDtype)
+        if problems:
+            raise UsageError("bad quantization config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The LoRA adapters (PEFT) trained on top of the frozen base."""
+
+    r: int = 16
+    """Rank of each adapter pair A (r × in) and B (out × r)."""
+    alpha: float = 32.0
+    """Scale numerator: the delta is B @ A * alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input during training."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt; "all-linear" is every linear layer except the output head."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (a learned magnitude per output row)."""
+
+    def __post_init__(self):
+        problems: list[str] = []
+        if not isinstance(self.r, int) or self.r <= 0:
+            problems.append(f"lora.r={self.r!r} must be a positive integer, for example 16")
+        if self.alpha <= 0:
+            problems.append(f"lora.alpha={self.alpha!r} must be positive, for example 2 * r")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules:
+            problems.append('lora.target_modules is empty: name modules or use ["all-linear"]')
+        if problems:
+            raise UsageError("bad LoRA config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One QLoRA training run."""
+
+    model: str
+    """Base model: a local Hugging Face directory or a hub id."""
+    data: str
+    """Training data, JSONL: {"prompt","completion"}, {"messages"} or {"text"} per line."""
+    output: str = "adapter"
+    """Adapter directory to write."""
+    eval_data: str | None = None
+    """Held-out JSONL of the same shape; its loss is reported and its path goes into the manifest."""
+    max_steps: int = 600
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Samples per optimizer step."""
+    max_length: int = 512
+    """Samples longer than this many tokens are truncated (and counted in the data report)."""
+    pack_length: int = 512
+    """Samples of one batch are packed into rows of at most this many tokens (no padding between them)."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the schedule."""
+    schedule: Schedule = "cosine"
+    """Learning-rate decay after warm-up."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    train_on_prompt: bool = False
+    """Also compute the loss on prompt tokens (otherwise only completion tokens count)."""
+    seed: int = 0
+    """Seed for data order, adapter init and dropout."""
+    log_every: int = 10
+    """Write a metrics.jsonl row every this many steps."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        problems: list[str] = []
+        for name in ("max_steps", "batch_size", "max_length", "pack_length", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if self.pack_length < self.max_length:
+            problems.append(f"pack_length={self.pack_length} must be >= max_length={self.max_length}")
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate={self.learning_rate!r} must be positive, for example 2e-4")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps={self.warmup_steps!r} must be >= 0")
+        if self.max_grad_norm < 0:
+            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be >= 0 (0 disables clipping)")
+        _check_choice(problems, "schedule", self.schedule, Schedule)
+        if problems:
+            raise UsageError("bad training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        """Build from plain values (a TOML file's), naming unknown keys instead of ignoring them."""
+        values = dict(values)
+        nested = {"quant": QuantConfig, "lora": LoraConfig}
+        for key, sub in nested.items():
+            if key in values:
+                values[key] = _build(sub, values[key], f"{source} [{key}]")
+        return _build(cls, values, source)
+
+
+def _build(cls, values, source: str):
+    if not isinstance(values, dict):
+        raise UsageError(f"{source}: expected a table, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)} — known keys: {', '.join(sorted(known))}")
+    if "target_modules" in values and isinstance(values["target_modules"], list):
+        values = {**values, "target_modules": tuple(values["target_modules"])}
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise UsageError(f"{source}: {e}") from None
+
+
+def load_toml(path: str | Path, overrides: dict) -> TrainConfig:
+    """Read a TOML config and apply CLI overrides (keys of TrainConfig; None means "not given")."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist — pass an existing .toml file to --config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values, source=str(path))

@@ -1,0 +1,187 @@
+"""Training data: JSONL records → token ids with a loss mask → packed rows.
+
+Three record shapes, one per line: {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]} (rendered
+with the tokenizer's chat template; the last assistant turn is the completion) and {"text"}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_lora.errors import UsageError
+
+IGNORE_INDEX = -100  # label value that the loss skips (transformers and torch's cross_entropy default)
+SHAPES = 'every line needs "prompt" and "completion" strings, or "messages", or "text"'
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    """Same length as input_ids; IGNORE_INDEX where no loss is taken."""
+
+
+@dataclass(frozen=True)
+class DataReport:
+    path: str
+    sha256: str
+    samples: int
+    tokens: int
+    loss_tokens: int
+    truncated: int
+    max_tokens: int
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"data file {path} does not exist — pass a JSONL file, one JSON object per line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"data file {path} cannot be read ({e}) — pass a UTF-8 JSONL file") from None
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {lineno}: not valid JSON ({e.msg}) — {SHAPES}") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__} — {SHAPES}")
+        records.append((lineno, record))
+    if not records:
+        raise UsageError(f"data file {path} holds no samples — {SHAPES}")
+    return records
+
+
+def split_record(record: dict, tokenizer, where: str) -> tuple[str, str]:
+    """(prompt, completion) text of one record; the prompt of a {"text"} record is empty."""
+    if "prompt" in record or "completion" in record:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        for name, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, str):
+                raise UsageError(f'{where}: expected a "{name}" string, got {json.dumps(value)} — {SHAPES}')
+        return prompt, completion
+    if "messages" in record:
+        messages = record["messages"]
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        if not ok or messages[-1]["role"] != "assistant":
+            raise UsageError(
+                f'{where}: "messages" must be a list of {{"role", "content"}} strings ending with an assistant turn'
+            )
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError(f"{where}: a messages record needs a tokenizer with a chat template; this one has none")
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        return prompt, messages[-1]["content"]
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise UsageError(f'{where}: expected a "text" string, got {json.dumps(record["text"])} — {SHAPES}')
+        return "", record["text"]
+    raise UsageError(f"{where}: no known fields (got {', '.join(sorted(record)) or 'none'}) — {SHAPES}")
+
+
+def encode(prompt: str, completion: str, tokenizer, max_length: int, train_on_prompt: bool) -> tuple[Example, bool]:
+    """Token ids with labels; returns (example, truncated). The BOS token is never a label."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else (
+        [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    )
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + completion_ids
+    labels = (list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + completion_ids
+    if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id:
+        labels[0] = IGNORE_INDEX
+    truncated = len(ids) > max_length
+    return Example(tuple(ids[:max_length]), tuple(labels[:max_length])), truncated
+
+
+def load_examples(path: str | Path, tokenizer, max_length: int, train_on_prompt: bool) -> tuple[list[Example], DataReport]:
+    records = read_jsonl(path)
+    examples, truncated = [], 0
+    for lineno, record in records:
+        where = f"{path} line {lineno}"
+        prompt, completion = split_record(record, tokenizer, where)
+        example, cut = encode(prompt, completion, tokenizer, max_length, train_on_prompt)
+        if all(label == IGNORE_INDEX for label in example.labels):
+            raise UsageError(
+                f"{where}: no completion tokens left after truncation to max_length={max_length} "
+                f"(prompt is {len(tokenizer(prompt)['input_ids'])} tokens) — raise max_length or shorten the prompt"
+            )
+        truncated += cut
+        examples.append(example)
+    report = DataReport(
+        path=str(path),
+        sha256=file_sha256(path),
+        samples=len(examples),
+        tokens=sum(len(e.input_ids) for e in examples),
+        loss_tokens=sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in examples),
+        truncated=truncated,
+        max_tokens=max(len(e.input_ids) for e in examples),
+    )
+    return examples, report
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def batch_order(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the samples of optimizer step `step`: a fresh seeded shuffle per epoch, so that a resumed
+    run draws exactly the batches an uninterrupted one would."""
+    per_epoch = max(1, n_examples // batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[index * batch_size : (index + 1) * batch_size]
+
+
+def pack(examples: list[Example], pack_length: int, pad_id: int):
+    """Pack samples into rows of at most `pack_length` tokens, first fit by decreasing length.
+
+    Positions restart at 0 for every sample and no attention mask is passed, which makes transformers build a
+    block-diagonal causal mask from the position ids: no token attends across a sample boundary.
+    Returns torch tensors input_ids, labels, position_ids of shape (rows, longest row).
+    """
+    import torch
+
+    rows: list[list[Example]] = []
+    free: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(example.input_ids)
+        for i, room in enumerate(free):
+            if n <= room:
+                rows[i].append(example)
+                free[i] -= n
+                break
+        else:
+            rows.append([example])
+            free.append(pack_length - n)
+    width = max(pack_length - room for room in free)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    # Padding gets position 0 everywhere, so each pad token is a sequence of its own and is never attended to.
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for example in row:
+            n = len(example.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(example.input_ids)
+            labels[r, at : at + n] = torch.tensor(example.labels)
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

@@ -1,0 +1,138 @@
+"""Load a base causal LM with frozen 4-bit weights (bitsandbytes) and attach LoRA adapters (PEFT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_lora.config import LoraConfig, QuantConfig
+from edge_lora.errors import UsageError
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local model directory, or the local snapshot of a hub id (downloaded if the hub is reachable)."""
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--model {model} is a file — pass the model's directory (config.json and weights)")
+        if not (path / "config.json").exists():
+            raise UsageError(f"--model {model} has no config.json — pass a Hugging Face model directory")
+        if not any(p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)):
+            raise UsageError(f"--model {model} has no weights (*.safetensors or pytorch_model*.bin) — save the model with save_pretrained first")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise UsageError(f"--model {model} does not exist — pass a model directory or a hub id like org/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # the hub client raises many types; all mean the same to the user
+        raise UsageError(f"--model {model}: not a local directory and the hub could not provide it ({type(e).__name__}) — download it and pass the directory") from None
+
+
+def compute_dtype(quant: QuantConfig):
+    import torch
+
+    if quant.compute_dtype != "auto":
+        return getattr(torch, quant.compute_dtype)
+    # bf16 matmuls are fast only where the hardware has them; on a CPU fp32 is both faster and exact.
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def bnb_config(quant: QuantConfig):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(quant),
+    )
+
+
+def load_quantized_base(model_dir: Path, quant: QuantConfig):
+    """The base model with every linear layer but the output head stored in 4-bit; norms and embeddings
+    stay in the compute dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=bnb_config(quant), dtype=compute_dtype(quant), device_map=device_map
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):
+            raise UsageError(f"--model {model_dir}: not a causal language model transformers knows ({e})") from None
+        raise
+    return keep_training_numerics(model)
+
+
+def keep_training_numerics(model):
+    """Make every 4-bit layer compute as it does in training, in eval mode too.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight the first time it runs in eval mode
+    without grad and from then on multiplies in bf16: the same adapter then gives other logits after an eval
+    pass than during training (|Δ| ~1e-2 here), and a merge could no longer be checked against it. Keeping the
+    dequantize-then-fp32 path everywhere makes evaluation, generation and the export's reference all compute
+    what the adapter was trained against.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return model
+
+
+def linear_layer_names(model) -> list[str]:
+    """Short names of the linear layers LoRA can target (the output head excluded)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+    }
+    return sorted(names)
+
+
+def peft_config(lora: LoraConfig, model):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = list(lora.target_modules)
+    if targets != ["all-linear"]:
+        available = linear_layer_names(model)
+        unknown = [t for t in targets if t not in available]
+        if unknown:
+            raise UsageError(
+                f"lora.target_modules: {', '.join(unknown)} not among this model's linear layers — "
+                f"choose from {', '.join(available)} or use all-linear"
+            )
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(base, lora: LoraConfig):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    # Casts norms to fp32 and enables input grads; gradient checkpointing is the training config's choice.
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return get_peft_model(base, peft_config(lora, base))

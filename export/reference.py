@@ -1,0 +1,40 @@
+"""The PyTorch models an export is made from and checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_lora import manifest as adapter_manifest
+from edge_lora.config import QuantConfig
+from edge_lora.errors import UsageError
+from edge_lora.modeling import load_quantized_base, resolve_model_dir
+
+
+def base_dir_of(adapter_dir: Path, manifest: dict, base: str | None, force: bool) -> Path:
+    """The base model dir: `base` if given (its fingerprint must match the adapter's unless `force`)."""
+    model_dir = resolve_model_dir(base or manifest["base_model"])
+    if base is not None and not force:
+        expected = manifest["base_fingerprint"]["digest"]
+        actual = adapter_manifest.fingerprint(model_dir)["digest"]
+        if actual != expected:
+            raise UsageError(
+                f"--base {base} has fingerprint {actual[:12]}… but {adapter_dir} was trained on "
+                f"{manifest['base_model']} ({expected[:12]}…) — pass that base, or --force to export anyway"
+            )
+    return model_dir
+
+
+def qlora_model(adapter_dir: Path, model_dir: Path, manifest: dict):
+    """The trained model as it ran in training: the 4-bit base with the adapter on top, in eval mode."""
+    from peft import PeftModel
+
+    quant = QuantConfig(**manifest["training"]["quant"])
+    model = PeftModel.from_pretrained(load_quantized_base(model_dir, quant), adapter_dir)
+    return model.eval()
+
+
+def full_precision_base(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

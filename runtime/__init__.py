@@ -1,0 +1,50 @@
+"""The torch-free runtime: load an export and generate on onnxruntime.
+
+Imports only onnxruntime, numpy, tokenizers and edge_lora.devices — never torch, transformers, peft or the
+training and export code — so that `pip install edge-lora` is enough on a device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_lora.runtime.generate import Generation, Generator, PromptError, SamplingConfig
+from edge_lora.runtime.package import ExportDir, ExportError, open_export
+from edge_lora.runtime.session import ProviderError, choose_providers, make_session
+from edge_lora.runtime.tokenizer import TextTokenizer
+
+DEFAULT_DEVICE = "cpu-x86-64"
+
+__all__ = ["load", "device_profile", "Generator", "Generation", "SamplingConfig", "ExportDir", "ExportError", "PromptError",
+           "ProviderError", "open_export"]
+
+
+def load(export_dir: str | Path, providers: list[str] | None = None, device: str | None = None,
+         threads: int | None = None, strict_providers: bool = False, verify: bool = True) -> Generator:
+    """Open an export for generation.
+
+    Providers come from `providers` if given, else from the device profile (`device`, or the one the export
+    was made for, or cpu-x86-64); threads likewise (0 means one per physical core).
+    """
+    import psutil
+
+    from edge_lora import devices
+
+    export = open_export(export_dir, verify=verify)
+    profile = device_profile(export, device)
+    if providers is not None:
+        requested = [(name, {}) for name in providers]
+    else:
+        requested = [(p.name, dict(p.options)) for p in profile.providers]
+    chosen = choose_providers(requested, strict=strict_providers)
+    if threads is None:
+        threads = devices.resolve_threads(profile, psutil.cpu_count(logical=False) or 1)
+    session = make_session(export.model_path, chosen, threads=threads, graph_optimization=profile.graph_optimization)
+    return Generator(export, session, TextTokenizer(export.tokenizer_path))
+
+
+def device_profile(export: ExportDir, device: str | None = None):
+    """The profile named by `device`, else the one the export was made for, else the x86-64 CPU one."""
+    from edge_lora import devices
+
+    return devices.load(device or export.manifest.get("device") or DEFAULT_DEVICE)

@@ -1,0 +1,70 @@
+"""An export directory as the runtime sees it: `export.json`, its files and their sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+EXPORT_MANIFEST = "export.json"
+
+
+class ExportError(ValueError):
+    """The export directory is missing, incomplete or altered; the message says which and how to fix it."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExportDir:
+    path: Path
+    manifest: dict
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest["model_file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    def digest(self) -> str:
+        """One digest of the whole export: the sha256 of its sorted file list with their sha256."""
+        files = sorted(self.manifest["files"].items())
+        return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def open_export(path: str | Path, verify: bool = True) -> ExportDir:
+    """Read `export.json`; with `verify`, check that every listed file is there with its recorded sha256."""
+    path = Path(path)
+    manifest_path = path / EXPORT_MANIFEST
+    if not path.is_dir():
+        raise ExportError(f"export dir {path} does not exist — pass the --output dir of edge-lora export")
+    if not manifest_path.exists():
+        raise ExportError(f"{path} is not an export: no {EXPORT_MANIFEST} — pass a dir written by edge-lora export")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{manifest_path} is not valid JSON ({e}) — re-run edge-lora export") from None
+    for key in ("model_file", "files", "kv_cache"):
+        if key not in manifest:
+            raise ExportError(f"{manifest_path} lacks {key!r} — it was not written by this edge-lora; re-run edge-lora export")
+    if verify:
+        for name, expected in manifest["files"].items():
+            file = path / name
+            if not file.exists():
+                raise ExportError(f"{path}: {name} is missing — re-run edge-lora export or restore the file")
+            actual = sha256_file(file)
+            if actual != expected:
+                raise ExportError(
+                    f"{path}: {name} sha256 {actual[:12]}… differs from export.json's {expected[:12]}… — "
+                    "the file was altered or corrupted; re-run edge-lora export"
+                )
+    return ExportDir(path, manifest)

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny base model, a short QLoRA run on it, and its exports — built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMALL_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+TRAIN_STEPS = 100
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def base_dir(workdir) -> Path:
+    from edge_lora.tiny import build_base_model, llama_config
+
+    return build_base_model(workdir / "base", llama_config(**SMALL_MODEL))
+
+
+@pytest.fixture(scope="session")
+def task_files(workdir) -> tuple[Path, Path]:
+    from edge_lora.demo.task import write_task
+
+    return write_task(workdir / "data", n_train=256, n_eval=16)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(workdir, base_dir, task_files) -> Path:
+    from edge_lora.config import TrainConfig
+    from edge_lora.trainer import train
+
+    train_path, eval_path = task_files
+    config = TrainConfig(model=str(base_dir), data=str(train_path), eval_data=str(eval_path),
+                         output=str(workdir / "adapter"), max_steps=TRAIN_STEPS, batch_size=16,
+                         learning_rate=2e-3, log_every=10)
+    return train(config, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def export_fp32(workdir, adapter_dir) -> Path:
+    from edge_lora.export import ExportOptions, export
+
+    return export(adapter_dir, workdir / "export-fp32", ExportOptions(precision="fp32"), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def export_int4(workdir, adapter_dir) -> Path:
+    from edge_lora.export import ExportOptions, export
+
+    return export(adapter_dir, workdir / "export-int4", ExportOptions(precision="int4"), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def eval_samples(task_files) -> list[dict]:
+    return [json.loads(line) for line in task_files[1].read_text().splitlines()]
