@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from edge_lora.config import LoraConfig, QuantConfig
 from edge_lora.errors import UsageError
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# bitsandbytes tries, at import, to fetch an optional CPU kernel from a hub and warns when it cannot; it then
+# uses its built-in kernels, which is what edge-lora wants offline. The warning would only confuse users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def resolve_model_dir(model: str) -> Path:

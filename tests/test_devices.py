@@ -80,7 +80,7 @@ def test_all_problems_of_a_file_come_in_one_line(tmp_path):
         tmp_path,
         "edge",
         {
-            "opset = 17": "opset = 13",
+            "opset = 18": "opset = 13",
             "budget_mb = 4096\n": "",
             "intra_op_threads = 0": "intra_op_thread = 0",
             "int4_accuracy_level = 4": "int4_accuracy_level = true",

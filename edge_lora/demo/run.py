@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_lora.config import TrainConfig
+from edge_lora.demo.runtime_check import LATENCY_SETTINGS
 from edge_lora.demo.task import write_task
 from edge_lora.errors import UsageError
 
@@ -59,6 +60,8 @@ def run_demo(workdir: str | Path, console: Console | None = None, training_overr
                      "parity": json.loads((exports[p] / "export.json").read_text())["parity"]} for p in PRECISIONS},
         "training": {"steps": config.max_steps, "seconds_per_step": manifest["metrics"]["seconds_per_step"],
                      "train_seconds": manifest["metrics"]["train_seconds"], "final_loss": manifest["metrics"]["train_loss"]},
+        "latency_settings": {"prompt_tokens": LATENCY_SETTINGS.prompt_lens[0], "new_tokens": LATENCY_SETTINGS.new_tokens,
+                             "threads": "one per physical core"},
         "step_seconds": steps.seconds,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -141,15 +144,17 @@ def export_size(export_dir: Path) -> int:
 
 def summary_table(summary: dict) -> Table:
     table = Table(title=f"edge-lora demo — {summary['task']} ({summary['eval_samples']} prompts)")
-    for column in ("model", "accuracy", "size", "time to first token", "decode tokens/s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    for column in ("model", "accuracy", "size", "TTFT", "decode tok/s"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     acc = summary["accuracy"]
-    table.add_row("base (NF4, no adapter)", f"{acc['base']:.1%}", "", "", "")
-    table.add_row("QLoRA (NF4 + LoRA, PyTorch)", f"{acc['qlora_pytorch']:.1%}", "", "", "")
+    table.add_row("base, NF4, PyTorch", f"{acc['base']:.1%}", "", "", "")
+    table.add_row("QLoRA, NF4+LoRA, PyTorch", f"{acc['qlora_pytorch']:.1%}", "", "", "")
     for p, figures in summary["onnx"].items():
-        table.add_row(f"ONNX {p} (edge_lora.runtime)", f"{acc[f'onnx_{p}']:.1%}", f"{figures['size_mb']:.2f} MB",
+        table.add_row(f"ONNX {p}, runtime", f"{acc[f'onnx_{p}']:.1%}", f"{figures['size_mb']:.2f} MB",
                       f"{figures['ttft_s'] * 1000:.2f} ms", f"{figures['decode_tokens_per_s']:.0f}")
     t = summary["training"]
-    table.caption = (f"training: {t['steps']} steps, {t['seconds_per_step']:.3f} s/step, final loss {t['final_loss']:.4f}; "
+    lat = summary["latency_settings"]
+    table.caption = (f"latency: prompt {lat['prompt_tokens']} tokens, {lat['new_tokens']} new tokens; training: "
+                     f"{t['steps']} steps, {t['seconds_per_step']:.3f} s/step, final loss {t['final_loss']:.4f}; "
                      f"whole demo {summary['total_seconds']} s")
     return table
