@@ -58,44 +58,49 @@ def demo(workdir):
 
 
 @cli.command()
-@click.option("--model", required=True, help="Base model: a local Hugging Face dir or a hub id.")
-@click.option("--data", required=True, help="Training JSONL: prompt/completion, messages or text records.")
+@click.option("--model", default=None, help="Base model: a local Hugging Face dir or a hub id.")
+@click.option("--data", default=None, help="Training JSONL: prompt/completion, messages or text records.")
 @click.option("--eval-data", default=None, help="Held-out JSONL of the same shape.")
+@click.option("--eval-fraction", type=float, default=None, help="Without --eval-data: hold out this fraction of --data.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="TOML file of TrainConfig fields; the options below override it.")
+              help="TOML file of TrainConfig fields (see examples/); the options here override it.")
 @click.option("--output", default=None, help="Adapter dir to write [default: adapter].")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps [default: 600].")
-@click.option("--batch-size", type=int, default=None, help="Samples per step [default: 32].")
+@click.option("--batch-size", type=int, default=None, help="Samples per optimizer step [default: 32].")
+@click.option("--grad-accum", "grad_accum_steps", type=int, default=None, help="Micro-batches per step [default: 1].")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations: less memory.")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate [default: 2e-4].")
 @click.option("--rank", type=int, default=None, help="LoRA rank r [default: 16].")
+@click.option("--max-length", type=int, default=None, help="Truncate samples to this many tokens [default: 512].")
 @click.option("--seed", type=int, default=None, help="Seed [default: 0].")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps [default: only at the end].")
 @click.option("--train-on-prompt", is_flag=True, default=None, help="Take the loss on prompt tokens too.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(model, data, eval_data, config_file, output, max_steps, batch_size, learning_rate, rank, seed,
-          train_on_prompt, resume, quiet):
-    """QLoRA: train LoRA adapters on a frozen 4-bit NF4 base; write a PEFT adapter dir with edge_lora.json.
+def train(config_file, rank, resume, quiet, **options):
+    """QLoRA: train LoRA adapters on a frozen 4-bit NF4 base; write a PEFT adapter dir with edge_lora.json,
+    metrics.jsonl, loss.png and checkpoints/.
 
     \b
     Example:  edge-lora train --model demo-out/base --data demo-out/data/train.jsonl --output my-adapter --max-steps 300 --lr 2e-3
+              edge-lora train --config examples/date-reformat.toml
     """
-    from edge_lora.config import LoraConfig, TrainConfig, load_toml
+    from edge_lora.config import TrainConfig, load_toml
 
-    if resume:
-        not_yet("train --resume", "checkpoints and resume arrive with the Training issue")
-    overrides = dict(model=model, data=data, eval_data=eval_data, output=output, max_steps=max_steps,
-                     batch_size=batch_size, learning_rate=learning_rate, seed=seed, train_on_prompt=train_on_prompt)
+    given = {k: v for k, v in options.items() if v is not None}
     if config_file:
-        config = load_toml(config_file, overrides)
+        config = load_toml(config_file, given)
     else:
-        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+        missing = [f"--{k}" for k in ("model", "data") if k not in given]
+        if missing:
+            raise UsageError(f"missing {' and '.join(missing)} — pass them, or a --config file that sets them")
+        config = TrainConfig(**given)
     if rank is not None:
-        lora = config.lora.__dict__ | {"r": rank}
-        config = TrainConfig.from_dict(config.to_dict() | {"lora": lora, "quant": config.quant.__dict__})
+        config = config.with_overrides(lora={"r": rank})
 
     from edge_lora.trainer import train as run_training
 
-    out = run_training(config, show_progress=not quiet)
+    out = run_training(config, show_progress=not quiet, resume=resume)
     metrics = json.loads((out / "edge_lora.json").read_text())["metrics"]
     click.echo(f"adapter written to {out}: final loss {metrics['train_loss']:.4f}, {metrics['seconds_per_step']:.3f} s/step")
 

@@ -24,6 +24,7 @@ def _check_choice(problems: list[str], name: str, value, literal) -> None:
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Schedule = Literal["cosine", "linear", "constant"]
+Optimizer = Literal["auto", "adamw_torch", "paged_adamw_8bit"]
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,16 @@ class TrainConfig:
     """Adapter directory to write."""
     eval_data: str | None = None
     """Held-out JSONL of the same shape; its loss is reported and its path goes into the manifest."""
+    eval_fraction: float = 0.0
+    """Without eval_data: hold out this fraction of the training samples (seeded) as the eval split."""
     max_steps: int = 600
     """Optimizer steps."""
     batch_size: int = 32
-    """Samples per optimizer step."""
+    """Samples per optimizer step (over all processes when distributed)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step: each holds batch_size / grad_accum_steps samples; less memory, same result."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory, about 30% more compute."""
     max_length: int = 512
     """Samples longer than this many tokens are truncated (and counted in the data report)."""
     pack_length: int = 512
@@ -106,6 +113,12 @@ class TrainConfig:
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
+    optimizer: Optimizer = "auto"
+    """"auto": bitsandbytes' paged 8-bit AdamW on CUDA, torch AdamW on a CPU (where the 8-bit one has no kernel)."""
+    save_every: int = 0
+    """Write a checkpoint every this many steps (0: only at the end); --resume continues from the newest."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk, newest first (0 keeps all)."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (otherwise only completion tokens count)."""
     seed: int = 0
@@ -117,10 +130,20 @@ class TrainConfig:
 
     def __post_init__(self):
         problems: list[str] = []
-        for name in ("max_steps", "batch_size", "max_length", "pack_length", "log_every"):
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "max_length", "pack_length", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"{name}={value!r} must be a positive integer")
+        for name in ("save_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                problems.append(f"{name}={value!r} must be an integer >= 0")
+        if isinstance(self.grad_accum_steps, int) and self.grad_accum_steps > 0 and self.batch_size % self.grad_accum_steps:
+            problems.append(f"batch_size={self.batch_size} must be a multiple of grad_accum_steps={self.grad_accum_steps}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"eval_fraction={self.eval_fraction!r} must be in [0, 1)")
+        if self.eval_fraction and self.eval_data:
+            problems.append("give eval_data or eval_fraction, not both")
         if self.pack_length < self.max_length:
             problems.append(f"pack_length={self.pack_length} must be >= max_length={self.max_length}")
         if self.learning_rate <= 0:
@@ -130,11 +153,19 @@ class TrainConfig:
         if self.max_grad_norm < 0:
             problems.append(f"max_grad_norm={self.max_grad_norm!r} must be >= 0 (0 disables clipping)")
         _check_choice(problems, "schedule", self.schedule, Schedule)
+        _check_choice(problems, "optimizer", self.optimizer, Optimizer)
         if problems:
             raise UsageError("bad training config: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_overrides(self, **values) -> TrainConfig:
+        """A copy with some top-level fields or nested `quant`/`lora` fields (given as dicts) changed."""
+        merged = self.to_dict()
+        for key, value in values.items():
+            merged[key] = merged[key] | value if key in ("quant", "lora") else value
+        return TrainConfig.from_dict(merged)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:

@@ -24,6 +24,10 @@ class Example:
     labels: tuple[int, ...]
     """Same length as input_ids; IGNORE_INDEX where no loss is taken."""
 
+    @property
+    def loss_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
 
 @dataclass(frozen=True)
 class DataReport:
@@ -100,8 +104,9 @@ def encode(prompt: str, completion: str, tokenizer, max_length: int, train_on_pr
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = prompt_ids + completion_ids
     labels = (list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + completion_ids
-    if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id:
-        labels[0] = IGNORE_INDEX
+    # The first token has no context inside its sample: in a packed row it would be predicted from the sample
+    # before it, so it is never a target.
+    labels[0] = IGNORE_INDEX
     truncated = len(ids) > max_length
     return Example(tuple(ids[:max_length]), tuple(labels[:max_length])), truncated
 
@@ -113,7 +118,7 @@ def load_examples(path: str | Path, tokenizer, max_length: int, train_on_prompt:
         where = f"{path} line {lineno}"
         prompt, completion = split_record(record, tokenizer, where)
         example, cut = encode(prompt, completion, tokenizer, max_length, train_on_prompt)
-        if all(label == IGNORE_INDEX for label in example.labels):
+        if example.loss_tokens == 0:
             raise UsageError(
                 f"{where}: no completion tokens left after truncation to max_length={max_length} "
                 f"(prompt is {len(tokenizer(prompt)['input_ids'])} tokens) — raise max_length or shorten the prompt"
@@ -125,7 +130,7 @@ def load_examples(path: str | Path, tokenizer, max_length: int, train_on_prompt:
         sha256=file_sha256(path),
         samples=len(examples),
         tokens=sum(len(e.input_ids) for e in examples),
-        loss_tokens=sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in examples),
+        loss_tokens=sum(e.loss_tokens for e in examples),
         truncated=truncated,
         max_tokens=max(len(e.input_ids) for e in examples),
     )

@@ -134,9 +134,11 @@ def peft_config(lora: LoraConfig, model):
     )
 
 
-def add_lora(base, lora: LoraConfig):
+def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool = False):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    # Casts norms to fp32 and enables input grads; gradient checkpointing is the training config's choice.
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    # Casts norms to fp32 and makes the embeddings' output require grad, so that checkpointed blocks see a
+    # tensor that needs grad. The non-reentrant checkpoint variant is the one that works with frozen inputs.
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(base, peft_config(lora, base))

@@ -21,10 +21,16 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_dir(workdir) -> Path:
+def make_base():
+    """Build a small random-weight Llama base dir: make_base(path, seed=0)."""
     from edge_lora.tiny import build_base_model, llama_config
 
-    return build_base_model(workdir / "base", llama_config(**SMALL_MODEL))
+    return lambda path, seed=0: build_base_model(path, llama_config(**SMALL_MODEL), seed=seed)
+
+
+@pytest.fixture(scope="session")
+def base_dir(workdir, make_base) -> Path:
+    return make_base(workdir / "base")
 
 
 @pytest.fixture(scope="session")
