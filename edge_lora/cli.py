@@ -7,6 +7,7 @@ needs only the runtime's.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,8 +102,9 @@ def train(config_file, rank, resume, quiet, **options):
     from edge_lora.trainer import train as run_training
 
     out = run_training(config, show_progress=not quiet, resume=resume)
-    metrics = json.loads((out / "edge_lora.json").read_text())["metrics"]
-    click.echo(f"adapter written to {out}: final loss {metrics['train_loss']:.4f}, {metrics['seconds_per_step']:.3f} s/step")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from the main process is enough
+        metrics = json.loads((out / "edge_lora.json").read_text())["metrics"]
+        click.echo(f"adapter written to {out}: final loss {metrics['train_loss']:.4f}, {metrics['seconds_per_step']:.3f} s/step")
 
 
 @cli.command()
