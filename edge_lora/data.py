@@ -67,33 +67,56 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def split_record(record: dict, tokenizer, where: str) -> tuple[str, str]:
-    """(prompt, completion) text of one record; the prompt of a {"text"} record is empty."""
+def split_record(record: dict, where: str) -> tuple[str, str]:
+    """(prompt, completion) text of a prompt/completion or text record; the prompt of a text record is empty."""
     if "prompt" in record or "completion" in record:
         prompt, completion = record.get("prompt"), record.get("completion")
         for name, value in (("prompt", prompt), ("completion", completion)):
             if not isinstance(value, str):
                 raise UsageError(f'{where}: expected a "{name}" string, got {json.dumps(value)} — {SHAPES}')
         return prompt, completion
-    if "messages" in record:
-        messages = record["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
-        if not ok or messages[-1]["role"] != "assistant":
-            raise UsageError(
-                f'{where}: "messages" must be a list of {{"role", "content"}} strings ending with an assistant turn'
-            )
-        if not getattr(tokenizer, "chat_template", None):
-            raise UsageError(f"{where}: a messages record needs a tokenizer with a chat template; this one has none")
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        return prompt, messages[-1]["content"]
     if "text" in record:
         if not isinstance(record["text"], str):
             raise UsageError(f'{where}: expected a "text" string, got {json.dumps(record["text"])} — {SHAPES}')
         return "", record["text"]
     raise UsageError(f"{where}: no known fields (got {', '.join(sorted(record)) or 'none'}) — {SHAPES}")
+
+
+def encode_messages(messages, tokenizer, max_length: int, train_on_prompt: bool, where: str) -> tuple[Example, bool]:
+    """A conversation rendered with the tokenizer's chat template; the loss is on every assistant turn.
+
+    Assistant spans are found in characters — the rendering of the conversation up to each assistant turn
+    (with the generation prompt) and through it — and mapped to tokens by their offsets, so that the tokens
+    are exactly those of the whole rendered text.
+    """
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )
+    if not ok or not any(m["role"] == "assistant" for m in messages):
+        raise UsageError(f'{where}: "messages" must be a list of {{"role", "content"}} strings with an assistant turn — {SHAPES}')
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"{where}: a messages record needs a tokenizer with a chat template; this one has none — use prompt/completion records")
+
+    def render(turns, generation_prompt=False) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt) if turns else ""
+
+    text = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            before, through = render(messages[:i], True), render(messages[: i + 1])
+            if not (text.startswith(before) and text.startswith(through)):
+                raise UsageError(f"{where}: the chat template renders a conversation's start differently from the whole — "
+                                 "its assistant turns cannot be located; use prompt/completion records")
+            spans.append((len(before), len(through)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [
+        tok if train_on_prompt or any(a <= start and end <= b for a, b in spans) else IGNORE_INDEX
+        for tok, (start, end) in zip(ids, enc["offset_mapping"])
+    ]
+    labels[0] = IGNORE_INDEX
+    return Example(tuple(ids[:max_length]), tuple(labels[:max_length])), len(ids) > max_length
 
 
 def encode(prompt: str, completion: str, tokenizer, max_length: int, train_on_prompt: bool) -> tuple[Example, bool]:
@@ -116,12 +139,15 @@ def load_examples(path: str | Path, tokenizer, max_length: int, train_on_prompt:
     examples, truncated = [], 0
     for lineno, record in records:
         where = f"{path} line {lineno}"
-        prompt, completion = split_record(record, tokenizer, where)
-        example, cut = encode(prompt, completion, tokenizer, max_length, train_on_prompt)
+        if "messages" in record:
+            example, cut = encode_messages(record["messages"], tokenizer, max_length, train_on_prompt, where)
+        else:
+            prompt, completion = split_record(record, where)
+            example, cut = encode(prompt, completion, tokenizer, max_length, train_on_prompt)
         if example.loss_tokens == 0:
             raise UsageError(
                 f"{where}: no completion tokens left after truncation to max_length={max_length} "
-                f"(prompt is {len(tokenizer(prompt)['input_ids'])} tokens) — raise max_length or shorten the prompt"
+                "— raise max_length or shorten the prompt"
             )
         truncated += cut
         examples.append(example)

@@ -44,7 +44,7 @@ def test_text_records_and_truncation_are_counted(tmp_path, tokenizer):
     ("not json", r"line 2: not valid JSON"),
     ('["a"]', r"line 2: expected a JSON object, got list"),
     ('{"question": "a"}', r"line 2: no known fields \(got question\)"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', r"ending with an assistant turn"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', r"with an assistant turn"),
 ])
 def test_bad_lines_are_named(tmp_path, tokenizer, line, message):
     path = write(tmp_path, [json.dumps({"prompt": "a", "completion": "b"}), line])
@@ -104,3 +104,27 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, tokenizer):
             count += n
     # fp32 sums of the same terms in another order
     torch.testing.assert_close(packed_loss, total / count, rtol=1e-5, atol=1e-6)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_messages_take_the_loss_on_every_assistant_turn(tmp_path, tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "ok"}]
+    path = write(tmp_path, [json.dumps({"messages": messages})])
+    (example,), _ = load_examples(path, tokenizer, 256, train_on_prompt=False)
+    ids = example.input_ids
+    assert tokenizer.decode(ids, skip_special_tokens=False) == tokenizer.apply_chat_template(messages, tokenize=False)
+    targets = tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=False)
+    assert targets == "yo</s>ok</s>"  # both answers with their end-of-turn token, nothing of the user's
+
+
+def test_messages_need_a_chat_template(tmp_path):
+    from edge_lora.tiny import char_tokenizer
+
+    path = write(tmp_path, [json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})])
+    with pytest.raises(UsageError, match=r"line 1: a messages record needs a tokenizer with a chat template"):
+        load_examples(path, char_tokenizer(), 64, False)
