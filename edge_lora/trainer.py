@@ -14,7 +14,7 @@ from edge_lora.config import TrainConfig
 from edge_lora.data import batch_order, load_examples, pack
 from edge_lora.distributed import Distributed
 from edge_lora.errors import UsageError
-from edge_lora.modeling import add_lora, load_quantized_base, resolve_model_dir
+from edge_lora.modeling import add_lora, compute_dtype, load_quantized_base, resolve_model_dir
 from edge_lora.progress import progress_bar
 
 # Fields a resumed run may change: they steer logging and checkpointing, not what is computed.
@@ -119,6 +119,8 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    # fp16 activations underflow in the backward pass without a loss scale; bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(model.device.type, enabled=compute_dtype(config.quant) == torch.float16)
 
     output.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_partial(output)
@@ -127,7 +129,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
     if resume_from is not None:
         state, meta = checkpoint.load(resume_from)
         start_step = meta["step"]
-        restore(model, optimizer, scheduler, state)
+        restore(model, optimizer, scheduler, scaler, state)
         rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
     elif dist.main:
@@ -137,7 +139,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
 
     def save_checkpoint(step: int) -> None:
         if dist.main:
-            checkpoint.save(output, step, capture(model, optimizer, scheduler),
+            checkpoint.save(output, step, capture(model, optimizer, scheduler, scaler),
                             {"config": config.to_dict(), "base_fingerprint": fingerprint["digest"]}, config.keep_checkpoints)
         dist.barrier()
 
@@ -148,6 +150,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
     with progress_bar("training", total=config.max_steps, enabled=show_progress and dist.main) as advance:
         advance(start_step, "resumed" if start_step else "")
         for step in range(start_step, config.max_steps):
+            step_start = time.perf_counter()
             indices = batch_order(len(examples), config.batch_size, step, config.seed)
             # Every process knows the whole batch, so the loss normaliser needs no communication.
             step_tokens = sum(examples[i].loss_tokens for i in indices)
@@ -162,13 +165,15 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
                     # the step's token mean. No cache: with one, transformers would not build the
                     # block-diagonal mask of a packed batch. DDP averages gradients, hence * world_size.
                     loss = loop_model(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
-                    (loss * dist.world_size).backward()
+                    scaler.scale(loss * dist.world_size).backward()
                 loss_sum += loss.item()
+            scaler.unscale_(optimizer)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
                 if config.max_grad_norm > 0 else float("nan")
             )
-            optimizer.step()
+            scaler.step(optimizer)  # skipped, and the scale lowered, when fp16 gradients overflowed
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_value = dist.sum(loss_sum)
@@ -186,7 +191,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
                 window_tokens, window_start = 0, now
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
                 save_checkpoint(done)
-            advance(1, f"loss {loss_value:.4f}")
+            advance(1, f"loss {loss_value:.4f}  {step_tokens / (time.perf_counter() - step_start):,.0f} tok/s")
     train_seconds = time.perf_counter() - started
     save_checkpoint(config.max_steps)
 
@@ -223,14 +228,14 @@ def trainable_state(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def capture(model, optimizer, scheduler) -> dict:
+def capture(model, optimizer, scheduler, scaler) -> dict:
     import torch
 
     return {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
 
 
-def restore(model, optimizer, scheduler, state: dict) -> None:
+def restore(model, optimizer, scheduler, scaler, state: dict) -> None:
     import torch
 
     params = dict(model.named_parameters())
@@ -239,6 +244,7 @@ def restore(model, optimizer, scheduler, state: dict) -> None:
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
 
 

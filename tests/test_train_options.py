@@ -21,7 +21,8 @@ def short_run(base_dir, train_path, output, **fields):
     {"quant": QuantConfig(quant_type="fp4", double_quant=False)},
     {"lora": LoraConfig(r=4, alpha=8, use_rslora=True, target_modules=("q_proj", "v_proj"))},
     {"lora": LoraConfig(r=4, use_dora=True)},
-], ids=["fp4-no-double-quant", "rslora-q-v", "dora"])
+    {"quant": QuantConfig(compute_dtype="float16")},
+], ids=["fp4-no-double-quant", "rslora-q-v", "dora", "fp16-loss-scaled"])
 def test_options_are_applied_and_reload_with_peft(base_dir, task_files, tmp_path, fields):
     from peft import PeftModel
 
