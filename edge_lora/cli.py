@@ -220,43 +220,71 @@ def profile():
 
 
 @profile.command("measure")
-@click.argument("export_dir", type=click.Path())
+@click.argument("export_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--device", default=None, help="Device profile (providers, threads, bandwidth).")
-@click.option("--providers", default=None, help="Comma-separated execution providers, overriding the profile.")
+@click.option("--providers", default=None,
+              help="Comma-separated execution providers to sweep, each on its own [default: the profile's list].")
 @click.option("--threads", default="0", show_default=True, help="Comma-separated thread counts (0: the profile's).")
 @click.option("--prompt-lens", default="128", show_default=True, help="Comma-separated prompt lengths in tokens.")
 @click.option("--new-tokens", type=int, default=64, show_default=True, help="New tokens per run (end-of-sequence ignored).")
+@click.option("--warmup-runs", type=int, default=2, show_default=True, help="Unrecorded runs per configuration first.")
 @click.option("--min-runs", type=int, default=5, show_default=True)
 @click.option("--min-seconds", type=float, default=2.0, show_default=True)
-@click.option("--out", default="profile-out", show_default=True, help="Dir for profile.json and profile.md.")
-def profile_measure(export_dir, device, providers, threads, prompt_lens, new_tokens, min_runs, min_seconds, out):
-    """Profile an export: warm-up, then runs until both --min-runs and --min-seconds are met.
+@click.option("--trace", is_flag=True, help="Trace one more run per configuration with onnxruntime profiling; "
+                                            "report the top operators and keep the traces in --out.")
+@click.option("--measure-bandwidth", is_flag=True,
+              help="Set decode speed against this host's measured bandwidth, not the device profile's.")
+@click.option("--out", default="profile-out", show_default=True,
+              help="Dir for profile.json, profile.csv, profile.md, the PNG plots and traces.")
+def profile_measure(export_dirs, device, providers, threads, prompt_lens, new_tokens, warmup_runs, min_runs,
+                    min_seconds, trace, measure_bandwidth, out):
+    """Profile one or more exports (say one per precision) across providers, threads and prompt lengths:
+    warm-up, then runs until both --min-runs and --min-seconds are met. A provider this host lacks is reported
+    as unavailable.
 
     \b
-    Example:  edge-lora profile demo-out/export-int4 --threads 1,2 --prompt-lens 16,64 --new-tokens 32
+    Example:  edge-lora profile demo-out/export-fp32 demo-out/export-int4 --threads 1,2 --prompt-lens 16,64 --new-tokens 32
+              edge-lora profile my-export --providers CUDAExecutionProvider,CPUExecutionProvider --trace --out prof
     """
-    from edge_lora.runtime.profile import ProfileSettings, profile as run_profile, render_table, write_report
+    from edge_lora.runtime.profile import ProfileSettings, profile as run_profile
+    from edge_lora.runtime.report import PLOTS_SKIPPED, render_table, write_report
 
     settings = ProfileSettings(
         threads=csv_ints(threads, "--threads"), prompt_lens=csv_ints(prompt_lens, "--prompt-lens"),
-        new_tokens=new_tokens, min_runs=min_runs, min_seconds=min_seconds,
-        providers=tuple(providers.split(",")) if providers else None, device=device,
+        new_tokens=new_tokens, warmup_runs=warmup_runs, min_runs=min_runs, min_seconds=min_seconds,
+        providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None, device=device,
+        trace=trace, measure_bandwidth=measure_bandwidth,
     )
-    report = run_profile(export_dir, settings)
+    report = run_profile(list(export_dirs), settings, trace_dir=out)
     paths = write_report(report, out)
     click.echo(render_table(report))
     click.echo(f"report: {', '.join(str(p) for p in paths.values())}")
+    if "latency_cdf" not in paths:
+        click.echo(PLOTS_SKIPPED)
 
 
 @profile.command("compare")
-@click.argument("reports", nargs=-1, type=click.Path())
-def profile_compare(reports):
-    """Ratio tables across profile reports (not yet available).
+@click.argument("reports", nargs=-1, required=True, type=click.Path())
+@click.option("--fail-if-slower", default=None, metavar="PERCENT",
+              help="Exit 1 when a configuration's decode tok/s is lower, or e2e p50 higher, than the first "
+                   "report's by more than this, e.g. 10%.")
+def profile_compare(reports, fail_if_slower):
+    """Ratio tables of profile reports against the first one, matched by precision, provider, threads and
+    prompt length; with --fail-if-slower, a regression gate for CI (exit 1 on a regression).
 
     \b
-    Example:  edge-lora profile compare a/profile.json b/profile.json
+    Example:  edge-lora profile compare base/profile.json new/profile.json --fail-if-slower 10%
     """
-    not_yet("profile compare", "report comparison arrives with the Profiler issue")
+    from edge_lora.runtime.compare import compare, load_report, parse_margin
+
+    margin = None if fail_if_slower is None else parse_margin(fail_if_slower)
+    table, regressions = compare([load_report(path) for path in reports], margin, names=list(reports))
+    click.echo(table)
+    if regressions:
+        click.echo(f"{len(regressions)} regression(s) beyond {fail_if_slower}:")
+        for regression in regressions:
+            click.echo(f"  {regression}")
+        sys.exit(1)  # not click's Exit: main() runs click non-standalone, which returns an Exit's code unused
 
 
 @cli.command("eval")

@@ -20,11 +20,13 @@ __all__ = ["load", "device_profile", "Generator", "Generation", "SamplingConfig"
 
 
 def load(export_dir: str | Path, providers: list[str] | None = None, device: str | None = None,
-         threads: int | None = None, strict_providers: bool = False, verify: bool = True) -> Generator:
+         threads: int | None = None, strict_providers: bool = False, verify: bool = True,
+         profile_file_prefix: str | None = None) -> Generator:
     """Open an export for generation.
 
     Providers come from `providers` if given, else from the device profile (`device`, or the one the export
-    was made for, or cpu-x86-64); threads likewise (0 means one per physical core).
+    was made for, or cpu-x86-64); threads likewise (0 means one per physical core). With `profile_file_prefix`,
+    onnxruntime traces the session into a JSON file whose path starts with it (see make_session).
     """
     import psutil
 
@@ -39,7 +41,8 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
     chosen = choose_providers(requested, strict=strict_providers)
     if threads is None:
         threads = devices.resolve_threads(profile, psutil.cpu_count(logical=False) or 1)
-    session = make_session(export.model_path, chosen, threads=threads, graph_optimization=profile.graph_optimization)
+    session = make_session(export.model_path, chosen, threads=threads, graph_optimization=profile.graph_optimization,
+                           profile_file_prefix=profile_file_prefix)
     return Generator(export, session, TextTokenizer(export.tokenizer_path))
 
 

@@ -1,16 +1,19 @@
-"""Latency profile of an export, single-stream (one request at a time, as MLPerf's single-stream scenario).
+"""Latency profile of one or more exports, single-stream (one request at a time, as MLPerf's single-stream scenario).
 
-For each thread count and prompt length: build a session, warm it up, then time whole generations until both
-a minimum number of runs and a minimum measured time are reached. Every raw sample is kept next to the summary,
-and decode speed is set against the memory-bandwidth bound of the device profile (DESIGN.md: measuring).
+A sweep runs every export (one per precision, say) × execution provider × thread count × prompt length. For each
+configuration: build a session, warm it up, then time whole generations until both a minimum number of runs and
+a minimum measured time are reached. Every raw sample is kept next to the summary, and decode speed is set
+against the memory-bandwidth bound (DESIGN.md: measuring). A provider this host lacks gives an "unavailable" row.
+Reports are written by edge_lora.runtime.report and compared by edge_lora.runtime.compare.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +23,22 @@ import psutil
 from edge_lora import devices, runtime
 from edge_lora.runtime.generate import SamplingConfig
 from edge_lora.runtime.package import ExportDir, open_export
+from edge_lora.runtime.report import short
+from edge_lora.runtime.trace import summarize_trace
 
 SCHEMA = "edge-lora/profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PERCENTILES = (50, 90, 99)
 # Weight files of the graph: model.onnx and its external data (model.onnx.data, model.onnx_data).
 MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data")
 # Ids from 3 up skip the ids tokenizers most often reserve for padding, BOS and EOS.
 FIRST_PROMPT_ID = 3
 PROMPT_SEED = 0
+MEASURED_BANDWIDTH_SOURCE = "measured on this host: best-of-5 single-thread memcpy of 256 MiB (devices.detect)"
 
 
 class ProfileError(ValueError):
-    """Settings the profiler cannot run with; the message says which value and how to fix it."""
+    """Settings or reports the profiler cannot work with; the message says which value and how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +58,15 @@ class ProfileSettings:
     min_seconds: float = 2.0
     """...and keep measuring until the runs' end-to-end times add up to at least this many seconds."""
     providers: tuple[str, ...] | None = None
-    """Execution providers in priority order; None takes the device profile's."""
+    """Execution providers to sweep, each on its own (with the CPU provider behind it for the nodes it lacks);
+    one this host lacks gives "unavailable" rows. None: the device profile's provider list, as one configuration."""
     device: str | None = None
-    """Device profile name or .toml path; None takes the one the export was made for."""
+    """Device profile name or .toml path; None takes the one the first export was made for."""
+    trace: bool = False
+    """Also trace one generation per configuration with onnxruntime profiling, on a session of its own so that
+    profiling does not slow the measured runs, and summarise the trace as the top operators by time."""
+    measure_bandwidth: bool = False
+    """Set decode speed against the bandwidth devices.detect() measures on this host, not the device profile's."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -71,68 +83,138 @@ class ProfileSettings:
             problems.append(f"min_runs={self.min_runs} must be >= 1")
         if self.min_seconds < 0:
             problems.append(f"min_seconds={self.min_seconds} must be >= 0")
-        if self.providers is not None and not self.providers:
-            problems.append("providers=() is empty — name at least one, or pass None for the device profile's")
+        if self.providers is not None:
+            unknown = [name for name in self.providers if name not in ort.get_all_providers()]
+            if not self.providers:
+                problems.append("providers=() is empty — name at least one, or pass None for the device profile's")
+            elif unknown:
+                problems.append(f"providers {', '.join(map(repr, unknown))} do not exist in onnxruntime — "
+                                f"available here: {', '.join(ort.get_available_providers())}")
+            elif len(set(self.providers)) < len(self.providers):
+                problems.append(f"providers={list(self.providers)} names one twice — list each once")
         if problems:
             raise ProfileError("; ".join(problems))
 
 
-def profile(export_dir: str | Path, settings: ProfileSettings) -> dict:
-    """Measure every (threads, prompt length) configuration of `settings` on the export; the report as a dict."""
+@dataclasses.dataclass(frozen=True)
+class _Sweep:
+    """What every configuration of one profile() call shares."""
+
+    settings: ProfileSettings
+    device_path: str
+    """The device profile's .toml, so that every export loads with the same profile whatever it was made for."""
+    bandwidth_gbs: float
+    bandwidth_source: str
+    trace_dir: Path | None
+
+
+def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSettings,
+            trace_dir: str | Path | None = None) -> dict:
+    """Measure every configuration of the sweep over one export dir or several; the report as a dict.
+
+    With settings.trace, raw traces are written to trace_dir (None: a new temporary dir) and kept there.
+    """
+    dirs = [export_dirs] if isinstance(export_dirs, (str, Path)) else list(export_dirs)
+    if not dirs:
+        raise ProfileError("no export dir given — pass one or more dirs written by edge-lora export")
     # Verified once here, so that the digest in the report stands for the files measured; each configuration
     # then loads without hashing again, and load_s is the session build alone.
-    export = open_export(export_dir, verify=True)
-    context = export.manifest["kv_cache"]["context_length"]
-    for prompt_len in settings.prompt_lens:
-        if prompt_len + settings.new_tokens > context:
-            raise ProfileError(
-                f"prompt_len {prompt_len} + new_tokens {settings.new_tokens} exceeds the context of {context} "
-                "tokens — use shorter prompt lengths or fewer new tokens"
-            )
-    device_profile = runtime.device_profile(export, settings.device)
-    host = dataclasses.asdict(devices.detect(ort.get_available_providers())) | {"onnxruntime": ort.__version__}
-    model_bytes = sum((export.path / name).stat().st_size
-                      for name in export.manifest["files"] if name.endswith(MODEL_FILE_SUFFIXES))
-
-    configurations = []
-    for threads in settings.threads:
+    exports = [open_export(path, verify=True) for path in dirs]
+    for export in exports:
+        context = export.manifest["kv_cache"]["context_length"]
         for prompt_len in settings.prompt_lens:
-            configurations.append(_measure(export, settings, device_profile, threads, prompt_len, model_bytes))
+            if prompt_len + settings.new_tokens > context:
+                raise ProfileError(
+                    f"{export.path}: prompt_len {prompt_len} + new_tokens {settings.new_tokens} exceeds the context "
+                    f"of {context} tokens — use shorter prompt lengths or fewer new tokens"
+                )
+    device_profile = runtime.device_profile(exports[0], settings.device)
+    host = dataclasses.asdict(devices.detect(ort.get_available_providers())) | {"onnxruntime": ort.__version__}
+    if settings.measure_bandwidth:
+        bandwidth = host["measured_bandwidth_gbs"], MEASURED_BANDWIDTH_SOURCE
+    else:
+        bandwidth = device_profile.bandwidth_gbs, f"device profile {device_profile.name}: {device_profile.bandwidth_source}"
+    if settings.trace:
+        trace_dir = Path(trace_dir) if trace_dir is not None else Path(tempfile.mkdtemp(prefix="edge-lora-trace-"))
+        trace_dir.mkdir(parents=True, exist_ok=True)
+    sweep = _Sweep(settings, str(device_profile.path), *bandwidth, trace_dir if settings.trace else None)
+    # 0 resolved as the runtime would, so that rows record the count used; a count given twice is measured once.
+    cores = psutil.cpu_count(logical=False) or 1
+    thread_counts = list(dict.fromkeys(t or devices.resolve_threads(device_profile, cores) for t in settings.threads))
+
+    described = [_describe(export) | {"flavor": export.manifest["flavor"], "model_bytes": _model_bytes(export)}
+                 for export in exports]
+    configurations = []
+    for export, description in zip(exports, described):
+        for provider in settings.providers or (None,):
+            for threads in thread_counts:
+                for prompt_len in settings.prompt_lens:
+                    configurations.append(_configuration(sweep, export, description["model_bytes"], provider,
+                                                         threads, prompt_len, index=len(configurations)))
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": host,
         "device_profile": device_profile.to_dict(),
-        "export": {
-            "path": str(export.path.resolve()),
-            "digest": export.digest(),
-            "precision": export.manifest["precision"],
-            "flavor": export.manifest["flavor"],
-        },
+        "exports": described,
         "settings": dataclasses.asdict(settings),
         "configurations": configurations,
     }
 
 
-def _measure(export: ExportDir, settings: ProfileSettings, device_profile: devices.DeviceProfile, threads: int,
-             prompt_len: int, model_bytes: int) -> dict:
-    """Load, warm up and time one configuration: its raw samples and their summary."""
+def _describe(export: ExportDir) -> dict:
+    return {"path": str(export.path.resolve()), "precision": export.manifest["precision"], "digest": export.digest()}
+
+
+def _model_bytes(export: ExportDir) -> int:
+    return sum((export.path / name).stat().st_size
+               for name in export.manifest["files"] if name.endswith(MODEL_FILE_SUFFIXES))
+
+
+def _configuration(sweep: _Sweep, export: ExportDir, model_bytes: int, provider: str | None, threads: int,
+                   prompt_len: int, index: int) -> dict:
+    """One row of the report: measured ("ok"), or "unavailable" when this host lacks the provider."""
+    row = {"status": "ok", "reason": None, "export": _describe(export), "provider": provider, "session_providers": [],
+           "threads": threads, "prompt_len": prompt_len, "new_tokens": sweep.settings.new_tokens,
+           "samples": [], "summary": None, "trace": None}
+    available = ort.get_available_providers()
+    if provider is not None and provider not in available:
+        return row | {"status": "unavailable",
+                      "reason": f"{provider} is not in this onnxruntime {ort.__version__} build; "
+                                f"available here: {', '.join(available)}"}
+    providers = None if provider is None else [provider]
     start = time.perf_counter_ns()
-    generator = runtime.load(export.path, providers=None if settings.providers is None else list(settings.providers),
-                             device=settings.device, threads=threads or None, verify=False)
+    generator = runtime.load(export.path, providers=providers, device=sweep.device_path, threads=threads, verify=False)
     load_s = (time.perf_counter_ns() - start) / 1e9
+    session_providers = generator.session.get_providers()
+    # Without a provider asked for, the row names the one the device profile's list put first here.
+    row |= {"provider": provider or session_providers[0], "session_providers": session_providers}
+    samples, peak_rss = _timed_runs(generator, sweep.settings, prompt_len)
+    row["samples"] = samples
+    row["summary"] = summarize(samples, prompt_len, sweep.settings.new_tokens, load_s, peak_rss, model_bytes,
+                               sweep.bandwidth_gbs, sweep.bandwidth_source)
+    if sweep.trace_dir is not None:
+        del generator  # freed before the traced session is built: one model in memory at a time
+        name = f"trace-{index:02d}-{export.manifest['precision']}-{short(row['provider'])}-t{threads}-p{prompt_len}"
+        row["trace"] = _trace(sweep, export, providers, threads, prompt_len, sweep.trace_dir / name)
+    return row
+
+
+def _prompt(vocab_size: int, prompt_len: int) -> list[int]:
+    # Latency does not depend on which tokens the prompt holds, only on how many: random ids, seeded so that
+    # every configuration and every run of the profiler sees the same prompt.
+    return np.random.default_rng(PROMPT_SEED).integers(FIRST_PROMPT_ID, vocab_size, prompt_len).tolist()
+
+
+def _timed_runs(generator: runtime.Generator, settings: ProfileSettings, prompt_len: int) -> tuple[list[dict], int]:
+    """Warm up, then time generations until both minimums are met: the raw samples and the peak RSS in bytes."""
     process = psutil.Process()
     # onnxruntime's CPU arena keeps what a run allocated, so the RSS after load and after each run tracks the
     # peak of the process (Python and onnxruntime together) without a sampling thread disturbing the timings.
     peak_rss = process.memory_info().rss
-
-    # Latency does not depend on which tokens the prompt holds, only on how many: random ids, seeded so that
-    # every configuration and every run of the profiler sees the same prompt.
-    vocab_size = export.manifest["vocab_size"]
-    prompt = np.random.default_rng(PROMPT_SEED).integers(FIRST_PROMPT_ID, vocab_size, prompt_len).tolist()
+    prompt = _prompt(generator.export.manifest["vocab_size"], prompt_len)
     sampling = SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True)
-
     for _ in range(settings.warmup_runs):
         generator.generate(prompt, sampling)
     samples = []
@@ -150,18 +232,26 @@ def _measure(export: ExportDir, settings: ProfileSettings, device_profile: devic
             "token_times_s": generation.token_times_s,
         })
         measured_s += e2e_s
-    return {
-        "threads": generator.session.get_session_options().intra_op_num_threads,
-        "prompt_len": prompt_len,
-        "new_tokens": settings.new_tokens,
-        "samples": samples,
-        "summary": summarize(samples, prompt_len, settings.new_tokens, load_s, peak_rss, model_bytes,
-                             device_profile.bandwidth_gbs),
-    }
+    return samples, peak_rss
+
+
+def _trace(sweep: _Sweep, export: ExportDir, providers: list[str] | None, threads: int, prompt_len: int,
+           prefix: Path) -> dict:
+    """Warm up a profiling session, trace one generation, and summarise the trace kept at prefix + ".json"."""
+    generator = runtime.load(export.path, providers=providers, device=sweep.device_path, threads=threads,
+                             verify=False, profile_file_prefix=str(prefix))
+    prompt = _prompt(export.manifest["vocab_size"], prompt_len)
+    sampling = SamplingConfig(max_new_tokens=sweep.settings.new_tokens, ignore_eos=True)
+    for _ in range(sweep.settings.warmup_runs + 1):
+        generator.generate(prompt, sampling)
+    # onnxruntime names the file prefix_<date>_<time>.json; a name without the clock lets a rerun replace it.
+    path = Path(generator.session.end_profiling()).replace(prefix.with_name(prefix.name + ".json"))
+    # A generation is new_tokens session runs: prefill, then one per later token. The warm-up runs are dropped.
+    return summarize_trace(path, last_runs=sweep.settings.new_tokens)
 
 
 def summarize(samples: list[dict], prompt_len: int, new_tokens: int, load_s: float, peak_rss_bytes: int,
-              model_bytes: int, bandwidth_gbs: float) -> dict:
+              model_bytes: int, bandwidth_gbs: float, bandwidth_source: str) -> dict:
     """The figures of one configuration from its raw samples."""
     ttft = np.array([s["ttft_s"] for s in samples])
     decode = np.array([s["decode_s"] for s in samples])
@@ -195,6 +285,7 @@ def summarize(samples: list[dict], prompt_len: int, new_tokens: int, load_s: flo
         "model_bytes": model_bytes,
         "bytes_per_token": bytes_per_token,
         "bandwidth_gbs": bandwidth_gbs,
+        "bandwidth_source": bandwidth_source,
         "bound_tokens_s": bound_tokens_s,
         "decode_fraction_of_bound": decode_tokens_s / bound_tokens_s,
     }
@@ -202,41 +293,3 @@ def summarize(samples: list[dict], prompt_len: int, new_tokens: int, load_s: flo
 
 def _percentiles(values: np.ndarray) -> dict[int, float]:
     return {p: float(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES, method="linear"))}
-
-
-# Columns of the Markdown table: header, and the cell of one configuration (its summary as `s`).
-TABLE_COLUMNS = (
-    ("threads", lambda c, s: f"{c['threads']}"),
-    ("prompt", lambda c, s: f"{c['prompt_len']}"),
-    ("TTFT p50 (ms)", lambda c, s: f"{s['ttft_p50_s'] * 1e3:.1f}"),
-    ("decode tok/s", lambda c, s: f"{s['decode_tokens_s']:.1f}"),
-    ("e2e p50 (ms)", lambda c, s: f"{s['e2e_p50_s'] * 1e3:.1f}"),
-    ("e2e p99 (ms)", lambda c, s: f"{s['e2e_p99_s'] * 1e3:.1f}"),
-    ("peak RSS (MB)", lambda c, s: f"{s['peak_rss_mb']:.0f}"),
-    ("of bandwidth bound", lambda c, s: f"{s['decode_fraction_of_bound']:.1%}"),
-)
-
-
-def render_table(report: dict) -> str:
-    """One Markdown table row per configuration."""
-    rows = [[header for header, _ in TABLE_COLUMNS], ["---:"] * len(TABLE_COLUMNS)]
-    rows += [[cell(c, c["summary"]) for _, cell in TABLE_COLUMNS] for c in report["configurations"]]
-    return "".join("| " + " | ".join(row) + " |\n" for row in rows)
-
-
-def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write profile.json (the whole report) and profile.md (the table) into out_dir; their paths by format."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "profile.json", "markdown": out_dir / "profile.md"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    export, host = report["export"], report["host"]
-    new_tokens = report["settings"]["new_tokens"]
-    paths["markdown"].write_text(
-        f"# Profile of {export['path']}\n\n"
-        f"{export['precision']} {export['flavor']} export {export['digest'][:12]}, {new_tokens} new tokens per run, "
-        f"device profile {report['device_profile']['name']}, on {host['cpu_model']} "
-        f"({host['physical_cores']} cores), onnxruntime {host['onnxruntime']}, {report['created']}.\n\n"
-        + render_table(report)
-    )
-    return paths

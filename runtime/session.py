@@ -44,8 +44,13 @@ def choose_providers(requested: list[tuple[str, dict]], strict: bool = False) ->
 
 
 def make_session(model_path: Path, providers: list[tuple[str, dict]], threads: int = 0,
-                 graph_optimization: str = "all") -> ort.InferenceSession:
+                 graph_optimization: str = "all", profile_file_prefix: str | None = None) -> ort.InferenceSession:
+    """With `profile_file_prefix`, onnxruntime traces every node run into a JSON file whose path starts with it;
+    session.end_profiling() closes the file and returns its path."""
     options = ort.SessionOptions()
+    if profile_file_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_file_prefix
     options.graph_optimization_level = GRAPH_LEVELS[graph_optimization]
     options.intra_op_num_threads = threads  # 0 lets onnxruntime use one thread per physical core
     options.inter_op_num_threads = 1  # a decoder graph is a chain: no independent branches to run in parallel

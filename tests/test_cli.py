@@ -63,7 +63,7 @@ def test_unreadable_data_file(base_dir, tmp_path):
 
 def test_unfinished_commands_say_so(tmp_path):
     assert_one_line_error(edge_lora("serve", tmp_path), "not available in this version yet")
-    assert_one_line_error(edge_lora("profile", "compare", "a.json", "b.json"), "not available in this version yet")
+    assert_one_line_error(edge_lora("profile", "compare", "a.json", "b.json"), "a.json does not exist")
 
 
 def test_unknown_device():
