@@ -39,27 +39,92 @@ def char_tokenizer():
     )
 
 
+# What every tiny config shares: the character tokenizer's ids, a context the tests and demo fit in, and
+# weights at std 0.1, large enough that LoRA on a frozen random base becomes confident in a few steps.
+COMMON = dict(vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+CONTEXT = 256
+
+
 def llama_config(**overrides):
     """A Llama config small enough to train in a minute on two CPU cores."""
     from transformers import LlamaConfig
 
     kwargs = dict(
-        vocab_size=VOCAB_SIZE,
+        COMMON,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=CONTEXT,
         rms_norm_eps=1e-5,
-        initializer_range=0.1,
         tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+# The families the tests carry through train → adapter → merged ONNX → runtime, each at hidden 64, 2 layers,
+# with what sets it apart from Llama kept: the point is to exercise each architecture's own layers.
+def tiny_llama(**overrides):
+    return llama_config(**{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2} | overrides)
+
+
+def tiny_mistral(**overrides):
+    from transformers import MistralConfig
+
+    # sliding_window=None: a window wider than the context changes nothing but the attention mask code path.
+    return MistralConfig(**COMMON | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                                         sliding_window=None) | overrides)
+
+
+def tiny_qwen2(**overrides):
+    from transformers import Qwen2Config
+
+    # Qwen2's q/k/v projections carry a bias; small Qwen2 models tie the output head to the embeddings.
+    return Qwen2Config(**COMMON | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                                       tie_word_embeddings=True) | overrides)
+
+
+def tiny_phi3(**overrides):
+    from transformers import Phi3Config
+
+    # Phi-3 fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj.
+    return Phi3Config(**COMMON | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                                      original_max_position_embeddings=CONTEXT) | overrides)
+
+
+def tiny_gemma(**overrides):
+    from transformers import GemmaConfig
+
+    # Gemma: tied embeddings scaled by sqrt(hidden), RMSNorm with (1 + weight), and a head_dim (32) that is not
+    # hidden / heads (16), as in the real models.
+    return GemmaConfig(**COMMON | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                       max_position_embeddings=CONTEXT, tie_word_embeddings=True) | overrides)
+
+
+def tiny_gpt2(**overrides):
+    from transformers import GPT2Config
+
+    # GPT-2: Conv1D layers (weights stored (in, out)), learned absolute positions, LayerNorm, tied head. No
+    # dropout, so that a short training run moves the adapter as much as it can.
+    return GPT2Config(**COMMON | dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=CONTEXT,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) | overrides)
+
+
+FAMILIES = {
+    "llama": tiny_llama,
+    "mistral": tiny_mistral,
+    "qwen2": tiny_qwen2,
+    "phi3": tiny_phi3,
+    "gemma": tiny_gemma,
+    "gpt2": tiny_gpt2,
+}
+"""Family name → function(**overrides) returning a tiny config of that architecture."""
 
 
 def build_base_model(out_dir: str | Path, config=None, seed: int = 0) -> Path:
@@ -70,8 +135,8 @@ def build_base_model(out_dir: str | Path, config=None, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     config = config or llama_config()
     torch.manual_seed(seed)
+    # Weights drawn at the config's initializer_range: a stand-in for pretrained weights of that scale.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # from_config leaves the default init (std 0.02): a stand-in for pretrained weights of that scale.
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
