@@ -30,19 +30,6 @@ def dequantized_weight(layer) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
 
 
-def base_weight(layer, original: torch.Tensor | None) -> torch.Tensor:
-    """fp32 base weight of a PEFT LoRA layer's base, in the layout of the base model's parameter: the given
-    original weight, or the dequantized 4-bit one."""
-    if original is not None:
-        return original.float()
-    import bitsandbytes as bnb
-
-    if isinstance(layer, bnb.nn.Linear4bit):
-        weight = dequantized_weight(layer)  # (out, in), whatever layer it was made from
-        return weight.T if made_from_conv1d(layer) else weight
-    return layer.weight.detach().float()
-
-
 def made_from_conv1d(layer) -> bool:
     """Whether transformers made this 4-bit layer from a Conv1D (GPT-2): it then quantized the weight transposed
     to (out, in), while the model's parameter of that name is stored (in, out)."""
@@ -62,35 +49,57 @@ def stored_in_out(module) -> bool:
     return bool(module.fan_in_fan_out) or made_from_conv1d(module.get_base_layer())
 
 
-def merged_weights(peft_model, original_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """{base parameter name: merged fp32 weight} for every LoRA layer of the active adapter, each weight in the
-    layout of the base model's parameter of that name (a GPT-2 Conv1D's (in, out) too).
+def dequantized_weights(model) -> dict[str, torch.Tensor]:
+    """{base parameter name: fp32 weight} of every 4-bit layer, in the layout of the base model's parameter:
+    the weights the adapter was trained against, LoRA target or not."""
+    import bitsandbytes as bnb
 
-    With `original_state` (the base's full-precision state dict) the deltas go onto those weights; without it,
-    onto the dequantized 4-bit weights the adapter was trained against. Nothing in the model is changed, so
-    this is safe to call at any time and any number of times.
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = dequantized_weight(module)  # (out, in), whatever layer it was made from
+            weights[base_param_name(name.removesuffix(".base_layer"))] = weight.T if made_from_conv1d(module) else weight
+    return weights
+
+
+def merged_weights(peft_model, original_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """{base parameter name: fp32 weight} to load into the full-precision base for the active adapter, each in
+    the layout of the base model's parameter of that name (a GPT-2 Conv1D's (in, out) too).
+
+    With `original_state` (the base's full-precision state dict) the deltas go onto those weights and only the
+    adapted layers are returned; without it, every 4-bit layer is returned dequantized — the weights the adapter
+    was trained against — with the deltas added to the adapted ones. Nothing in the model is changed, so this
+    is safe to call at any time and any number of times.
     """
     from peft.tuners.lora import LoraLayer
 
-    merged = {}
+    merged = {} if original_state is not None else dequantized_weights(peft_model)
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         adapter = module.active_adapters[0]
         if adapter not in module.lora_A:
             continue
-        if module.use_dora.get(adapter):
-            raise MergeError(f"{name}: DoRA adapters cannot be merged by this version of edge-lora yet — train without use_dora")
         key = base_param_name(name)
-        base = base_weight(module.get_base_layer(), None if original_state is None else original_state[key])
+        in_out = stored_in_out(module)
+        if original_state is not None:
+            base = original_state[key].float()
+        else:  # a 4-bit layer's dequantized weight, or the layer's own weight where the base is not quantized
+            base = merged.get(key, module.get_base_layer().weight.detach()).float()
         # Both terms in the layout of the base parameter, so that the result can replace it as it is.
         delta = lora_delta(module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
-                           module.scaling[adapter], stored_in_out(module))
+                           module.scaling[adapter], in_out)
         if delta.shape != base.shape:
             raise MergeError(f"{name}: adapter delta shape {tuple(delta.shape)} does not fit the base weight {tuple(base.shape)}")
         weight = base + delta
+        if module.use_dora.get(adapter):
+            # DoRA: each output's weight vector is rescaled to its learned magnitude, m · (W + ΔW) / ‖W + ΔW‖.
+            out_axis = 0 if in_out else 1
+            magnitude = module.lora_magnitude_vector[adapter].weight.detach().float()
+            scale = magnitude / weight.norm(p=2, dim=out_axis)
+            weight = weight * (scale.unsqueeze(0) if in_out else scale.unsqueeze(1))
         if not torch.isfinite(weight).all():
-            raise MergeError(f"{name}: merging adapter {adapter!r} gives non-finite weights — the adapter is broken (NaN/inf in A or B)")
+            raise MergeError(f"{name}: merging adapter {adapter!r} gives non-finite weights — the adapter is broken (NaN/inf in its tensors)")
         merged[key] = weight
     return merged
 

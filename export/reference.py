@@ -25,10 +25,15 @@ def base_dir_of(adapter_dir: Path, manifest: dict, base: str | None, force: bool
 
 
 def qlora_model(adapter_dir: Path, model_dir: Path, manifest: dict):
-    """The trained model as it ran in training: the 4-bit base with the adapter on top, in eval mode."""
+    """The trained model: the 4-bit base (as it was quantized for training) with the adapter on top, in eval
+    mode, computing in fp32.
+
+    fp32 even when training computed in bf16 or fp16: the weights are the same, and the reference is then
+    exact, so that a parity figure measures the export alone and not the training dtype's rounding as well.
+    """
     from peft import PeftModel
 
-    quant = QuantConfig(**manifest["training"]["quant"])
+    quant = QuantConfig(**manifest["training"]["quant"] | {"compute_dtype": "float32"})
     model = PeftModel.from_pretrained(load_quantized_base(model_dir, quant), adapter_dir)
     return model.eval()
 

@@ -22,7 +22,7 @@ def tiny_lora_model(seed=0, **lora):
     return model
 
 
-@pytest.mark.parametrize("lora", [{}, {"use_rslora": True}])
+@pytest.mark.parametrize("lora", [{}, {"use_rslora": True}, {"use_dora": True}], ids=["lora", "rslora", "dora"])
 def test_merged_weights_match_peft_merge_and_unload(lora):
     model = tiny_lora_model(**lora)
     ours = merged_weights(model)
