@@ -108,53 +108,64 @@ def train(config_file, rank, resume, quiet, **options):
 
 
 @cli.command()
-@click.argument("adapter_dir", type=click.Path())
+@click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--output", required=True, help="Export dir to write (built in a temporary dir, then renamed).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
               help="Weight precision [default: fp32, or the device profile's].")
-@click.option("--flavor", type=click.Choice(["merged", "adapters"]), default="merged", show_default=True,
-              help="Merge the adapter into the base, or keep adapters apart (not yet available).")
+@click.option("--flavor", type=click.Choice(["merged", "adapters"]), default=None,
+              help="Merge one adapter into the base, or keep several apart beside one base graph [default: merged].")
 @click.option("--merge-into", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
               help="Merge onto the dequantized 4-bit weights the adapter was trained against, or the original ones.")
 @click.option("--device", default=None, help="Device profile (see 'edge-lora devices list') for precision and opset.")
+@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
+              help="Weights per int4 scale [default: 32, or the device profile's].")
+@click.option("--int4-accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits accuracy_level: 4 = int8 activations [default: 4, or the device profile's].")
+@click.option("--int4-head/--no-int4-head", default=True, show_default=True,
+              help="Quantize the output head (and a tied embedding's MatMul) to int4 too.")
 @click.option("--base", default=None, help="Base model dir, if not where the adapter's manifest says.")
 @click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity gate (not recommended).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def export(adapter_dir, output, precision, flavor, merge_into, device, base, force, overwrite, no_validate, quiet):
-    """Merge an adapter, export ONNX with KV cache, quantize, and check parity with the trained model.
+def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_block_size, int4_accuracy_level, int4_head,
+           base, force, overwrite, no_validate, quiet):
+    """Merge an adapter (or keep several apart), export ONNX with KV cache, quantize, and check parity with
+    the trained model.
 
     \b
     Example:  edge-lora export my-adapter --output my-export --precision int4
+              edge-lora export adapter-a adapter-b --flavor adapters --output shared-export
     """
     from edge_lora import devices
 
-    if flavor == "adapters":
-        not_yet("export --flavor adapters", "it arrives with the Export issue; use --flavor merged")
-    options = {"flavor": flavor, "merge_into": merge_into, "validate": not no_validate}
+    options = {"merge_into": merge_into, "validate": not no_validate, "int4_head": int4_head}
     if device:
         profile = devices.load(device)
-        options |= {"precision": profile.precision, "opset": profile.opset, "device": profile.name,
-                    "int4_block_size": profile.int4_block_size, "int4_accuracy_level": profile.int4_accuracy_level}
-    if precision:
-        options["precision"] = precision
+        options |= {"precision": profile.precision, "flavor": profile.flavor, "opset": profile.opset,
+                    "device": profile.name, "int4_block_size": profile.int4_block_size,
+                    "int4_accuracy_level": profile.int4_accuracy_level}
+    given = {"precision": precision, "flavor": flavor, "int4_accuracy_level": int4_accuracy_level,
+             "int4_block_size": int(int4_block_size) if int4_block_size else None}
+    options |= {k: v for k, v in given.items() if v is not None}
 
     from edge_lora.export import ExportOptions, export as run_export
 
-    out = run_export(adapter_dir, output, ExportOptions(**options), base=base, force=force, overwrite=overwrite,
-                     show_progress=not quiet)
+    out = run_export(list(adapter_dirs), output, ExportOptions(**options), base=base, force=force,
+                     overwrite=overwrite, show_progress=not quiet)
     manifest = json.loads((out / "export.json").read_text())
     parity = manifest.get("parity")
-    verdict = (f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, greedy agreement {parity['greedy_agreement']:.1%}"
-               if parity else "parity not checked (--no-validate)")
-    click.echo(f"export written to {out} ({manifest['precision']}); {verdict}")
+    verdict = "; ".join(
+        f"{name}: max |Δlogit| {p['max_abs_logit_diff']:.2e}, greedy agreement {p['greedy_agreement']:.1%}"
+        for name, p in parity.items()
+    ) if parity else "parity not checked (--no-validate)"
+    click.echo(f"export written to {out} ({manifest['flavor']}, {manifest['precision']}); parity {verdict}")
 
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--adapter", default=None, help="Adapter name, for an export of flavor adapters (not yet available).")
+@click.option("--adapter", default=None, help="Adapter to activate, for an export of flavor adapters (default: none, the base).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True)
@@ -172,12 +183,10 @@ def run(export_dir, prompt, adapter, max_new_tokens, temperature, top_k, top_p, 
     """
     from edge_lora import runtime
 
-    if adapter:
-        not_yet("run --adapter", "adapter switching arrives with the Runtime issue")
     sampling = runtime.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, seed=seed)
     generator = runtime.load(export_dir, providers=providers.split(",") if providers else None, device=device,
-                             threads=threads)
+                             threads=threads).with_adapter(adapter)
     if stream:
         for delta in generator.stream(prompt, sampling):
             click.echo(delta, nl=False)

@@ -6,11 +6,13 @@ from typing import Literal
 
 import torch
 
+from edge_lora.errors import UsageError
+
 MergeInto = Literal["dequantized", "original"]
 
 
-class MergeError(ValueError):
-    """A merge produced non-finite weights, or the adapter does not fit the base."""
+class MergeError(UsageError):
+    """A merge produced non-finite weights, or the adapter does not fit the base: the adapter is bad input."""
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:

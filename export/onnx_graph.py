@@ -12,6 +12,14 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
+def supported_model_types() -> list[str]:
+    """Architectures (config.json model_type) optimum can export as a decoder with KV cache."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (importing it registers the architectures)
+    from optimum.exporters.tasks import TasksManager
+
+    return sorted(TasksManager.get_supported_model_type_for_task(task="text-generation-with-past", exporter="onnx"))
+
+
 def export_onnx(model, out_dir: Path, opset: int) -> Path:
     """One graph for prefill and decode: inputs input_ids, attention_mask, position_ids and
     past_key_values.{i}.key/value (batch, kv_heads, past_seq, head_dim); outputs logits and present.{i}.*.
@@ -42,7 +50,13 @@ def _size_known(model_proto) -> bool:
         return False
 
 
-def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 32, int4_accuracy_level: int = 4) -> None:
+def head_node(model_proto) -> str | None:
+    """The MatMul that computes the logits from the last hidden state (the output head), if there is one."""
+    return next((n.name for n in model_proto.graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+
+
+def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 32, int4_accuracy_level: int = 4,
+             int4_head: bool = True) -> None:
     """Write `src` at `precision` to `dst`. fp32 is a copy; the others quantize or cast weights only."""
     import logging
 
@@ -63,8 +77,10 @@ def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 
         # output head included; accuracy_level 4 lets the CPU kernel quantize activations to int8 on the fly.
         config = DefaultWeightOnlyQuantConfig(block_size=int4_block_size, is_symmetric=True,
                                               accuracy_level=int4_accuracy_level)
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=int4_block_size, is_symmetric=True,
-                                         accuracy_level=int4_accuracy_level, algo_config=config)
+        model = onnx.load(str(src))
+        keep = [] if int4_head else [n for n in [head_node(model)] if n]
+        quantizer = MatMulNBitsQuantizer(model, block_size=int4_block_size, is_symmetric=True,
+                                         accuracy_level=int4_accuracy_level, nodes_to_exclude=keep, algo_config=config)
         quantizer.process()
         save_model(quantizer.model.model, dst)
     elif precision == "int8":

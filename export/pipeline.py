@@ -8,17 +8,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from edge_lora import manifest as adapter_manifest
 from edge_lora.data import read_jsonl
 from edge_lora.errors import UsageError
 from edge_lora.export.merge import MergeInto, merged_weights
-from edge_lora.export.onnx_graph import MODEL_FILE, PRECISIONS, Precision, export_onnx, quantize
+from edge_lora.export.onnx_graph import MODEL_FILE, PRECISIONS, Precision, export_onnx, quantize, supported_model_types
 from edge_lora.export.parity import FALLBACK_PROMPTS, check
 from edge_lora.export.reference import base_dir_of, full_precision_base, qlora_model
 from edge_lora.progress import progress_bar
 from edge_lora.runtime.package import EXPORT_MANIFEST, sha256_file
 
+Flavor = Literal["merged", "adapters"]
 FORMAT_VERSION = 1
 PARITY_PROMPTS = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "config.json")
@@ -30,8 +32,9 @@ class ExportOptions:
 
     precision: Precision = "fp32"
     """Weight precision of the graph."""
-    flavor: str = "merged"
-    """"merged": adapter folded into the base weights. ("adapters" comes with the export issue.)"""
+    flavor: Flavor = "merged"
+    """"merged": the adapter folded into the base weights; "adapters": one base graph with LoRA inputs and one
+    .onnx_adapter file per adapter, switched per request on the device."""
     merge_into: MergeInto = "dequantized"
     """Merge onto the 4-bit weights the adapter was trained against, dequantized, or onto the original ones."""
     opset: int = 18
@@ -40,6 +43,8 @@ class ExportOptions:
     """Weights per int4 scale along the input dimension."""
     int4_accuracy_level: int = 4
     """MatMulNBits accuracy_level: 4 computes with int8 activations on CPUs that have VNNI/AVX-512."""
+    int4_head: bool = True
+    """Quantize the output head's MatMul (a tied embedding's too) to int4; False keeps it in fp32."""
     device: str = "cpu-x86-64"
     """Device profile the export is made for; recorded in export.json and used by the runtime."""
     validate: bool = True
@@ -49,10 +54,12 @@ class ExportOptions:
         problems = []
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.flavor != "merged":
-            problems.append(f"flavor {self.flavor!r} is not supported yet — use merged")
+        if self.flavor not in ("merged", "adapters"):
+            problems.append(f"flavor {self.flavor!r} is not one of merged, adapters")
         if self.merge_into not in ("dequantized", "original"):
             problems.append(f"merge_into {self.merge_into!r} is not one of dequantized, original")
+        if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
+            problems.append(f"int4_accuracy_level {self.int4_accuracy_level} is not one of 0, 1, 2, 3, 4")
         if self.int4_block_size not in (16, 32, 64, 128):
             problems.append(f"int4_block_size {self.int4_block_size} is not one of 16, 32, 64, 128")
         if problems:
@@ -63,53 +70,72 @@ class ParityError(UsageError):
     """The export does not compute what the trained model computes; nothing was written."""
 
 
-def export(adapter_dir: str | Path, output: str | Path, options: ExportOptions = ExportOptions(),
+def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportOptions = ExportOptions(),
            base: str | None = None, force: bool = False, overwrite: bool = False, show_progress: bool = True) -> Path:
-    """Merge the adapter, export ONNX with KV cache at the chosen precision, check parity, write `output`."""
-    import torch
-
-    adapter_dir, output = Path(adapter_dir), Path(output)
-    manifest = adapter_manifest.read(adapter_dir)
+    """Export one adapter merged, or several (flavor `adapters`) beside one base graph: ONNX with KV cache at
+    the chosen precision, parity checked against the trained models, built in a temporary dir and renamed
+    into `output` only when complete."""
+    dirs = [Path(d) for d in (adapter_dirs if isinstance(adapter_dirs, (list, tuple)) else [adapter_dirs])]
+    output = Path(output)
+    if options.flavor == "merged" and len(dirs) != 1:
+        raise UsageError(f"flavor merged takes one adapter dir, got {len(dirs)} — pass one, or --flavor adapters")
+    names = [d.resolve().name for d in dirs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"adapter dirs must have distinct names (they name the adapters): {', '.join(map(str, dirs))}")
+    manifests = [adapter_manifest.read(d) for d in dirs]
+    for d in dirs:
+        check_adapter_weights(d)
     if output.exists() and not overwrite:
         raise UsageError(f"output {output} already exists — choose another --output or pass --overwrite")
-    model_dir = base_dir_of(adapter_dir, manifest, base, force)
+    model_dir = base_dir_of(dirs[0], manifests[0], base, force)
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    supported = supported_model_types()
+    if model_type not in supported:
+        raise UsageError(f"{model_dir}: architecture {model_type!r} cannot be exported with a KV cache — supported: {', '.join(supported)}")
+    for d, m in zip(dirs[1:], manifests[1:]):
+        if m["base_fingerprint"]["digest"] != manifests[0]["base_fingerprint"]["digest"] or \
+                m["training"]["quant"] != manifests[0]["training"]["quant"]:
+            raise UsageError(f"{d} was trained on another base or quantization than {dirs[0]} — adapters that share "
+                             "one base graph must come from the same base and quant settings")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         with progress_bar("export", total=5, enabled=show_progress) as advance:
-            reference = qlora_model(adapter_dir, model_dir, manifest)
-            merged = full_precision_base(model_dir)
-            original = merged.state_dict() if options.merge_into == "original" else None
-            with torch.no_grad():
-                for name, weight in merged_weights(reference, original).items():
-                    merged.get_parameter(name).copy_(weight)
-            advance(1, "merged")
+            reference = qlora_model(dirs, model_dir, manifests[0], names)
+            model = full_precision_base(model_dir)
+            merge_report = load_weights(model, reference, options, manifests[0], dirs[0])
+            advance(1, "merged" if options.flavor == "merged" else "base weights")
             fp32_dir = work / "fp32"
-            export_onnx(merged, fp32_dir, options.opset)
+            graph = export_onnx(model, fp32_dir, options.opset)
+            if options.flavor == "adapters":
+                add_lora_to_graph(graph, reference)
             advance(1, "ONNX graph")
             final = work / "final"
             final.mkdir()
-            quantize(fp32_dir / MODEL_FILE, final / MODEL_FILE, options.precision,
-                     options.int4_block_size, options.int4_accuracy_level)
+            quantize(graph, final / MODEL_FILE, options.precision, options.int4_block_size, options.int4_accuracy_level,
+                     options.int4_head)
             for name in TOKENIZER_FILES:
                 if (fp32_dir / name).exists():
                     shutil.copy2(fp32_dir / name, final / name)
-            advance(1, options.precision)
-            export_json = describe(final, merged.config, manifest, adapter_dir, options)
+            export_json = describe(final, model.config, manifests[0], dirs[0], options)
+            export_json["merge"] = merge_report
+            if options.flavor == "adapters":
+                export_json["adapters"] = write_adapters(final, reference, names, dirs, manifests, options)
             write_manifest(final, export_json)
-            parity = None
+            advance(1, options.precision)
             if options.validate:
-                parity = run_parity(final, reference, manifest, options)
-                export_json["parity"] = parity.to_dict()
+                export_json["parity"] = run_parity(final, reference, names, manifests, options)
                 write_manifest(final, export_json)
+                failed = {k: v for k, v in export_json["parity"].items() if not v["passed"]}
+                if failed:
+                    which, p = next(iter(failed.items()))
+                    raise ParityError(
+                        f"parity gate failed for {options.precision} ({which}): max |Δlogit| {p['max_abs_logit_diff']:.2e}, "
+                        f"greedy agreement {p['greedy_agreement']:.1%} (gate {p['gate']}) — nothing was written; "
+                        "try a higher precision, or --no-validate to export anyway"
+                    )
             advance(1, "parity")
-            if parity is not None and not parity.passed:
-                raise ParityError(
-                    f"parity gate failed for {options.precision}: max |Δlogit| {parity.max_abs_logit_diff:.2e}, "
-                    f"greedy agreement {parity.greedy_agreement:.1%} (gate {parity.gate}) — nothing was written; "
-                    "try a higher precision, or --no-validate to export anyway"
-                )
             if output.exists():  # --overwrite: the old export goes only once the new one is complete
                 shutil.rmtree(output)
             os.replace(final, output)
@@ -117,6 +143,95 @@ def export(adapter_dir: str | Path, output: str | Path, options: ExportOptions =
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """A readable adapter_model.safetensors with finite tensors, or one line that says which file is broken."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} cannot be read ({e}) — the file is missing or corrupt; restore it or train again") from None
+    broken = [name for name, t in tensors.items() if not t.isfinite().all()]
+    if broken:
+        raise UsageError(f"{path}: tensor {broken[0]} holds NaN or inf — the adapter is broken; train again")
+
+
+def load_weights(model, reference, options: ExportOptions, manifest: dict, tokenizer_dir: Path) -> dict:
+    """Put into the full-precision `model` what the graph should hold; returns the merge report.
+
+    merged: the base (dequantized 4-bit or original) plus the adapter's delta. The report gives the logit error
+    of both merge choices against the trained model, so a user sees which is closer and by how much.
+    adapters: the base alone, as the adapters were trained against it (dequantized) or the original weights.
+    """
+    import numpy as np
+    import torch
+
+    from edge_lora.export.merge import dequantized_weights
+
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    if options.flavor == "adapters":
+        weights = dequantized_weights(reference) if options.merge_into == "dequantized" else {}
+        with torch.no_grad():
+            for name, weight in weights.items():
+                model.get_parameter(name).copy_(weight)
+        return {"into": options.merge_into}
+    prompts = [torch.tensor([ids]) for ids in reference_prompt_ids(tokenizer_dir, manifest)]
+    errors = {}
+    with torch.no_grad():
+        expected = [reference(ids).logits for ids in prompts]
+        # the other choice first, so that the chosen one is what stays in the model
+        for into in sorted(("dequantized", "original"), key=lambda c: c == options.merge_into):
+            model.load_state_dict(original)
+            for name, weight in merged_weights(reference, original if into == "original" else None).items():
+                model.get_parameter(name).copy_(weight)
+            diffs = [(model(ids).logits - ref).abs() for ids, ref in zip(prompts, expected)]
+            errors[into] = {"max_abs_logit_diff": float(max(d.max() for d in diffs)),
+                            "mean_abs_logit_diff": float(np.mean([d.mean().item() for d in diffs]))}
+    return {"into": options.merge_into, "vs_trained_model": errors}
+
+
+def reference_prompt_ids(tokenizer_dir: Path, manifest: dict) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return [tokenizer(p)["input_ids"] for p in parity_prompts(manifest)]
+
+
+def add_lora_to_graph(graph_path: Path, reference) -> None:
+    """Rewrite the exported base graph in place with LoRA inputs for every layer any adapter adapts."""
+    import onnx
+    from peft.tuners.lora import LoraLayer
+
+    from edge_lora.export.adapters import add_lora_inputs
+    from edge_lora.export.merge import base_param_name
+    from edge_lora.export.onnx_graph import save_model
+
+    modules = {base_param_name(name).removesuffix(".weight"): (layer.in_features, layer.out_features)
+               for name, layer in reference.named_modules() if isinstance(layer, LoraLayer)}
+    save_model(add_lora_inputs(onnx.load(str(graph_path)), modules), graph_path)
+
+
+def write_adapters(export_dir: Path, reference, names: list[str], dirs: list[Path], manifests: list[dict],
+                   options: ExportOptions) -> dict:
+    """adapters/<name>.onnx_adapter for each adapter; their entries for export.json."""
+    import numpy as np
+
+    from edge_lora.export.adapters import ADAPTER_SUFFIX, adapter_tensors, write_adapter
+
+    (export_dir / "adapters").mkdir()
+    dtype = np.float16 if options.precision == "fp16" else np.float32  # the graph's LoRA inputs' type
+    entries = {}
+    for name, adapter_dir, manifest in zip(names, dirs, manifests):
+        tensors = adapter_tensors(reference, name, dtype)
+        file = f"adapters/{name}{ADAPTER_SUFFIX}"
+        write_adapter(tensors, export_dir / file)
+        entries[name] = {"file": file, "inputs": sorted(tensors), "source_adapter": str(adapter_dir.resolve()),
+                         "lora": manifest["lora"], "base_fingerprint": manifest["base_fingerprint"]["digest"]}
+    return entries
 
 
 def describe(export_dir: Path, config, manifest: dict, adapter_dir: Path, options: ExportOptions) -> dict:
@@ -161,7 +276,8 @@ def describe(export_dir: Path, config, manifest: dict, adapter_dir: Path, option
 
 def write_manifest(export_dir: Path, export_json: dict) -> None:
     export_json["files"] = {
-        p.name: sha256_file(p) for p in sorted(export_dir.iterdir()) if p.is_file() and p.name != EXPORT_MANIFEST
+        p.relative_to(export_dir).as_posix(): sha256_file(p)
+        for p in sorted(export_dir.rglob("*")) if p.is_file() and p.name != EXPORT_MANIFEST
     }
     (export_dir / EXPORT_MANIFEST).write_text(json.dumps(export_json, indent=2) + "\n")
 
@@ -177,8 +293,17 @@ def parity_prompts(manifest: dict) -> list[str]:
     return list(FALLBACK_PROMPTS)
 
 
-def run_parity(export_dir: Path, reference, manifest: dict, options: ExportOptions):
+def run_parity(export_dir: Path, reference, names: list[str], manifests: list[dict], options: ExportOptions) -> dict:
+    """Parity reports by what was checked: "merged"; or each adapter by name and "base" (no adapter active)."""
     from edge_lora import runtime
 
     generator = runtime.load(export_dir, device=options.device)
-    return check(reference, generator, parity_prompts(manifest), options.precision)
+    if options.flavor == "merged":
+        return {"merged": check(reference, generator, parity_prompts(manifests[0]), options.precision).to_dict()}
+    reports = {}
+    for name, manifest in zip(names, manifests):
+        reference.set_adapter(name)
+        reports[name] = check(reference, generator.with_adapter(name), parity_prompts(manifest), options.precision).to_dict()
+    with reference.disable_adapter():
+        reports["base"] = check(reference, generator, parity_prompts(manifests[0]), options.precision).to_dict()
+    return reports

@@ -24,17 +24,22 @@ def base_dir_of(adapter_dir: Path, manifest: dict, base: str | None, force: bool
     return model_dir
 
 
-def qlora_model(adapter_dir: Path, model_dir: Path, manifest: dict):
-    """The trained model: the 4-bit base (as it was quantized for training) with the adapter on top, in eval
-    mode, computing in fp32.
+def qlora_model(adapter_dirs: Path | list[Path], model_dir: Path, manifest: dict, names: list[str] | None = None):
+    """The trained model: the 4-bit base (as it was quantized for training) with the adapter(s) on top, in eval
+    mode, computing in fp32. Several adapters load side by side under `names`, the first one active.
 
     fp32 even when training computed in bf16 or fp16: the weights are the same, and the reference is then
     exact, so that a parity figure measures the export alone and not the training dtype's rounding as well.
     """
     from peft import PeftModel
 
+    dirs = adapter_dirs if isinstance(adapter_dirs, (list, tuple)) else [adapter_dirs]
+    names = names or ["default"]
     quant = QuantConfig(**manifest["training"]["quant"] | {"compute_dtype": "float32"})
-    model = PeftModel.from_pretrained(load_quantized_base(model_dir, quant), adapter_dir)
+    model = PeftModel.from_pretrained(load_quantized_base(model_dir, quant), dirs[0], adapter_name=names[0])
+    for name, adapter_dir in zip(names[1:], dirs[1:]):
+        model.load_adapter(adapter_dir, adapter_name=name)
+    model.set_adapter(names[0])
     return model.eval()
 
 

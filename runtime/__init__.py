@@ -41,9 +41,23 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
     chosen = choose_providers(requested, strict=strict_providers)
     if threads is None:
         threads = devices.resolve_threads(profile, psutil.cpu_count(logical=False) or 1)
+    # An `adapters` export's LoRA inputs are overridable initializers, about which onnxruntime warns once per
+    # input at load (they are not constants, by design): only errors are logged for it.
     session = make_session(export.model_path, chosen, threads=threads, graph_optimization=profile.graph_optimization,
-                           profile_file_prefix=profile_file_prefix)
-    return Generator(export, session, TextTokenizer(export.tokenizer_path))
+                           profile_file_prefix=profile_file_prefix,
+                           log_severity=3 if export.manifest["flavor"] == "adapters" else 2)
+    return Generator(export, session, TextTokenizer(export.tokenizer_path), load_adapters(export))
+
+
+def load_adapters(export: ExportDir) -> dict:
+    """Every adapter of an `adapters` export, memory-mapped once: {name: LoraAdapter}."""
+    import onnxruntime as ort
+
+    adapters = {}
+    for name, entry in export.manifest.get("adapters", {}).items():
+        adapters[name] = ort.LoraAdapter()
+        adapters[name].Load(str(export.path / entry["file"]))
+    return adapters
 
 
 def device_profile(export: ExportDir, device: str | None = None):

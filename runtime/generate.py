@@ -68,7 +68,7 @@ class Generation:
 class Generator:
     """Runs prefill and decode on one session; the KV cache is handed from each step's outputs to the next."""
 
-    def __init__(self, export: ExportDir, session, tokenizer: TextTokenizer):
+    def __init__(self, export: ExportDir, session, tokenizer: TextTokenizer, adapters: dict | None = None):
         self.export = export
         self.session = session
         self.tokenizer = tokenizer
@@ -80,6 +80,29 @@ class Generator:
         self._inputs = {i.name for i in session.get_inputs()}
         self._outputs = [o.name for o in session.get_outputs()]
         self._dtype = np.float16 if export.manifest["precision"] == "fp16" else np.float32
+        self.adapters = adapters or {}
+        """Loaded adapters by name (onnxruntime LoraAdapter, memory-mapped)."""
+        self.adapter: str | None = None
+        self._run_options = None
+
+    def with_adapter(self, name: str | None) -> Generator:
+        """A generator on the same session and memory-mapped adapters with `name` active (None: the base model).
+
+        Switching costs no reload: the adapter's tensors are fed as graph inputs on each run.
+        """
+        import copy
+
+        import onnxruntime as ort
+
+        if name is not None and name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none (this export has no adapters)"
+            raise PromptError(f"unknown adapter {name!r} — known adapters: {known}")
+        view = copy.copy(self)
+        view.adapter, view._run_options = name, None
+        if name is not None:
+            view._run_options = ort.RunOptions()
+            view._run_options.add_active_adapter(self.adapters[name])
+        return view
 
     def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         shape = (batch, self.kv_shape[0], 0, self.kv_shape[1])  # (batch, kv_heads, seq, head_dim)
@@ -94,7 +117,7 @@ class Generator:
             feeds["attention_mask"] = np.ones((batch, start + seq), dtype=np.int64)
         if "position_ids" in self._inputs:
             feeds["position_ids"] = np.broadcast_to(np.arange(start, start + seq, dtype=np.int64), (batch, seq))
-        outputs = self.session.run(self._outputs, feeds)
+        outputs = self.session.run(self._outputs, feeds, self._run_options)
         named = dict(zip(self._outputs, outputs))
         present = {
             f"past_key_values.{i}.{kind}": named[f"present.{i}.{kind}"]

@@ -44,10 +44,12 @@ def choose_providers(requested: list[tuple[str, dict]], strict: bool = False) ->
 
 
 def make_session(model_path: Path, providers: list[tuple[str, dict]], threads: int = 0,
-                 graph_optimization: str = "all", profile_file_prefix: str | None = None) -> ort.InferenceSession:
+                 graph_optimization: str = "all", profile_file_prefix: str | None = None,
+                 log_severity: int = 2) -> ort.InferenceSession:
     """With `profile_file_prefix`, onnxruntime traces every node run into a JSON file whose path starts with it;
     session.end_profiling() closes the file and returns its path."""
     options = ort.SessionOptions()
+    options.log_severity_level = log_severity  # 2: warnings and errors, 3: errors only
     if profile_file_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_file_prefix

@@ -56,7 +56,7 @@ def test_fp32_export_logits_match_pytorch(export_fp32, reference):
         with torch.no_grad():
             expected = reference(torch.tensor([ids])).logits[0].numpy()
         np.testing.assert_allclose(generator.logits(ids), expected, rtol=0, atol=FP32_LOGIT_ATOL)
-    parity = json.loads((export_fp32 / "export.json").read_text())["parity"]
+    parity = json.loads((export_fp32 / "export.json").read_text())["parity"]["merged"]
     assert parity["passed"] and parity["greedy_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-3
 
 
@@ -81,7 +81,7 @@ def test_int4_export_is_smaller_and_passes_its_gate(export_fp32, export_int4):
         return sum(p.stat().st_size for p in d.iterdir() if p.name.startswith("model.onnx"))
 
     manifest = json.loads((export_int4 / "export.json").read_text())
-    assert manifest["precision"] == "int4" and manifest["parity"]["passed"]
+    assert manifest["precision"] == "int4" and manifest["parity"]["merged"]["passed"]
     assert size(export_int4) < 0.5 * size(export_fp32)
     import onnx
 

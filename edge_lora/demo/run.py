@@ -57,7 +57,7 @@ def run_demo(workdir: str | Path, console: Console | None = None, training_overr
                      **{f"onnx_{p}": onnx[p]["correct"] / onnx[p]["total"] for p in PRECISIONS}},
         "onnx": {p: {"size_mb": round(export_size(exports[p]) / 1e6, 3), "ttft_s": onnx[p]["ttft_s"],
                      "decode_tokens_per_s": onnx[p]["decode_tokens_per_s"],
-                     "parity": json.loads((exports[p] / "export.json").read_text())["parity"]} for p in PRECISIONS},
+                     "parity": json.loads((exports[p] / "export.json").read_text())["parity"]["merged"]} for p in PRECISIONS},
         "training": {"steps": config.max_steps, "seconds_per_step": manifest["metrics"]["seconds_per_step"],
                      "train_seconds": manifest["metrics"]["train_seconds"], "final_loss": manifest["metrics"]["train_loss"]},
         "latency_settings": {"prompt_tokens": LATENCY_SETTINGS.prompt_lens[0], "new_tokens": LATENCY_SETTINGS.new_tokens,
