@@ -94,7 +94,7 @@ def main() -> None:
         }
         sizes = {name: size_mb(work / d) for name, d in
                  (("optimum_fp32", "optimum-fp32"), ("edge_lora_fp32", "edge-fp32"), ("edge_lora_int4", "edge-int4"))}
-        parity = json.loads((work / "edge-fp32" / "export.json").read_text())["parity"]
+        parity = json.loads((work / "edge-fp32" / "export.json").read_text())["parity"]["merged"]
     for name, r in results.items():
         print(f"{name:16} {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']} MB  size {sizes[name]:8.1f} MB")
     print(f"parity fp32: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, greedy agreement {parity['greedy_agreement']:.1%}")

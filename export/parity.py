@@ -83,3 +83,17 @@ def check(reference_model, generator, prompts: list[str], precision: str) -> Par
         mean_abs_logit_diff=float(np.mean(diffs)), greedy_agreement=greedy, greedy_prefix_agreement=prefix / total,
         passed=passed, gate={"max_abs_logit_diff": max_allowed, "min_greedy_agreement": min_agreement},
     )
+
+
+TASK_SAMPLES = 32
+
+
+def task_accuracy(reference_model, generator, tokenizer, samples: list[dict]) -> dict:
+    """Held-out exact match of the ONNX model and of the PyTorch reference on the same eval samples."""
+    from edge_lora.evaluate import runtime_exact_match, torch_exact_match
+
+    samples = samples[:TASK_SAMPLES]
+    longest = max(len(tokenizer(s["completion"], add_special_tokens=False)["input_ids"]) for s in samples)
+    onnx = runtime_exact_match(generator, samples, longest + 2)
+    reference = torch_exact_match(reference_model, tokenizer, samples, longest + 2)
+    return {"samples": len(samples), "onnx": onnx.value, "reference": reference.value}

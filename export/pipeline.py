@@ -125,7 +125,7 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
             write_manifest(final, export_json)
             advance(1, options.precision)
             if options.validate:
-                export_json["parity"] = run_parity(final, reference, names, manifests, options)
+                export_json["parity"] = run_parity(final, reference, names, manifests, options, dirs[0])
                 write_manifest(final, export_json)
                 failed = {k: v for k, v in export_json["parity"].items() if not v["passed"]}
                 if failed:
@@ -293,17 +293,41 @@ def parity_prompts(manifest: dict) -> list[str]:
     return list(FALLBACK_PROMPTS)
 
 
-def run_parity(export_dir: Path, reference, names: list[str], manifests: list[dict], options: ExportOptions) -> dict:
-    """Parity reports by what was checked: "merged"; or each adapter by name and "base" (no adapter active)."""
+def run_parity(export_dir: Path, reference, names: list[str], manifests: list[dict], options: ExportOptions,
+               tokenizer_dir: Path) -> dict:
+    """Parity reports by what was checked: "merged"; or each adapter by name and "base" (no adapter active).
+    Where an adapter's manifest names an eval set of prompt/completion records, its report also gives the
+    task accuracy of the ONNX model beside the reference's."""
+    from transformers import AutoTokenizer
+
     from edge_lora import runtime
+    from edge_lora.export.parity import task_accuracy
 
     generator = runtime.load(export_dir, device=options.device)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def report(gen, manifest: dict) -> dict:
+        result = check(reference, gen, parity_prompts(manifest), options.precision).to_dict()
+        samples = eval_samples(manifest)
+        if samples:
+            result["task_accuracy"] = task_accuracy(reference, gen, tokenizer, samples)
+        return result
+
     if options.flavor == "merged":
-        return {"merged": check(reference, generator, parity_prompts(manifests[0]), options.precision).to_dict()}
+        return {"merged": report(generator, manifests[0])}
     reports = {}
     for name, manifest in zip(names, manifests):
         reference.set_adapter(name)
-        reports[name] = check(reference, generator.with_adapter(name), parity_prompts(manifest), options.precision).to_dict()
+        reports[name] = report(generator.with_adapter(name), manifest)
     with reference.disable_adapter():
         reports["base"] = check(reference, generator, parity_prompts(manifests[0]), options.precision).to_dict()
     return reports
+
+
+def eval_samples(manifest: dict) -> list[dict]:
+    """The adapter's eval file's prompt/completion records, if it names one that still exists."""
+    eval_data = (manifest.get("data") or {}).get("eval")
+    if not eval_data or not Path(eval_data["path"]).exists():
+        return []
+    records = [r for _, r in read_jsonl(eval_data["path"])]
+    return [r for r in records if isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)]

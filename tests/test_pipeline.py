@@ -58,6 +58,8 @@ def test_fp32_export_logits_match_pytorch(export_fp32, reference):
         np.testing.assert_allclose(generator.logits(ids), expected, rtol=0, atol=FP32_LOGIT_ATOL)
     parity = json.loads((export_fp32 / "export.json").read_text())["parity"]["merged"]
     assert parity["passed"] and parity["greedy_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-3
+    task = parity["task_accuracy"]  # the adapter's manifest names an eval set
+    assert task["samples"] == 16 and task["onnx"] == task["reference"]
 
 
 def test_runtime_greedy_equals_transformers_generate(export_fp32, reference, eval_samples):
