@@ -26,7 +26,8 @@ def test_example_command_runs(example, tmp_path):
     shutil_example.parent.mkdir()
     shutil_example.write_text(example.read_text())
     done = subprocess.run([sys.executable, "-m", "edge_lora", *command[1:], "--quiet"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((tmp_path / "demo-out" / "adapter-from-config" / "edge_lora.json").read_text())
-    assert manifest["training"]["max_steps"] == 200 and manifest["metrics"]["eval_loss"] < 0.05
+    # learned, not just ran: a random base starts near ln(128) ≈ 4.9
+    assert manifest["training"]["max_steps"] == 150 and manifest["metrics"]["eval_loss"] < 0.5
