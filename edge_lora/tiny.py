@@ -66,6 +66,11 @@ def llama_config(**overrides):
 
 # The families the tests carry through train → adapter → merged ONNX → runtime, each at hidden 64, 2 layers,
 # with what sets it apart from Llama kept: the point is to exercise each architecture's own layers.
+# The shape every tiny family shares (GPT-2 names these differently and spells them out itself).
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=CONTEXT)
+
+
 def tiny_llama(**overrides):
     return llama_config(**{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2} | overrides)
 
@@ -74,27 +79,21 @@ def tiny_mistral(**overrides):
     from transformers import MistralConfig
 
     # sliding_window=None: a window wider than the context changes nothing but the attention mask code path.
-    return MistralConfig(**COMMON | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                                         sliding_window=None) | overrides)
+    return MistralConfig(**COMMON | TINY | dict(sliding_window=None) | overrides)
 
 
 def tiny_qwen2(**overrides):
     from transformers import Qwen2Config
 
     # Qwen2's q/k/v projections carry a bias; small Qwen2 models tie the output head to the embeddings.
-    return Qwen2Config(**COMMON | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                                       tie_word_embeddings=True) | overrides)
+    return Qwen2Config(**COMMON | TINY | dict(tie_word_embeddings=True) | overrides)
 
 
 def tiny_phi3(**overrides):
     from transformers import Phi3Config
 
     # Phi-3 fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj.
-    return Phi3Config(**COMMON | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                                      original_max_position_embeddings=CONTEXT) | overrides)
+    return Phi3Config(**COMMON | TINY | dict(original_max_position_embeddings=CONTEXT) | overrides)
 
 
 def tiny_gemma(**overrides):
@@ -102,9 +101,7 @@ def tiny_gemma(**overrides):
 
     # Gemma: tied embeddings scaled by sqrt(hidden), RMSNorm with (1 + weight), and a head_dim (32) that is not
     # hidden / heads (16), as in the real models.
-    return GemmaConfig(**COMMON | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                       max_position_embeddings=CONTEXT, tie_word_embeddings=True) | overrides)
+    return GemmaConfig(**COMMON | TINY | dict(head_dim=32, tie_word_embeddings=True) | overrides)
 
 
 def tiny_gpt2(**overrides):
