@@ -23,7 +23,8 @@ from edge_lora.runtime.package import EXPORT_MANIFEST, sha256_file
 Flavor = Literal["merged", "adapters"]
 FORMAT_VERSION = 1
 PARITY_PROMPTS = 4
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json", "config.json")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ class TextTokenizer:
     def __init__(self, path: Path):
         self._tok = Tokenizer.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids with the tokenizer's own special tokens (a BOS where the model expects one)."""
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; with add_special_tokens, the tokenizer's own special tokens (a BOS where the model expects
+        one). Text rendered by a chat template already holds them: encode it with add_special_tokens=False."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
