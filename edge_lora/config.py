@@ -23,6 +23,7 @@ def _check_choice(problems: list[str], name: str, value, literal) -> None:
 
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+BlockSize = Literal[32, 64, 128, 256, 512, 1024, 2048, 4096]  # the block sizes bitsandbytes' kernels take
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["auto", "adamw_torch", "paged_adamw_8bit"]
 
@@ -37,11 +38,14 @@ class QuantConfig:
     """Quantize the per-block absmax constants too (about 0.4 bits per weight saved)."""
     compute_dtype: ComputeDtype = "auto"
     """Dtype of the matmuls: "auto" picks bfloat16 on a GPU that has it, else float32."""
+    block_size: BlockSize = 64
+    """Weights per quantization block (one absmax each): smaller is more accurate and larger; QLoRA uses 64."""
 
     def __post_init__(self):
         problems: list[str] = []
         _check_choice(problems, "quant.quant_type", self.quant_type, QuantType)
         _check_choice(problems, "quant.compute_dtype", self.compute_dtype, ComputeDtype)
+        _check_choice(problems, "quant.block_size", self.block_size, BlockSize)
         if problems:
             raise UsageError("bad quantization config: " + "; ".join(problems))
 

@@ -72,7 +72,49 @@ def load_quantized_base(model_dir: Path, quant: QuantConfig):
         if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):
             raise UsageError(f"--model {model_dir}: not a causal language model transformers knows ({e})") from None
         raise
+    if quant.block_size != DEFAULT_BLOCK_SIZE:
+        requantize(model, model_dir, quant)
     return keep_training_numerics(model)
+
+
+DEFAULT_BLOCK_SIZE = 64  # what bitsandbytes' transformers integration quantizes with; it has no option for it
+
+
+def requantize(model, model_dir: Path, quant: QuantConfig) -> None:
+    """Quantize every 4-bit layer again at `quant.block_size`, from the checkpoint's full-precision weight.
+
+    transformers' bitsandbytes loader always uses blocks of 64. Re-quantizing its dequantized weights would
+    stack a second rounding on the first, so each layer is quantized from the original tensor instead.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from safetensors import safe_open
+    from transformers.pytorch_utils import Conv1D
+
+    if quant.block_size == 1024 and not torch.cuda.is_available():
+        # bitsandbytes 0.50's CPU dequantize_4bit is wrong at blocksize 1024 (quantize is right): its mean
+        # error is twice that of 512 or 2048, and up to 1.26 off the codebook value times absmax.
+        raise UsageError("quant.block_size=1024 dequantizes wrongly in bitsandbytes' CPU kernel — use 512 or 2048 on a CPU")
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"quant.block_size={quant.block_size} needs the model's *.safetensors weights; {model_dir} has none — use block_size 64")
+    where = {name: file for file in files for name in safe_open(file, framework="pt").keys()}
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        key = f"{name}.weight"
+        if key not in where:
+            key = key.removeprefix(f"{model.base_model_prefix}.")
+        with safe_open(where[key], framework="pt") as f:
+            original = f.get_tensor(key).to(compute_dtype(quant))  # as the loader casts before quantizing
+        if issubclass(getattr(module, "source_cls", torch.nn.Linear), Conv1D):
+            original = original.T  # a Conv1D stores (in, out); Linear4bit holds (out, in), as the loader made it
+        weight = module.weight
+        module.weight = bnb.nn.Params4bit(
+            original.contiguous(), requires_grad=False, blocksize=quant.block_size,
+            compress_statistics=quant.double_quant, quant_type=quant.quant_type, quant_storage=weight.quant_storage,
+            module=module,
+        ).to(weight.device)
 
 
 def keep_training_numerics(model):

@@ -22,7 +22,8 @@ def short_run(base_dir, train_path, output, **fields):
     {"lora": LoraConfig(r=4, alpha=8, use_rslora=True, target_modules=("q_proj", "v_proj"))},
     {"lora": LoraConfig(r=4, use_dora=True)},
     {"quant": QuantConfig(compute_dtype="float16")},
-], ids=["fp4-no-double-quant", "rslora-q-v", "dora", "fp16-loss-scaled"])
+    {"quant": QuantConfig(block_size=128)},
+], ids=["fp4-no-double-quant", "rslora-q-v", "dora", "fp16-loss-scaled", "block-128"])
 def test_options_are_applied_and_reload_with_peft(base_dir, task_files, tmp_path, fields):
     from peft import PeftModel
 
@@ -35,6 +36,7 @@ def test_options_are_applied_and_reload_with_peft(base_dir, task_files, tmp_path
     quant, lora = fields.get("quant", QuantConfig()), fields.get("lora", LoraConfig())
     assert manifest["quantization"]["type"] == quant.quant_type
     assert manifest["quantization"]["double_quant"] == quant.double_quant
+    assert manifest["quantization"]["block_size"] == quant.block_size
     assert adapter_config["r"] == lora.r and adapter_config["use_rslora"] == lora.use_rslora
     assert adapter_config["use_dora"] == lora.use_dora
     if lora.target_modules != ("all-linear",):
@@ -51,6 +53,41 @@ def test_options_are_applied_and_reload_with_peft(base_dir, task_files, tmp_path
 
     parity = json.loads((export(out, tmp_path / "x", show_progress=False) / "export.json").read_text())["parity"]["merged"]
     assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D weights are stored (in, out)
+def test_block_size_quantizes_from_the_original_weights(tmp_path, family):
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from edge_lora.modeling import load_quantized_base
+    from edge_lora.tiny import FAMILIES, build_base_model
+
+    base = build_base_model(tmp_path / family, FAMILIES[family]())
+    original = load_file(base / "model.safetensors")
+    model = load_quantized_base(base, QuantConfig(block_size=256))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    for name, module in layers:
+        state = module.weight.quant_state
+        assert state.blocksize == 256
+        weight = original.get(f"{name}.weight", original.get(f"{name.removeprefix(model.base_model_prefix + '.')}.weight"))
+        weight = weight.T if family == "gpt2" else weight
+        codes, expected = bnb.functional.quantize_4bit(weight.float().contiguous(), blocksize=256, quant_type="nf4",
+                                                       compress_statistics=True)
+        assert torch.equal(module.weight.data, codes), name  # the same 4-bit codes as quantizing the original
+
+
+def test_block_size_1024_is_refused_on_a_cpu(base_dir):
+    from edge_lora.modeling import load_quantized_base
+
+    with pytest.raises(UsageError, match="quant.block_size=1024 dequantizes wrongly in bitsandbytes' CPU kernel"):
+        load_quantized_base(base_dir, QuantConfig(block_size=1024))
+
+
+def test_unknown_block_size_names_the_allowed_ones():
+    with pytest.raises(UsageError, match=r"quant.block_size=100 is not one of 32, 64, 128"):
+        QuantConfig(block_size=100)
 
 
 def test_unknown_target_module_lists_the_linear_layers(base_dir, task_files, tmp_path):
