@@ -129,6 +129,12 @@ class TrainConfig:
     """Seed for data order, adapter init and dropout."""
     log_every: int = 10
     """Write a metrics.jsonl row every this many steps."""
+    max_overlap: float = 0.0
+    """Fraction of eval samples that may (nearly) duplicate a training sample before training stops (datacheck.py)."""
+    allow_overlap: bool = False
+    """Train even when more than max_overlap of the eval samples duplicate training samples (recorded in the data card)."""
+    near_duplicate_jaccard: float = 0.8
+    """Jaccard similarity of character 5-gram shingles from which two samples count as near-duplicates."""
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -150,6 +156,10 @@ class TrainConfig:
             problems.append("give eval_data or eval_fraction, not both")
         if self.pack_length < self.max_length:
             problems.append(f"pack_length={self.pack_length} must be >= max_length={self.max_length}")
+        if not 0.0 <= self.max_overlap <= 1.0:
+            problems.append(f"max_overlap={self.max_overlap!r} must be a fraction in [0, 1]")
+        if not 0.0 < self.near_duplicate_jaccard <= 1.0:
+            problems.append(f"near_duplicate_jaccard={self.near_duplicate_jaccard!r} must be in (0, 1], for example 0.8")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate={self.learning_rate!r} must be positive, for example 2e-4")
         if self.warmup_steps < 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_lora.eval.metrics import exact
+
 
 @dataclass(frozen=True)
 class Accuracy:
@@ -30,7 +32,7 @@ def torch_exact_match(model, tokenizer, samples: list[dict], max_new_tokens: int
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += sum(text == s["completion"] for text, s in zip(texts, chunk))
+            correct += sum(exact(text, s["completion"]) for text, s in zip(texts, chunk))
     finally:
         tokenizer.padding_side = side
     return Accuracy(correct, len(samples))
@@ -40,5 +42,5 @@ def runtime_exact_match(generator, samples: list[dict], max_new_tokens: int) -> 
     from edge_lora.runtime import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-    correct = sum(generator.generate(s["prompt"], sampling).text == s["completion"] for s in samples)
+    correct = sum(exact(generator.generate(s["prompt"], sampling).text, s["completion"]) for s in samples)
     return Accuracy(correct, len(samples))

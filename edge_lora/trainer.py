@@ -12,13 +12,14 @@ from pathlib import Path
 from edge_lora import checkpoint, manifest
 from edge_lora.config import TrainConfig
 from edge_lora.data import batch_order, load_examples, pack
+from edge_lora.datacheck import check_data
 from edge_lora.distributed import Distributed
 from edge_lora.errors import UsageError
 from edge_lora.modeling import add_lora, compute_dtype, load_quantized_base, resolve_model_dir
 from edge_lora.progress import progress_bar
 
 # Fields a resumed run may change: they steer logging and checkpointing, not what is computed.
-RESUME_FREE_FIELDS = {"output", "save_every", "keep_checkpoints", "log_every"}
+RESUME_FREE_FIELDS = {"output", "save_every", "keep_checkpoints", "log_every", "allow_overlap"}
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -72,11 +73,20 @@ def check_resumable(meta: dict, config: TrainConfig, fingerprint: dict, where: P
             f"--resume: {where} was trained on another base model (fingerprint {meta['base_fingerprint'][:12]}… vs "
             f"{fingerprint['digest'][:12]}…) — pass the same --model, or a new --output to start over"
         )
-    before, now = meta["config"], config.to_dict()
+    before, now = with_defaults(meta["config"], config), config.to_dict()
     changed = sorted(k for k in now if k not in RESUME_FREE_FIELDS and json.dumps(now[k]) != json.dumps(before.get(k)))
     if changed:
         diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
         raise UsageError(f"--resume: the config differs from the checkpoint's ({diffs}) — use the same settings, or a new --output")
+
+
+def with_defaults(saved: dict, config: TrainConfig) -> dict:
+    """A checkpoint's config with the defaults of fields added to TrainConfig since it was written (in force then)."""
+    defaults = TrainConfig(model=config.model, data=config.data).to_dict()
+    merged = defaults | saved
+    for key in ("quant", "lora"):
+        merged[key] = defaults[key] | saved.get(key, {})
+    return merged
 
 
 def train(config: TrainConfig, show_progress: bool = True, resume: bool = False) -> Path:
@@ -104,6 +114,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     examples, data_report = load_examples(config.data, tokenizer, config.max_length, config.train_on_prompt)
+    data_card = check_data(config, examples, data_report)  # before any model is loaded: a failed check costs nothing
     eval_report = None
     if config.eval_data:
         eval_examples, eval_report = load_examples(config.eval_data, tokenizer, config.max_length, config.train_on_prompt)
@@ -212,6 +223,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
             "quantization": quant_record(model, config),
             "lora": config.lora.__dict__ | {"target_modules": list(config.lora.target_modules)},
             "training": config.to_dict(),
+            "data_card": data_card,
             "data": {"train": data_report.to_dict(), "eval": eval_report.to_dict() if eval_report else None,
                      "eval_split": eval_source},
             "metrics": final,

@@ -17,6 +17,7 @@ from edge_lora.export.merge import MergeInto, merged_weights
 from edge_lora.export.onnx_graph import MODEL_FILE, PRECISIONS, Precision, export_onnx, quantize, supported_model_types
 from edge_lora.export.parity import FALLBACK_PROMPTS, check
 from edge_lora.export.reference import base_dir_of, full_precision_base, qlora_model
+from edge_lora.lineage import export_lineage
 from edge_lora.progress import progress_bar
 from edge_lora.runtime.package import EXPORT_MANIFEST, sha256_file
 
@@ -120,6 +121,7 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
                 if (fp32_dir / name).exists():
                     shutil.copy2(fp32_dir / name, final / name)
             export_json = describe(final, model.config, manifests[0], dirs[0], options)
+            export_json["lineage"] = export_lineage(dirs, names, manifests, options)
             export_json["merge"] = merge_report
             if options.flavor == "adapters":
                 export_json["adapters"] = write_adapters(final, reference, names, dirs, manifests, options)

@@ -20,6 +20,7 @@ from edge_lora.errors import UsageError
 DEMO_TRAINING = dict(max_steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=20, log_every=20, seed=0)
 MAX_NEW_TOKENS = 16  # a completion is 11 characters plus </s>
 PRECISIONS = ("fp32", "int4")
+GATE_POINTS = 2.0  # the int4-against-fp32 regression gate's margin, in percentage points of exact match
 
 
 class DemoStepError(RuntimeError):
@@ -48,6 +49,8 @@ def run_demo(workdir: str | Path, console: Console | None = None, training_overr
     for precision, export_dir in exports.items():
         onnx[precision] = steps.run(f"run ONNX {precision} on edge_lora.runtime (no torch)", runtime_check,
                                     export_dir, eval_path)
+    gate = steps.run("regression gate: ONNX int4 against fp32 on the same prompts", regression_gate, onnx["fp32"],
+                     onnx["int4"], eval_path)
 
     manifest = json.loads((adapter_dir / "edge_lora.json").read_text())
     summary = {
@@ -62,11 +65,13 @@ def run_demo(workdir: str | Path, console: Console | None = None, training_overr
                      "train_seconds": manifest["metrics"]["train_seconds"], "final_loss": manifest["metrics"]["train_loss"]},
         "latency_settings": {"prompt_tokens": LATENCY_SETTINGS.prompt_lens[0], "new_tokens": LATENCY_SETTINGS.new_tokens,
                              "threads": "one per physical core"},
+        "int4_vs_fp32": gate,
         "step_seconds": steps.seconds,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(summary_table(summary))
+    console.print(gate["line"])
     console.print(f"summary written to {workdir / 'summary.json'}; total {summary['total_seconds']} s")
     return summary
 
@@ -136,6 +141,20 @@ def runtime_check(export_dir: Path, eval_path: Path) -> dict:
     if result["heavy_modules_loaded"]:
         raise RuntimeError(f"the runtime imported {', '.join(result['heavy_modules_loaded'])}")
     return result
+
+
+def regression_gate(old: dict, new: dict, eval_path: Path) -> dict:
+    """`edge-lora eval compare` on the runtime checks' per-sample results: int4 fails if its exact match is more
+    than GATE_POINTS below fp32's with McNemar's exact p < 0.05."""
+    from edge_lora.eval.compare import ALPHA, pair
+    from edge_lora.eval.run import SampleResult
+
+    p = pair(str(eval_path), [SampleResult(**s) for s in old["samples"]], [SampleResult(**s) for s in new["samples"]],
+             "exact", GATE_POINTS)
+    line = (f"int4 against fp32 on the same {p.old.samples} prompts: exact match {p.old.value:.1%} -> {p.new.value:.1%} "
+            f"({p.delta_points:+.1f} points, {p.new_better} better / {p.new_worse} worse, McNemar exact p = {p.p_value:.2g}): "
+            f"{'FAILS' if p.worse_beyond_margin else 'passes'} the gate (worse by > {GATE_POINTS:g} points with p < {ALPHA})")
+    return {"delta_points": p.delta_points, "p_value": p.p_value, "passed": not p.worse_beyond_margin, "line": line}
 
 
 def export_size(export_dir: Path) -> int:
