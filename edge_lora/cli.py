@@ -28,10 +28,6 @@ def csv_ints(value: str, name: str) -> tuple[int, ...]:
     return values
 
 
-def not_yet(command: str, issue: str) -> None:
-    raise UsageError(f"'edge-lora {command}' is not available in this version yet ({issue}) — see README.md for what works")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="edge-lora")
 def cli():
@@ -76,6 +72,8 @@ def demo(workdir):
 @click.option("--seed", type=int, default=None, help="Seed [default: 0].")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps [default: only at the end].")
 @click.option("--train-on-prompt", is_flag=True, default=None, help="Take the loss on prompt tokens too.")
+@click.option("--allow-overlap", is_flag=True, default=None,
+              help="Train even when eval samples duplicate training samples (the data card records it).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(config_file, rank, resume, quiet, **options):
@@ -164,49 +162,129 @@ def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_blo
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--prompt", default=None, help="Prompt text; with --chat, the first user message.")
+@click.option("--chat", is_flag=True,
+              help="Chat through the model's chat template: one user message per line of stdin, the history kept; "
+                   "end with Ctrl-D.")
+@click.option("--system", default=None, help="With --chat: a system message that opens the conversation.")
 @click.option("--adapter", default=None, help="Adapter to activate, for an export of flavor adapters (default: none, the base).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+              help="Penalty on tokens already in the prompt or the output, as in CTRL (1: off).")
+@click.option("--stop", multiple=True, help="A string that ends the generation (not printed); repeat for several. "
+                                            "In bash, $'\\n' is a newline.")
+@click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
+              help="A prompt longer than the context minus --max-new-tokens: refuse it (none) or drop its start (left).")
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--device", default=None, help="Device profile for providers and threads.")
 @click.option("--providers", default=None, help="Comma-separated execution providers, overriding the profile.")
+@click.option("--strict-providers", is_flag=True,
+              help="Refuse a provider this onnxruntime build lacks instead of falling back to the next one.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (0: one per physical core).")
-def run(export_dir, prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stream, device, providers, threads):
+def run(export_dir, prompt, chat, system, adapter, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
+        truncate, seed, stream, device, providers, strict_providers, threads):
     """Generate from an export on the torch-free runtime (onnxruntime).
 
     \b
     Example:  edge-lora run demo-out/export-int4 --prompt "2024-03-17 ->" --max-new-tokens 16
+              edge-lora run my-export --chat --system "Answer in one line." --stream
     """
     from edge_lora import runtime
 
+    if prompt is None and not chat:
+        raise UsageError("run needs --prompt TEXT, or --chat for a conversation on stdin — see 'edge-lora run --help'")
+    if system is not None and not chat:
+        raise UsageError(f"--system {system!r} applies to --chat only — add --chat, or put the text in --prompt")
     sampling = runtime.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, seed=seed)
+                                      top_p=top_p, seed=seed, repetition_penalty=repetition_penalty, stop=stop,
+                                      truncate=truncate)
     generator = runtime.load(export_dir, providers=providers.split(",") if providers else None, device=device,
-                             threads=threads).with_adapter(adapter)
-    if stream:
-        for delta in generator.stream(prompt, sampling):
-            click.echo(delta, nl=False)
-        click.echo()
+                             threads=threads, strict_providers=strict_providers).with_adapter(adapter)
+    if chat:
+        chat_loop(generator, sampling, prompt, system, stream)
     else:
-        click.echo(generator.generate(prompt, sampling).text)
+        print_reply(generator, prompt, sampling, stream)
+
+
+def print_reply(generator, prompt: str | list[int], sampling, stream: bool) -> str:
+    """Generate from `prompt` and print the text (as it comes, with `stream`); returns the text."""
+    if not stream:
+        text = generator.generate(prompt, sampling).text
+        click.echo(text)
+        return text
+    deltas = []
+    for delta in generator.stream(prompt, sampling):
+        click.echo(delta, nl=False)
+        deltas.append(delta)
+    click.echo()
+    return "".join(deltas)
+
+
+def chat_loop(generator, sampling, first: str | None, system: str | None, stream: bool) -> None:
+    """A conversation: each stdin line (after `first`, if given) is a user message; each reply is printed and
+    kept, so that the next turn's prompt holds the whole history."""
+    generator.require_chat_template()  # before the user types anything
+    interactive = sys.stdin.isatty()
+    messages = [{"role": "system", "content": system}] if system else []
+    pending = [first] if first else []
+    while True:
+        if pending:
+            line = pending.pop()
+        else:
+            if interactive:
+                click.echo("> ", nl=False, err=True)
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                return
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = print_reply(generator, generator.render_chat(messages), sampling, stream)
+        messages.append({"role": "assistant", "content": reply})
 
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--api-key", default=None, envvar="EDGE_LORA_API_KEY")
-def serve(export_dir, host, port, api_key):
-    """Serve an export over an OpenAI-compatible HTTP API (not yet available).
+@click.option("--api-key", default=None, envvar="EDGE_LORA_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on every endpoint but /health [env: EDGE_LORA_API_KEY].")
+@click.option("--workers", type=int, default=None,
+              help="Generations at once [default: the host's physical cores / threads per worker, at least 1].")
+@click.option("--queue-size", type=int, default=32, show_default=True,
+              help="Requests that may wait for a worker; one more is answered 429.")
+@click.option("--queue-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds a request may wait for a worker before it is answered 503.")
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Larger bodies get 413.")
+@click.option("--grace-period", type=float, default=10.0, show_default=True,
+              help="On SIGTERM, seconds in-flight requests may take to finish before they are cancelled.")
+@click.option("--device", default=None, help="Device profile for providers and threads.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads per worker (0: one per physical core).")
+def serve(export_dir, host, port, api_key, workers, queue_size, queue_timeout, max_body_bytes, grace_period, device,
+          threads):
+    """Serve an export (and its adapters) over OpenAI's HTTP API: /v1/completions, /v1/chat/completions,
+    /v1/models, /health and /metrics. Needs the extra: pip install 'edge-lora[serve]'.
 
     \b
     Example:  edge-lora serve demo-out/export-int4 --port 8000
+              curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+                   -d '{"model": "export-int4", "prompt": "2024-03-17 ->", "max_tokens": 16}'
     """
-    not_yet("serve", "the OpenAI-compatible server arrives with the Serving issue")
+    try:
+        from edge_lora.runtime.server import ServeConfig, ServeError, serve as run_server
+    except ImportError as e:
+        raise UsageError(f"serving needs FastAPI and uvicorn ({e}) — pip install 'edge-lora[serve]'") from None
+    try:
+        config = ServeConfig(host=host, port=port, api_key=api_key, workers=workers, queue_size=queue_size,
+                             queue_timeout_s=queue_timeout, max_body_bytes=max_body_bytes, grace_s=grace_period)
+        run_server(export_dir, config, device=device, threads=threads)
+    except ServeError as e:
+        raise UsageError(str(e)) from None
 
 
 class ProfileGroup(click.Group):
@@ -296,17 +374,120 @@ def profile_compare(reports, fail_if_slower):
         sys.exit(1)  # not click's Exit: main() runs click non-standalone, which returns an Exit's code unused
 
 
-@cli.command("eval")
-@click.argument("target", type=click.Path())
-@click.option("--data", required=True, multiple=True)
-@click.option("--metric", default="exact")
-def eval_command(target, data, metric):
-    """Evaluate an adapter or an export on a data set (not yet available).
+class EvalGroup(click.Group):
+    """`edge-lora eval TARGET ...` evaluates; `edge-lora eval compare OLD NEW ...` is the regression gate."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["target", *args]
+        return super().parse_args(ctx, args)
+
+
+def eval_options(command):
+    """The options `eval` and `eval compare` share."""
+    from edge_lora.eval.metrics import METRICS
+
+    options = [
+        click.option("--data", required=True, multiple=True,
+                     help="Eval JSONL (prompt/completion, messages, or text for perplexity); repeat for one row each."),
+        click.option("--metric", type=click.Choice(METRICS), default="exact", show_default=True,
+                     help="exact / contains (Wilson interval), token-f1 / perplexity (bootstrap interval)."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+                     help="Greedy tokens per sample [default: the longest reference's tokens + 2]."),
+        click.option("--base", default=None, help="Base model dir of an adapter target, if not where its manifest says."),
+        click.option("--device", default=None, help="Device profile of an export target (providers, threads)."),
+        click.option("--threads", type=int, default=None, help="Intra-op threads of an export target."),
+        click.option("--out", default="eval-samples.jsonl", show_default=True,
+                     help="Per-sample results, one JSON object per sample (written here, never into a target or data dir)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.group("eval", cls=EvalGroup)
+def eval_group():
+    """Evaluate an adapter dir (PyTorch: its 4-bit base with the adapter) or an export dir (the runtime) on eval
+    files: the metric with a 95% confidence interval and the latency per sample, one row per --data file; or
+    compare two targets on the same samples, a regression gate.
 
     \b
     Example:  edge-lora eval demo-out/export-int4 --data demo-out/data/eval.jsonl
+              edge-lora eval my-adapter --data in_dist.jsonl --data ood.jsonl --metric token-f1 --out my-adapter.jsonl
+              edge-lora eval compare demo-out/export-fp32 demo-out/export-int4 --data demo-out/data/eval.jsonl --fail-if-worse 2
     """
-    not_yet("eval", "evaluation arrives with the Evaluation issue; the demo reports held-out accuracy")
+
+
+@eval_group.command("target")
+@click.argument("target", type=click.Path())
+@click.option("--adapter", default=None, help="Adapter to activate, for an export of flavor adapters (default: the base).")
+@eval_options
+def eval_target(target, adapter, data, metric, max_new_tokens, base, device, threads, out, quiet):
+    """Evaluate one target (an adapter dir or an export dir) on one or more eval files.
+
+    \b
+    Example:  edge-lora eval demo-out/export-int4 --data demo-out/data/eval.jsonl --metric exact
+    """
+    from edge_lora.eval.report import eval_table, write_samples
+    from edge_lora.eval.run import EvalSettings, evaluate
+
+    settings = EvalSettings(metric=metric, max_new_tokens=max_new_tokens, base=base, device=device, threads=threads)
+    report = evaluate(target, list(data), settings, adapter=adapter, show_progress=not quiet)
+    click.echo(eval_table(report))
+    click.echo(f"per-sample results: {write_samples([report], out)}")
+
+
+@eval_group.command("compare")
+@click.argument("old", type=click.Path())
+@click.argument("new", type=click.Path())
+@click.option("--old-adapter", default=None, help="Adapter of OLD, for an export of flavor adapters.")
+@click.option("--new-adapter", default=None, help="Adapter of NEW, for an export of flavor adapters.")
+@click.option("--fail-if-worse", type=float, default=None, metavar="POINTS",
+              help="Exit 1 when NEW is worse than OLD by more than POINTS (percentage points; perplexity units for "
+                   "perplexity) AND the paired test gives p < 0.05 (McNemar exact for exact/contains, sign test "
+                   "otherwise).")
+@eval_options
+def eval_compare(old, new, old_adapter, new_adapter, fail_if_worse, data, metric, max_new_tokens, base, device, threads,
+                 out, quiet):
+    """Compare two adapter versions or two exports (say fp32 and int4) on the same samples, paired; with
+    --fail-if-worse, a regression gate for CI (exit 1 on a regression). Both must share a tokenizer.
+
+    \b
+    Example:  edge-lora eval compare demo-out/export-fp32 demo-out/export-int4 --data demo-out/data/eval.jsonl --fail-if-worse 2
+              edge-lora eval compare adapter-v1 adapter-v2 --data eval.jsonl --metric token-f1 --fail-if-worse 1
+    """
+    from edge_lora.eval.compare import compare
+    from edge_lora.eval.report import compare_table, write_samples
+    from edge_lora.eval.run import EvalSettings
+
+    settings = EvalSettings(metric=metric, max_new_tokens=max_new_tokens, base=base, device=device, threads=threads)
+    comparison = compare(old, new, list(data), settings, margin=fail_if_worse, old_adapter=old_adapter,
+                         new_adapter=new_adapter, show_progress=not quiet)
+    click.echo(compare_table(comparison))
+    click.echo(f"per-sample results: {write_samples([comparison.old, comparison.new], out)}")
+    if comparison.failed:
+        worse = [p.data for p in comparison.pairings if p.worse_beyond_margin]
+        click.echo(f"NEW is worse than OLD beyond the margin of {fail_if_worse:g} (with p < 0.05) on {', '.join(worse)}")
+        sys.exit(1)  # not click's Exit: main() runs click non-standalone, which returns an Exit's code unused
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the lineage tree as JSON.")
+@click.option("--verify-base", is_flag=True, help="Also recompute the base model's fingerprint (reads all its weights).")
+def inspect_command(path, as_json, verify_base):
+    """Print the lineage of an export dir or an adapter dir — export, adapter(s), base model, training and eval
+    data — each parent still on disk checked against its recorded digest (matches, changed, missing).
+
+    \b
+    Example:  edge-lora inspect demo-out/export-int4
+              edge-lora inspect demo-out/adapter --json
+    """
+    from edge_lora.lineage import inspect, render
+
+    tree = inspect(path, verify_base=verify_base)
+    click.echo(json.dumps(tree, indent=2) if as_json else render(tree))
 
 
 @cli.group()
@@ -357,10 +538,10 @@ def devices_detect():
 def bad_input_types() -> tuple[type[Exception], ...]:
     """Errors that mean the user's input was wrong; each carries a one-line message with the fix."""
     from edge_lora.devices import DeviceProfileError
-    from edge_lora.runtime import ExportError, PromptError, ProviderError
+    from edge_lora.runtime import ChatError, ExportError, PromptError, ProviderError
     from edge_lora.runtime.profile import ProfileError
 
-    return UsageError, DeviceProfileError, ExportError, PromptError, ProviderError, ProfileError
+    return UsageError, DeviceProfileError, ExportError, PromptError, ProviderError, ProfileError, ChatError
 
 
 def main(argv: list[str] | None = None) -> None:

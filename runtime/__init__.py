@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_lora.runtime.chat import ChatError
 from edge_lora.runtime.generate import Generation, Generator, PromptError, SamplingConfig
 from edge_lora.runtime.package import ExportDir, ExportError, open_export
 from edge_lora.runtime.session import ProviderError, choose_providers, make_session
@@ -16,7 +17,7 @@ from edge_lora.runtime.tokenizer import TextTokenizer
 DEFAULT_DEVICE = "cpu-x86-64"
 
 __all__ = ["load", "device_profile", "Generator", "Generation", "SamplingConfig", "ExportDir", "ExportError", "PromptError",
-           "ProviderError", "open_export"]
+           "ProviderError", "ChatError", "open_export"]
 
 
 def load(export_dir: str | Path, providers: list[str] | None = None, device: str | None = None,
@@ -41,12 +42,31 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
     chosen = choose_providers(requested, strict=strict_providers)
     if threads is None:
         threads = devices.resolve_threads(profile, psutil.cpu_count(logical=False) or 1)
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    # what onnxruntime raises for a model file it cannot load: truncated, empty, not ONNX, gone
+    unloadable = (ort_state.InvalidProtobuf, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.NoSuchFile,
+                  ort_state.NoModel, ort_state.Fail)
     # An `adapters` export's LoRA inputs are overridable initializers, about which onnxruntime warns once per
     # input at load (they are not constants, by design): only errors are logged for it.
-    session = make_session(export.model_path, chosen, threads=threads, graph_optimization=profile.graph_optimization,
-                           profile_file_prefix=profile_file_prefix,
-                           log_severity=3 if export.manifest["flavor"] == "adapters" else 2)
-    return Generator(export, session, TextTokenizer(export.tokenizer_path), load_adapters(export))
+    try:
+        session = make_session(export.model_path, chosen, threads=threads,
+                               graph_optimization=profile.graph_optimization, profile_file_prefix=profile_file_prefix,
+                               log_severity=3 if export.manifest["flavor"] == "adapters" else 2)
+    except unloadable as e:
+        raise ExportError(f"{export.model_path} cannot be loaded by onnxruntime ({first_line(e)}) — the file is "
+                          "missing or corrupt; re-run edge-lora export") from None
+    try:
+        tokenizer = TextTokenizer(export.tokenizer_path)
+    except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
+        raise ExportError(f"{export.tokenizer_path} cannot be read by tokenizers ({first_line(e)}) — the file is "
+                          "missing or corrupt; re-run edge-lora export") from None
+    return Generator(export, session, tokenizer, load_adapters(export))
+
+
+def first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def load_adapters(export: ExportDir) -> dict:

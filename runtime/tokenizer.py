@@ -1,7 +1,8 @@
-"""Tokenizing with `tokenizers` from tokenizer.json, and decoding a token stream into text deltas."""
+"""Tokenizing with `tokenizers` from tokenizer.json, and turning token streams into text deltas cut at stop strings."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -45,3 +46,48 @@ class StreamDecoder:
             return ""
         self._context, self._emitted = self._emitted, len(self._ids)
         return text[len(prefix) :]
+
+    def flush(self) -> str:
+        """The text of the tokens held back, at the end of a generation: an unfinished character decodes to
+        U+FFFD here, as it does in a decode of the whole output."""
+        prefix = self._tok.decode(self._ids[self._context : self._emitted])
+        text = self._tok.decode(self._ids[self._context :])
+        self._context = self._emitted = len(self._ids)
+        return text[len(prefix) :]
+
+
+class StopStrings:
+    """Cuts generated text before the first stop string, letting out only text that cannot become part of one.
+
+    Text deltas go in as they are decoded. The longest end of the text that is the start of a stop string is
+    held back until later text completes the stop string (then it and everything after are dropped) or rules
+    it out (then it is let out), so that a stream never shows a part of a stop string.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self._stops = tuple(stops)
+        self._held = ""
+        self.stopped: str | None = None
+        """The stop string that ended the text, once one has."""
+
+    def push(self, delta: str) -> str:
+        """The text that is now certain to come before any stop string; "" once one has been found."""
+        if self.stopped is not None:
+            return ""
+        text = self._held + delta
+        # Emitted text never holds the start of a stop string (it would have been held), so a stop string
+        # is either whole in `text` or still to come.
+        found = [(at, stop) for stop in self._stops if (at := text.find(stop)) >= 0]
+        if found:
+            at, self.stopped = min(found)
+            self._held = ""
+            return text[:at]
+        held = max((k for stop in self._stops for k in range(1, min(len(stop), len(text) + 1))
+                    if text.endswith(stop[:k])), default=0)
+        self._held = text[len(text) - held :]
+        return text[: len(text) - held]
+
+    def flush(self) -> str:
+        """The text held back, at the end of a generation that no stop string ended."""
+        held, self._held = self._held, ""
+        return held

@@ -61,8 +61,8 @@ def test_unreadable_data_file(base_dir, tmp_path):
     assert_one_line_error(done, str(data), "cannot be read", "UTF-8")
 
 
-def test_unfinished_commands_say_so(tmp_path):
-    assert_one_line_error(edge_lora("serve", tmp_path), "not available in this version yet")
+def test_serve_and_compare_name_what_is_missing(tmp_path):
+    assert_one_line_error(edge_lora("serve", tmp_path), "is not an export", "edge-lora export")
     assert_one_line_error(edge_lora("profile", "compare", "a.json", "b.json"), "a.json does not exist")
 
 
