@@ -16,7 +16,7 @@ from edge_lora.errors import UsageError
 from edge_lora.export.merge import MergeInto, merged_weights
 from edge_lora.export.onnx_graph import MODEL_FILE, PRECISIONS, Precision, export_onnx, quantize, supported_model_types
 from edge_lora.export.parity import FALLBACK_PROMPTS, check
-from edge_lora.export.reference import base_dir_of, full_precision_base, qlora_model
+from edge_lora.export.reference import base_dir_of, fp32_twin, full_precision_base, qlora_model
 from edge_lora.lineage import export_lineage
 from edge_lora.progress import progress_bar
 from edge_lora.runtime.package import EXPORT_MANIFEST, sha256_file
@@ -128,7 +128,8 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
             write_manifest(final, export_json)
             advance(1, options.precision)
             if options.validate:
-                export_json["parity"] = run_parity(final, reference, names, manifests, options, dirs[0])
+                twin, export_json["parity_reference"] = parity_reference(reference, model_dir, dirs, names, manifests[0])
+                export_json["parity"] = run_parity(final, twin, names, manifests, options, dirs[0])
                 write_manifest(final, export_json)
                 failed = {k: v for k, v in export_json["parity"].items() if not v["passed"]}
                 if failed:
@@ -294,6 +295,31 @@ def parity_prompts(manifest: dict) -> list[str]:
         if all(prompts):
             return prompts
     return list(FALLBACK_PROMPTS)
+
+
+TWIN_TOLERANCE = 1e-4  # a tenth of the fp32 gate: within it the twin is the trained model for the gate's purpose
+
+
+def parity_reference(reference, model_dir: Path, dirs: list[Path], names: list[str], manifest: dict):
+    """The model the parity gate generates with: the fp32 twin of the trained 4-bit model (reference.fp32_twin)
+    when its logits match the 4-bit model's on the parity prompts, for every adapter, within TWIN_TOLERANCE;
+    else the 4-bit model itself. Returns it and a record of the check for export.json."""
+    import torch
+
+    twin = fp32_twin(reference, model_dir, dirs, names)
+    prompts = [torch.tensor([ids]) for ids in reference_prompt_ids(dirs[0], manifest)]
+    gap = 0.0
+    with torch.no_grad():
+        for name in names:
+            reference.set_adapter(name)
+            twin.set_adapter(name)
+            gap = max(gap, *((twin(ids).logits - reference(ids).logits).abs().max().item() for ids in prompts))
+    reference.set_adapter(names[0])
+    twin.set_adapter(names[0])
+    record = {"twin_max_abs_logit_diff": gap, "tolerance": TWIN_TOLERANCE}
+    if gap <= TWIN_TOLERANCE:
+        return twin, record | {"model": "fp32 twin of the 4-bit model (dequantized weights, same adapters)"}
+    return reference, record | {"model": "4-bit model (its fp32 twin differed beyond the tolerance)"}
 
 
 def run_parity(export_dir: Path, reference, names: list[str], manifests: list[dict], options: ExportOptions,

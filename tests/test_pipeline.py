@@ -143,3 +143,9 @@ def test_sampling_is_seeded(export_fp32):
     sampling = runtime.SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
     first, second = generator.generate("2024 ->", sampling), generator.generate("2024 ->", sampling)
     assert first.token_ids == second.token_ids and len(first.token_ids) == 10
+
+
+def test_the_gate_generates_with_an_exact_fp32_twin(export_fp32):
+    # On a CPU bitsandbytes computes a 4-bit layer as dequantize-then-fp32-matmul: the twin is bit-identical.
+    record = json.loads((export_fp32 / "export.json").read_text())["parity_reference"]
+    assert record["model"].startswith("fp32 twin") and record["twin_max_abs_logit_diff"] == 0.0
