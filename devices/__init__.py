@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import time
 import tomllib
 from collections.abc import Callable
@@ -162,14 +163,14 @@ def load(name_or_path: str | os.PathLike) -> DeviceProfile:
         raise DeviceProfileError(
             f"unknown device profile {_show(text)}: use one of {', '.join(names())}, or the path of a .toml file"
         )
+    text = path.read_text(encoding="utf-8")
     try:
-        with path.open("rb") as file:
-            doc = tomllib.load(file)
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:  # its message ends "(at line L, column C)"
         raise DeviceProfileError(f"{path}: not valid TOML: {err}") from err
     problems = _problems(doc, path)
     if problems:
-        raise _error(path, problems)
+        raise _error(path, problems, _key_lines(text))
     values = {field: _get(doc, key) for field, (key, _, _) in _SCHEMA.items()}
     values["providers"] = tuple(Provider(p["name"], p["options"]) for p in values["providers"])
     return DeviceProfile(**values, path=path)
@@ -310,20 +311,21 @@ def _get(doc: dict, key: str) -> object:
     return doc
 
 
-def _problems(doc: dict, path: Path) -> list[str]:
-    """Every problem with a profile's TOML document, each naming its key, the value and what is allowed."""
+def _problems(doc: dict, path: Path) -> list[tuple[str, str]]:
+    """Every problem with a profile's TOML document as (its key, a message naming the key, the value and what is
+    allowed)."""
     problems = []
     for key, expected, ok in _SCHEMA.values():
         value = _get(doc, key)
         if value is _MISSING:
-            problems.append(f"{key} is missing: add it, {expected}")
+            problems.append((key, f"{key} is missing: add it, {expected}"))
         elif not ok(value):
-            problems.append(f"{key} = {_show(value)}: expected {expected}")
+            problems.append((key, f"{key} = {_show(value)}: expected {expected}"))
         elif key == "runtime.providers":
-            problems += _provider_problems(key, value)
+            problems += [(key, problem) for problem in _provider_problems(key, value)]
     name = doc.get("name")
     if _is_text(name) and name != path.stem:
-        problems.append(f"name = {_show(name)}: expected {_show(path.stem)}, the file name without .toml")
+        problems.append(("name", f"name = {_show(name)}: expected {_show(path.stem)}, the file name without .toml"))
     return problems + _unknown_keys(doc)
 
 
@@ -349,26 +351,58 @@ def _provider_problems(key: str, providers: list[dict]) -> list[str]:
     return problems
 
 
-def _unknown_keys(doc: dict) -> list[str]:
+def _unknown_keys(doc: dict) -> list[tuple[str, str]]:
     """Keys the schema does not have, usually misspellings that would otherwise be ignored."""
     keys = [key for key, _, _ in _SCHEMA.values()]
     sections = list(dict.fromkeys(key.partition(".")[0] for key in keys if "." in key))
     problems = []
     for top, value in doc.items():
         if top in sections and not isinstance(value, dict):
-            problems.append(f"{top} = {_show(value)}: expected a table [{top}]")
+            problems.append((top, f"{top} = {_show(value)}: expected a table [{top}]"))
             continue
         for key in [f"{top}.{sub}" for sub in value] if top in sections else [top]:
             if key not in keys:
                 section = key.rpartition(".")[0]
                 known = [k for k in keys if k.rpartition(".")[0] == section]
                 known += [] if section else [f"[{s}]" for s in sections]
-                problems.append(f"unknown key {key}: remove it or fix its spelling (known here: {', '.join(known)})")
+                problems.append((key, f"unknown key {key}: remove it or fix its spelling (known here: {', '.join(known)})"))
     return problems
 
 
-def _error(path: Path, problems: list[str]) -> DeviceProfileError:
-    return DeviceProfileError(f"{path}: " + "; ".join(problems))
+def _error(path: Path, problems: list[tuple[str, str]], lines: dict[str, int] | None = None) -> DeviceProfileError:
+    """One line: the file, then each problem, after the line of the file that sets its key where that is known."""
+    lines = lines or {}
+    return DeviceProfileError(f"{path}: " + "; ".join(f"line {lines[key]}: {message}" if key in lines else message
+                                                      for key, message in problems))
+
+
+_TABLE_LINE = re.compile(r"\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
+_KEY_LINE = re.compile(r"([A-Za-z0-9_-]+)\s*=")
+_MULTILINE_STRINGS = ("'''", '"""')
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line (from 1) that sets each key of a profile's TOML text: {"name": 1, "export.precision": 12, ...}.
+
+    tomllib gives values without their positions, so the lines are found in the text: a [table] header opens a
+    section, and a line that starts "key =" sets section.key. The lines of a multi-line string are skipped, so
+    that notes text such as "threads = 4" does not pass for a key.
+    """
+    lines: dict[str, int] = {}
+    section, closing = "", None  # closing: the quotes that end the multi-line string being skipped
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if closing is not None:
+            closing = None if closing in stripped else closing
+            continue
+        if table := _TABLE_LINE.match(stripped):
+            section = table[1]
+        elif key := _KEY_LINE.match(stripped):
+            lines.setdefault(f"{section}.{key[1]}" if section else key[1], number)
+            value = stripped[key.end():].strip()
+            if value[:3] in _MULTILINE_STRINGS and value[:3] not in value[3:]:
+                closing = value[:3]
+    return lines
 
 
 # --- looking at the host ------------------------------------------------------------------------------------

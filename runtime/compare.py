@@ -1,7 +1,8 @@
 """Profile reports side by side: ratios against the first report, and a regression gate a CI job can use.
 
-Configurations are matched by (precision, provider, threads, prompt length): the same shape measured by another
-run, on another device or with another build. DESIGN.md: speed is a ratio against an anchor, not a number alone.
+Configurations are matched by (precision, adapter, provider, threads, prompt length): the same shape measured by
+another run, on another device or with another build. Within a report, each adapter-on configuration is also set
+against the same one with no adapter. DESIGN.md: speed is a ratio against an anchor, not a number alone.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from pathlib import Path
 
 from edge_lora.runtime.profile import SCHEMA, SCHEMA_VERSION, ProfileError
-from edge_lora.runtime.report import short
+from edge_lora.runtime.report import adapter_pairs, render_adapter_table, short
 
 PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
 
@@ -49,12 +50,14 @@ def parse_margin(text: str, option: str = "--fail-if-slower") -> float:
 
 
 def _key(config: dict) -> tuple:
-    return config["export"]["precision"], config["provider"], config["threads"], config["prompt_len"]
+    return (config["export"]["precision"], config["adapter"], config["provider"], config["threads"],
+            config["prompt_len"])
 
 
 def _show(key: tuple) -> str:
-    precision, provider, threads, prompt_len = key
-    return f"{precision} {short(provider)} threads {threads} prompt {prompt_len}"
+    precision, adapter, provider, threads, prompt_len = key
+    adapter = f" +{adapter}" if adapter else ""
+    return f"{precision}{adapter} {short(provider)} threads {threads} prompt {prompt_len}"
 
 
 def _index(report: dict, name: str) -> dict[tuple, dict]:
@@ -77,15 +80,18 @@ def _ratios(base: dict, later: dict) -> tuple[float, float, float]:
 
 def compare(reports: list[dict], fail_if_slower: float | None = None,
             names: list[str] | None = None) -> tuple[str, list[str]]:
-    """A Markdown ratio table of every later report against the first, and the regressions beyond the margin.
+    """A Markdown ratio table of every later report against the first, then for each report with adapters a table
+    of adapter on ÷ off; and the regressions beyond the margin.
 
     A regression is a configuration measured in both whose decode tokens/s is lower, or whose e2e p50 is higher,
-    than the first report's by more than the fraction `fail_if_slower` (None: no gate, no regressions).
+    than the first report's by more than the fraction `fail_if_slower` (None: no gate, no regressions). One report
+    alone is compared only with itself, adapter on against off.
     """
     names = names or [f"#{i + 1}" for i in range(len(reports))]
-    if len(reports) < 2:
-        raise ProfileError(f"compare needs two or more reports, got {len(reports)} — pass a baseline and the runs to "
-                           "set against it")
+    if not reports or (len(reports) == 1 and not adapter_pairs(reports[0])):
+        raise ProfileError(f"compare needs two or more reports, or one with adapter-on and adapter-off "
+                           f"configurations, got {len(reports)} report(s) — pass a baseline and the runs to set "
+                           "against it")
     if len(names) != len(reports):
         raise ProfileError(f"{len(names)} names for {len(reports)} reports — give one name per report")
     if fail_if_slower is not None and not fail_if_slower >= 0:
@@ -93,16 +99,21 @@ def compare(reports: list[dict], fail_if_slower: float | None = None,
     for report, name in zip(reports, names):
         check_report(report, name)
     base, *later = [_index(report, name) for report, name in zip(reports, names)]
+    adapter_tables = "".join(f"\nAdapters against the base model in {name} (on ÷ off: decode above 1 is faster, TTFT "
+                             f"and e2e below 1 are faster):\n\n{table}"
+                             for report, name in zip(reports, names) if (table := render_adapter_table(report)))
+    if not later:
+        return adapter_tables.lstrip("\n"), []
 
-    header = ["export", "provider", "threads", "prompt", f"decode tok/s ({names[0]})", f"TTFT p50 ms ({names[0]})",
+    header = ["export", "adapter", "provider", "threads", "prompt", f"decode tok/s ({names[0]})", f"TTFT p50 ms ({names[0]})",
               f"e2e p50 ms ({names[0]})"]
     for name in names[1:]:
         header += [f"decode × ({name})", f"TTFT × ({name})", f"e2e × ({name})"]
-    rows = [header, ["---"] * 2 + ["---:"] * (len(header) - 2)]
+    rows = [header, ["---"] * 3 + ["---:"] * (len(header) - 3)]
     regressions = []
     for key, config in base.items():
-        precision, provider, threads, prompt_len = key
-        row = [precision, short(provider), str(threads), str(prompt_len)]
+        precision, adapter, provider, threads, prompt_len = key
+        row = [precision, adapter or "—", short(provider), str(threads), str(prompt_len)]
         if config["status"] == "ok":
             s = config["summary"]
             row += [f"{s['decode_tokens_s']:.1f}", f"{s['ttft_p50_s'] * 1e3:.1f}", f"{s['e2e_p50_s'] * 1e3:.1f}"]
@@ -134,4 +145,4 @@ def compare(reports: list[dict], fail_if_slower: float | None = None,
         extra = [_show(key) for key in configs if key not in base]
         if extra:
             notes.append(f"Only in {name}, not compared: {'; '.join(extra)}.\n")
-    return table + "".join(notes), regressions
+    return table + "".join(notes) + adapter_tables, regressions

@@ -1,18 +1,23 @@
 """Latency profile of one or more exports, single-stream (one request at a time, as MLPerf's single-stream scenario).
 
-A sweep runs every export (one per precision, say) × execution provider × thread count × prompt length. For each
-configuration: build a session, warm it up, then time whole generations until both a minimum number of runs and
-a minimum measured time are reached. Every raw sample is kept next to the summary, and decode speed is set
-against the memory-bandwidth bound (DESIGN.md: measuring). A provider this host lacks gives an "unavailable" row.
-Reports are written by edge_lora.runtime.report and compared by edge_lora.runtime.compare.
+A sweep runs every export (one per precision, say) × adapter (none, and each of an `adapters` export's) × execution
+provider × thread count × prompt length. Each configuration is measured in a process of its own
+(edge_lora.runtime.profile_worker), so that its peak RSS is its own: build a session, warm it up, then time whole
+generations until both a minimum number of runs and a minimum measured time are reached. Every raw sample is kept
+next to the summary, and decode speed is set against the memory-bandwidth bound (DESIGN.md: measuring). A provider
+this host lacks gives an "unavailable" row. Reports are written by edge_lora.runtime.report and compared by
+edge_lora.runtime.compare.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
+import math
+import subprocess
+import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,20 +26,19 @@ import onnxruntime as ort
 import psutil
 
 from edge_lora import devices, runtime
-from edge_lora.runtime.generate import SamplingConfig
 from edge_lora.runtime.package import ExportDir, open_export
 from edge_lora.runtime.report import short
-from edge_lora.runtime.trace import summarize_trace
+from edge_lora.runtime.weights import read_graph_weights
 
 SCHEMA = "edge-lora/profile"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PERCENTILES = (50, 90, 99)
 # Weight files of the graph: model.onnx and its external data (model.onnx.data, model.onnx_data).
 MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data")
-# Ids from 3 up skip the ids tokenizers most often reserve for padding, BOS and EOS.
-FIRST_PROMPT_ID = 3
-PROMPT_SEED = 0
 MEASURED_BANDWIDTH_SOURCE = "measured on this host: best-of-5 single-thread memcpy of 256 MiB (devices.detect)"
+WORKER = "edge_lora.runtime.profile_worker"
+# The errors a worker reports by name (edge_lora.runtime.profile_worker.BAD_INPUT), raised here again.
+WORKER_ERRORS = {cls.__name__: cls for cls in (runtime.ExportError, runtime.ProviderError, runtime.PromptError)}
 
 
 class ProfileError(ValueError):
@@ -60,6 +64,9 @@ class ProfileSettings:
     providers: tuple[str, ...] | None = None
     """Execution providers to sweep, each on its own (with the CPU provider behind it for the nodes it lacks);
     one this host lacks gives "unavailable" rows. None: the device profile's provider list, as one configuration."""
+    adapters: tuple[str, ...] | None = None
+    """Adapters to sweep on each export of flavor `adapters`, besides the base model (no adapter): None takes
+    every adapter the export has. Exports of flavor `merged` are measured as they are."""
     device: str | None = None
     """Device profile name or .toml path; None takes the one the first export was made for."""
     trace: bool = False
@@ -92,8 +99,40 @@ class ProfileSettings:
                                 f"available here: {', '.join(ort.get_available_providers())}")
             elif len(set(self.providers)) < len(self.providers):
                 problems.append(f"providers={list(self.providers)} names one twice — list each once")
+        if self.adapters is not None and (not self.adapters or len(set(self.adapters)) < len(self.adapters)):
+            problems.append(f"adapters={list(self.adapters)} must name one or more adapters, each once — or pass None "
+                            "for every adapter of the export")
         if problems:
             raise ProfileError("; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What one configuration's summary records beside its timings: measured by its worker, or read from the export."""
+
+    load_s: float
+    """Session build time: graph optimisation, weights into memory, kernels prepared (the export's sha256 excluded)."""
+    rss_before_load_mb: float
+    """Resident set size of the configuration's worker process before the session loads: Python, numpy,
+    onnxruntime and tokenizers imported. peak_rss_mb minus this is what the model and its runs added."""
+    peak_rss_mb: float
+    """Peak resident set size of the worker process that measured this configuration alone, from its start to its
+    last measured run (the kernel's high-water mark: VmHWM on Linux, the peak working set on Windows): the
+    interpreter, the session, its arena and the KV cache."""
+    model_bytes: int
+    """Bytes of the export's graph files on disk (model.onnx and its external data; adapter files not included)."""
+    weight_bytes_per_token: int
+    """Bytes of the graph's weights one decode step reads (edge_lora.runtime.weights): every initializer once,
+    except the tables only an embedding lookup reads (one row per token) and weights no node reads."""
+    adapter_bytes_per_token: int
+    """Bytes of the active adapter's tensors (its LoRA A and B, all read each step); 0 without an adapter."""
+    kv_cache_bytes_per_token: int
+    """Bytes of the past KV cache one decode step reads, averaged over the run's decode steps. Attention reads the
+    cache once; the graph's Concat of past and new keys also copies it into present.*, so real traffic is higher."""
+    bandwidth_gbs: float
+    """Memory bandwidth the bound is computed from, in GB/s."""
+    bandwidth_source: str
+    """Where bandwidth_gbs comes from: the device profile (with its own source) or this host's measurement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +140,8 @@ class _Sweep:
     """What every configuration of one profile() call shares."""
 
     settings: ProfileSettings
-    device_path: str
-    """The device profile's .toml, so that every export loads with the same profile whatever it was made for."""
+    device_profile: devices.DeviceProfile
+    """Every export loads with this profile (by its .toml path), whatever it was made for."""
     bandwidth_gbs: float
     bandwidth_source: str
     trace_dir: Path | None
@@ -128,8 +167,14 @@ def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSet
                     f"{export.path}: prompt_len {prompt_len} + new_tokens {settings.new_tokens} exceeds the context "
                     f"of {context} tokens — use shorter prompt lengths or fewer new tokens"
                 )
+    adapters = [_adapters(export, settings.adapters) for export in exports]
+    if settings.adapters is not None and not any(adapters):
+        raise ProfileError(f"adapters={list(settings.adapters)} were asked for, but no export given is of flavor "
+                           "adapters — profile an export made with edge-lora export --flavor adapters, or drop --adapters")
     device_profile = runtime.device_profile(exports[0], settings.device)
     host = dataclasses.asdict(devices.detect(ort.get_available_providers())) | {"onnxruntime": ort.__version__}
+    # The schema requires a bandwidth in every device profile; the host's measurement replaces it on request,
+    # for instance when the profile describes a device class rather than this machine.
     if settings.measure_bandwidth:
         bandwidth = host["measured_bandwidth_gbs"], MEASURED_BANDWIDTH_SOURCE
     else:
@@ -137,20 +182,20 @@ def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSet
     if settings.trace:
         trace_dir = Path(trace_dir) if trace_dir is not None else Path(tempfile.mkdtemp(prefix="edge-lora-trace-"))
         trace_dir.mkdir(parents=True, exist_ok=True)
-    sweep = _Sweep(settings, str(device_profile.path), *bandwidth, trace_dir if settings.trace else None)
+    sweep = _Sweep(settings, device_profile, *bandwidth, trace_dir if settings.trace else None)
     # 0 resolved as the runtime would, so that rows record the count used; a count given twice is measured once.
     cores = psutil.cpu_count(logical=False) or 1
     thread_counts = list(dict.fromkeys(t or devices.resolve_threads(device_profile, cores) for t in settings.threads))
 
-    described = [_describe(export) | {"flavor": export.manifest["flavor"], "model_bytes": _model_bytes(export)}
-                 for export in exports]
+    described = [_describe_fully(export, names) for export, names in zip(exports, adapters)]
     configurations = []
-    for export, description in zip(exports, described):
-        for provider in settings.providers or (None,):
-            for threads in thread_counts:
-                for prompt_len in settings.prompt_lens:
-                    configurations.append(_configuration(sweep, export, description["model_bytes"], provider,
-                                                         threads, prompt_len, index=len(configurations)))
+    for export, description, names in zip(exports, described, adapters):
+        for adapter in (None, *names):
+            for provider in settings.providers or (None,):
+                for threads in thread_counts:
+                    for prompt_len in settings.prompt_lens:
+                        configurations.append(_configuration(sweep, export, description, adapter, provider, threads,
+                                                             prompt_len, index=len(configurations)))
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -163,107 +208,121 @@ def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSet
     }
 
 
+def _adapters(export: ExportDir, asked: tuple[str, ...] | None) -> list[str]:
+    """The adapters to sweep on this export: none for a merged one, else those asked for (all by default)."""
+    if export.manifest["flavor"] != "adapters":
+        return []
+    known = sorted(export.manifest.get("adapters", {}))
+    missing = [name for name in asked or () if name not in known]
+    if missing:
+        raise ProfileError(f"{export.path} has no adapter {', '.join(map(repr, missing))} — its adapters: "
+                           f"{', '.join(known) or 'none'}")
+    return list(asked) if asked is not None else known
+
+
 def _describe(export: ExportDir) -> dict:
     return {"path": str(export.path.resolve()), "precision": export.manifest["precision"], "digest": export.digest()}
 
 
-def _model_bytes(export: ExportDir) -> int:
-    return sum((export.path / name).stat().st_size
-               for name in export.manifest["files"] if name.endswith(MODEL_FILE_SUFFIXES))
+def _describe_fully(export: ExportDir, adapters: list[str]) -> dict:
+    """The export as the report lists it: what _describe says, plus its flavor and byte counts."""
+    try:
+        weights = read_graph_weights(export.model_path)
+    except ValueError as err:
+        raise runtime.ExportError(f"{err} — re-run edge-lora export") from None
+    adapter_bytes = {}
+    for name in adapters:
+        # Read with onnxruntime's own reader of its adapter format: every tensor of it is fed to the graph.
+        parameters = ort.AdapterFormat.read_adapter(str(export.path / export.manifest["adapters"][name]["file"]))
+        adapter_bytes[name] = sum(value.tensor_size_in_bytes() for value in parameters.get_parameters().values())
+    return _describe(export) | {
+        "flavor": export.manifest["flavor"],
+        "model_bytes": sum((export.path / name).stat().st_size
+                           for name in export.manifest["files"] if name.endswith(MODEL_FILE_SUFFIXES)),
+        "weight_bytes": weights.total_bytes,
+        "weight_bytes_per_token": weights.bytes_per_token,
+        "adapter_bytes": adapter_bytes,
+    }
 
 
-def _configuration(sweep: _Sweep, export: ExportDir, model_bytes: int, provider: str | None, threads: int,
-                   prompt_len: int, index: int) -> dict:
+def kv_cache_bytes_per_token(export: ExportDir, prompt_len: int, new_tokens: int) -> int:
+    """Past KV cache bytes a decode step reads, averaged over the new_tokens - 1 decode steps of one run."""
+    kv = export.manifest["kv_cache"]
+    itemsize = 2 if export.manifest["precision"] == "fp16" else 4  # the cache's dtype, as the Generator feeds it
+    per_position = kv["num_layers"] * 2 * kv["num_kv_heads"] * kv["head_dim"] * itemsize  # keys and values
+    # Decode step k (1 .. new_tokens - 1) reads a past of prompt_len + k - 1 positions.
+    mean_past = prompt_len + (new_tokens - 2) / 2
+    return round(per_position * mean_past)
+
+
+def _configuration(sweep: _Sweep, export: ExportDir, description: dict, adapter: str | None, provider: str | None,
+                   threads: int, prompt_len: int, index: int) -> dict:
     """One row of the report: measured ("ok"), or "unavailable" when this host lacks the provider."""
-    row = {"status": "ok", "reason": None, "export": _describe(export), "provider": provider, "session_providers": [],
-           "threads": threads, "prompt_len": prompt_len, "new_tokens": sweep.settings.new_tokens,
-           "samples": [], "summary": None, "trace": None}
+    settings = sweep.settings
     available = ort.get_available_providers()
+    # Without a provider asked for, the row names the first of the device profile's list this host has, the one
+    # the session puts first (choose_providers; the CPU provider where none is).
+    shown = provider or next((p.name for p in sweep.device_profile.providers if p.name in available),
+                             "CPUExecutionProvider")
+    row = {"status": "ok", "reason": None, "export": _describe(export), "adapter": adapter, "provider": shown,
+           "session_providers": [], "threads": threads, "prompt_len": prompt_len, "new_tokens": settings.new_tokens,
+           "samples": [], "summary": None, "trace": None}
     if provider is not None and provider not in available:
         return row | {"status": "unavailable",
                       "reason": f"{provider} is not in this onnxruntime {ort.__version__} build; "
                                 f"available here: {', '.join(available)}"}
-    providers = None if provider is None else [provider]
-    start = time.perf_counter_ns()
-    generator = runtime.load(export.path, providers=providers, device=sweep.device_path, threads=threads, verify=False)
-    load_s = (time.perf_counter_ns() - start) / 1e9
-    session_providers = generator.session.get_providers()
-    # Without a provider asked for, the row names the one the device profile's list put first here.
-    row |= {"provider": provider or session_providers[0], "session_providers": session_providers}
-    samples, peak_rss = _timed_runs(generator, sweep.settings, prompt_len)
-    row["samples"] = samples
-    row["summary"] = summarize(samples, prompt_len, sweep.settings.new_tokens, load_s, peak_rss, model_bytes,
-                               sweep.bandwidth_gbs, sweep.bandwidth_source)
+    trace_prefix = None
     if sweep.trace_dir is not None:
-        del generator  # freed before the traced session is built: one model in memory at a time
-        name = f"trace-{index:02d}-{export.manifest['precision']}-{short(row['provider'])}-t{threads}-p{prompt_len}"
-        row["trace"] = _trace(sweep, export, providers, threads, prompt_len, sweep.trace_dir / name)
-    return row
+        name = f"trace-{index:02d}-{export.manifest['precision']}-{short(shown)}-t{threads}-p{prompt_len}"
+        trace_prefix = str(sweep.trace_dir / (name + (f"-{adapter}" if adapter else "")))
+    result = _run_worker({
+        "export": str(export.path), "provider": provider, "device": str(sweep.device_profile.path),
+        "threads": threads, "prompt_len": prompt_len, "adapter": adapter, "new_tokens": settings.new_tokens,
+        "warmup_runs": settings.warmup_runs, "min_runs": settings.min_runs, "min_seconds": settings.min_seconds,
+        "trace_prefix": trace_prefix,
+    })
+    facts = Facts(
+        load_s=result["load_s"],
+        rss_before_load_mb=result["rss_before_load_bytes"] / 2**20,
+        peak_rss_mb=result["peak_rss_bytes"] / 2**20,
+        model_bytes=description["model_bytes"],
+        weight_bytes_per_token=description["weight_bytes_per_token"],
+        adapter_bytes_per_token=description["adapter_bytes"].get(adapter, 0),
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(export, prompt_len, settings.new_tokens),
+        bandwidth_gbs=sweep.bandwidth_gbs,
+        bandwidth_source=sweep.bandwidth_source,
+    )
+    return row | {"session_providers": result["session_providers"], "samples": result["samples"],
+                  "summary": summarize(result["samples"], prompt_len, settings.new_tokens, facts),
+                  "trace": result["trace"]}
 
 
-def _prompt(vocab_size: int, prompt_len: int) -> list[int]:
-    # Latency does not depend on which tokens the prompt holds, only on how many: random ids, seeded so that
-    # every configuration and every run of the profiler sees the same prompt.
-    return np.random.default_rng(PROMPT_SEED).integers(FIRST_PROMPT_ID, vocab_size, prompt_len).tolist()
+def _run_worker(job: dict) -> dict:
+    """Measure one configuration in a fresh Python process (edge_lora.runtime.profile_worker); its result."""
+    done = subprocess.run([sys.executable, "-m", WORKER], input=json.dumps(job), capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the profile worker for {job['export']} ({job}) exited with status {done.returncode}: "
+                           f"{done.stderr.strip()[-2000:]}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise WORKER_ERRORS[result["error"]["type"]](result["error"]["message"])
+    return result
 
 
-def _timed_runs(generator: runtime.Generator, settings: ProfileSettings, prompt_len: int) -> tuple[list[dict], int]:
-    """Warm up, then time generations until both minimums are met: the raw samples and the peak RSS in bytes."""
-    process = psutil.Process()
-    # onnxruntime's CPU arena keeps what a run allocated, so the RSS after load and after each run tracks the
-    # peak of the process (Python and onnxruntime together) without a sampling thread disturbing the timings.
-    peak_rss = process.memory_info().rss
-    prompt = _prompt(generator.export.manifest["vocab_size"], prompt_len)
-    sampling = SamplingConfig(max_new_tokens=settings.new_tokens, ignore_eos=True)
-    for _ in range(settings.warmup_runs):
-        generator.generate(prompt, sampling)
-    samples = []
-    measured_s = 0.0
-    while len(samples) < settings.min_runs or measured_s < settings.min_seconds:
-        start = time.perf_counter_ns()
-        generation = generator.generate(prompt, sampling)
-        # End to end as the caller sees it: ttft + decode plus tokenizing and detokenizing.
-        e2e_s = (time.perf_counter_ns() - start) / 1e9
-        peak_rss = max(peak_rss, process.memory_info().rss)
-        samples.append({
-            "ttft_s": generation.ttft_s,
-            "decode_s": sum(generation.token_times_s),
-            "e2e_s": e2e_s,
-            "token_times_s": generation.token_times_s,
-        })
-        measured_s += e2e_s
-    return samples, peak_rss
-
-
-def _trace(sweep: _Sweep, export: ExportDir, providers: list[str] | None, threads: int, prompt_len: int,
-           prefix: Path) -> dict:
-    """Warm up a profiling session, trace one generation, and summarise the trace kept at prefix + ".json"."""
-    generator = runtime.load(export.path, providers=providers, device=sweep.device_path, threads=threads,
-                             verify=False, profile_file_prefix=str(prefix))
-    prompt = _prompt(export.manifest["vocab_size"], prompt_len)
-    sampling = SamplingConfig(max_new_tokens=sweep.settings.new_tokens, ignore_eos=True)
-    for _ in range(sweep.settings.warmup_runs + 1):
-        generator.generate(prompt, sampling)
-    # onnxruntime names the file prefix_<date>_<time>.json; a name without the clock lets a rerun replace it.
-    path = Path(generator.session.end_profiling()).replace(prefix.with_name(prefix.name + ".json"))
-    # A generation is new_tokens session runs: prefill, then one per later token. The warm-up runs are dropped.
-    return summarize_trace(path, last_runs=sweep.settings.new_tokens)
-
-
-def summarize(samples: list[dict], prompt_len: int, new_tokens: int, load_s: float, peak_rss_bytes: int,
-              model_bytes: int, bandwidth_gbs: float, bandwidth_source: str) -> dict:
-    """The figures of one configuration from its raw samples."""
+def summarize(samples: list[dict], prompt_len: int, new_tokens: int, facts: Facts) -> dict:
+    """The figures of one configuration from its raw samples, with its facts."""
     ttft = np.array([s["ttft_s"] for s in samples])
     decode = np.array([s["decode_s"] for s in samples])
     e2e = np.array([s["e2e_s"] for s in samples])
     decode_tokens = new_tokens - 1  # the first new token is timed with prefill, in ttft
     ttft_p = _percentiles(ttft)
     decode_tokens_s = float(np.median(decode_tokens / decode))
-    # Decode reads every weight once per token, so tokens/s <= bandwidth / weight bytes. This approximation
-    # ignores the KV cache (which adds bytes per token) and counts the whole embedding table (of which a token
-    # reads one row), so the bound is a guide, not a ceiling to the percent.
-    bytes_per_token = model_bytes
-    bound_tokens_s = bandwidth_gbs * 1e9 / bytes_per_token
+    # Decode reads the weights (one row of an embedding table), the active adapter and the past KV cache once per
+    # token, so tokens/s <= bandwidth / those bytes. Caches, the KV cache's copy into present.* and activations are
+    # left out, so the bound is a guide, not a ceiling to the percent.
+    bytes_per_token = facts.weight_bytes_per_token + facts.adapter_bytes_per_token + facts.kv_cache_bytes_per_token
+    bound_tokens_s = facts.bandwidth_gbs * 1e9 / bytes_per_token
     e2e_mean = float(e2e.mean())
     # Normal approximation of the 95% interval of the mean, 1.96·s/√n: with few runs it is somewhat narrower
     # than the t-interval would be. One run has no spread to estimate, hence no interval.
@@ -273,22 +332,39 @@ def summarize(samples: list[dict], prompt_len: int, new_tokens: int, load_s: flo
         ci95 = [e2e_mean - half_width, e2e_mean + half_width]
     return {
         "runs": len(samples),
-        "load_s": load_s,
+        **dataclasses.asdict(facts),
         **{f"ttft_p{p}_s": v for p, v in ttft_p.items()},
         "tpot_p50_s": float(np.percentile(decode / decode_tokens, 50, method="linear")),
         "prefill_tokens_s": prompt_len / ttft_p[50],
         "decode_tokens_s": decode_tokens_s,
         **{f"e2e_p{p}_s": v for p, v in _percentiles(e2e).items()},
+        **{f"e2e_p{p}_ci95_s": percentile_ci95(e2e, p) for p in PERCENTILES},
         "e2e_mean_s": e2e_mean,
         "e2e_mean_ci95_s": ci95,
-        "peak_rss_mb": peak_rss_bytes / 2**20,
-        "model_bytes": model_bytes,
         "bytes_per_token": bytes_per_token,
-        "bandwidth_gbs": bandwidth_gbs,
-        "bandwidth_source": bandwidth_source,
         "bound_tokens_s": bound_tokens_s,
         "decode_fraction_of_bound": decode_tokens_s / bound_tokens_s,
     }
+
+
+def percentile_ci95(values: np.ndarray, percentile: float) -> list[float] | None:
+    """A distribution-free 95% interval of a percentile: two order statistics of the samples, chosen from the
+    binomial distribution of how many samples fall below the true percentile (as MLPerf's early-stopping
+    criterion reasons). None when there are too few samples to bound it at 95% on both sides: at least 6 for
+    p50, 36 for p90 and 368 for p99 (with fewer, even the largest sample is too likely to lie below the percentile).
+    Unlike the mean's interval, it assumes nothing of the latency distribution's shape."""
+    n, q = len(values), percentile / 100
+    # cdf[k] = P(B <= k) for B ~ Binomial(n, q): the chance that at most k samples fall below the percentile.
+    log_pmf = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+               + (k * math.log(q) if k else 0.0) + ((n - k) * math.log1p(-q) if n - k else 0.0) for k in range(n + 1)]
+    cdf = np.cumsum(np.exp(log_pmf))
+    # [x_(lo), x_(hi)] (1-based order statistics) covers the percentile with probability P(lo <= B < hi).
+    lo = int(np.searchsorted(cdf, 0.025, side="right"))  # the largest lo with P(B < lo) <= 0.025
+    hi = int(np.searchsorted(cdf, 0.975, side="left")) + 1  # the smallest hi with P(B < hi) >= 0.975
+    if lo < 1 or hi > n:
+        return None
+    ordered = np.sort(values)
+    return [float(ordered[lo - 1]), float(ordered[hi - 1])]
 
 
 def _percentiles(values: np.ndarray) -> dict[int, float]:

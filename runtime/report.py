@@ -20,14 +20,44 @@ def short(provider: str) -> str:
 
 
 def label(config: dict, with_prompt: bool = True) -> str:
-    """A configuration in a few words: "fp32 CPU t2 p128"."""
-    text = f"{config['export']['precision']} {short(config['provider'])} t{config['threads']}"
+    """A configuration in a few words: "fp32 CPU t2 p128", "fp32 +dates CPU t2 p128" with adapter "dates" active."""
+    adapter = f" +{config['adapter']}" if config["adapter"] else ""
+    text = f"{config['export']['precision']}{adapter} {short(config['provider'])} t{config['threads']}"
     return f"{text} p{config['prompt_len']}" if with_prompt else text
+
+
+def adapter_pairs(report: dict) -> list[tuple[dict, dict]]:
+    """(adapter off, adapter on) for every measured configuration with an adapter active whose counterpart without
+    one (same export, provider, threads and prompt length) was measured too."""
+    def key(c: dict) -> tuple:
+        return c["export"]["path"], c["provider"], c["threads"], c["prompt_len"]
+
+    base = {key(c): c for c in report["configurations"] if c["adapter"] is None and c["status"] == "ok"}
+    return [(base[key(c)], c) for c in report["configurations"]
+            if c["adapter"] is not None and c["status"] == "ok" and key(c) in base]
+
+
+def render_adapter_table(report: dict) -> str:
+    """A Markdown table of each adapter-on configuration against the same one with no adapter (the base model):
+    decode tokens/s, TTFT p50 and e2e p50 as ratios on ÷ off. Empty when the report has no such pairs."""
+    rows = [["export", "adapter", "provider", "threads", "prompt", "decode tok/s off", "decode tok/s on",
+             "decode ×", "TTFT ×", "e2e ×", "bytes/token ×"]]
+    rows.append(["---"] * 3 + ["---:"] * (len(rows[0]) - 3))
+    for off, on in adapter_pairs(report):
+        a, b = off["summary"], on["summary"]
+        rows.append([off["export"]["precision"], on["adapter"], short(on["provider"]), str(on["threads"]),
+                     str(on["prompt_len"]), f"{a['decode_tokens_s']:.1f}", f"{b['decode_tokens_s']:.1f}",
+                     f"{b['decode_tokens_s'] / a['decode_tokens_s']:.2f}", f"{b['ttft_p50_s'] / a['ttft_p50_s']:.2f}",
+                     f"{b['e2e_p50_s'] / a['e2e_p50_s']:.2f}", f"{b['bytes_per_token'] / a['bytes_per_token']:.2f}"])
+    if len(rows) == 2:
+        return ""
+    return "".join("| " + " | ".join(row) + " |\n" for row in rows)
 
 
 # Columns of the Markdown table: its header, and the cell of one measured configuration (its summary as `s`).
 KEY_COLUMNS = (
     ("export", lambda c: c["export"]["precision"]),
+    ("adapter", lambda c: c["adapter"] or "—"),
     ("provider", lambda c: short(c["provider"])),
     ("threads", lambda c: f"{c['threads']}"),
     ("prompt", lambda c: f"{c['prompt_len']}"),
@@ -35,7 +65,8 @@ KEY_COLUMNS = (
 FIGURE_COLUMNS = (
     ("TTFT p50 (ms)", lambda s: f"{s['ttft_p50_s'] * 1e3:.1f}"),
     ("decode tok/s", lambda s: f"{s['decode_tokens_s']:.1f}"),
-    ("e2e p50 (ms)", lambda s: f"{s['e2e_p50_s'] * 1e3:.1f}"),
+    ("e2e p50 (ms) [95% CI]", lambda s: f"{s['e2e_p50_s'] * 1e3:.1f}" + (
+        " [{:.1f}, {:.1f}]".format(*(t * 1e3 for t in s["e2e_p50_ci95_s"])) if s["e2e_p50_ci95_s"] else "")),
     ("e2e p99 (ms)", lambda s: f"{s['e2e_p99_s'] * 1e3:.1f}"),
     ("peak RSS (MB)", lambda s: f"{s['peak_rss_mb']:.0f}"),
     ("of bandwidth bound", lambda s: f"{s['decode_fraction_of_bound']:.1%}"),
@@ -45,7 +76,7 @@ FIGURE_COLUMNS = (
 def render_table(report: dict) -> str:
     """One Markdown table row per configuration; an unavailable one says so in place of its figures."""
     columns = [header for header, _ in KEY_COLUMNS + FIGURE_COLUMNS]
-    rows = [columns, ["---"] * 2 + ["---:"] * (len(columns) - 2)]
+    rows = [columns, ["---"] * 3 + ["---:"] * (len(columns) - 3)]
     for c in report["configurations"]:
         keys = [cell(c) for _, cell in KEY_COLUMNS]
         if c["status"] == "ok":
@@ -56,11 +87,13 @@ def render_table(report: dict) -> str:
 
 
 # Flat columns of profile.csv: the configuration's keys, then every scalar of its summary (empty when unavailable).
-CSV_KEYS = ("status", "reason", "export_path", "precision", "export_digest", "provider", "session_providers",
-            "threads", "prompt_len", "new_tokens")
+CSV_KEYS = ("status", "reason", "export_path", "precision", "export_digest", "adapter", "provider",
+            "session_providers", "threads", "prompt_len", "new_tokens")
 CSV_FIGURES = ("runs", "load_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "prefill_tokens_s",
-               "decode_tokens_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s", "e2e_mean_s", "e2e_mean_ci95_low_s",
-               "e2e_mean_ci95_high_s", "peak_rss_mb", "model_bytes", "bytes_per_token", "bandwidth_gbs",
+               "decode_tokens_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
+               *(f"e2e_p{p}_ci95_{end}_s" for p in (50, 90, 99) for end in ("low", "high")), "e2e_mean_s",
+               "e2e_mean_ci95_low_s", "e2e_mean_ci95_high_s", "rss_before_load_mb", "peak_rss_mb", "model_bytes", "weight_bytes_per_token",
+               "adapter_bytes_per_token", "kv_cache_bytes_per_token", "bytes_per_token", "bandwidth_gbs",
                "bandwidth_source", "bound_tokens_s", "decode_fraction_of_bound", "trace_file")
 CSV_COLUMNS = CSV_KEYS + CSV_FIGURES
 
@@ -69,16 +102,19 @@ def csv_row(config: dict) -> dict:
     row = {
         "status": config["status"], "reason": config["reason"] or "", "export_path": config["export"]["path"],
         "precision": config["export"]["precision"], "export_digest": config["export"]["digest"],
-        "provider": config["provider"], "session_providers": ";".join(config["session_providers"]),
+        "adapter": config["adapter"] or "", "provider": config["provider"],
+        "session_providers": ";".join(config["session_providers"]),
         "threads": config["threads"], "prompt_len": config["prompt_len"], "new_tokens": config["new_tokens"],
     }
     summary = config["summary"]
     if summary is None:
         return row | dict.fromkeys(CSV_FIGURES, "")
-    low, high = summary["e2e_mean_ci95_s"] or ("", "")  # one run has no interval
     figures = {key: summary[key] for key in CSV_FIGURES if key in summary}
+    for name in ("e2e_p50", "e2e_p90", "e2e_p99", "e2e_mean"):  # an interval too few runs cannot give is left empty
+        low, high = summary[f"{name}_ci95_s"] or ("", "")
+        figures |= {f"{name}_ci95_low_s": low, f"{name}_ci95_high_s": high}
     trace_file = config["trace"]["file"] if config["trace"] else ""
-    return row | figures | {"e2e_mean_ci95_low_s": low, "e2e_mean_ci95_high_s": high, "trace_file": trace_file}
+    return row | figures | {"trace_file": trace_file}
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -102,8 +138,10 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
 
 def render_markdown(report: dict, plots: dict[str, Path]) -> str:
     host, settings = report["host"], report["settings"]
-    exports = "".join(f"- {e['precision']} {e['flavor']} export {e['digest'][:12]}, {e['model_bytes']:,} model bytes: "
-                      f"{e['path']}\n" for e in report["exports"])
+    exports = "".join(f"- {e['precision']} {e['flavor']} export {e['digest'][:12]}, {e['model_bytes']:,} model bytes, "
+                      f"{e['weight_bytes_per_token']:,} weight bytes read per token"
+                      f"{''.join(f', adapter {n} {b:,} bytes' for n, b in e['adapter_bytes'].items())}: {e['path']}\n"
+                      for e in report["exports"])
     parts = [
         f"# Profile of {len(report['exports'])} export(s)\n\n{exports}\n"
         f"{settings['new_tokens']} new tokens per run, device profile {report['device_profile']['name']}, "
@@ -111,8 +149,15 @@ def render_markdown(report: dict, plots: dict[str, Path]) -> str:
         f"{report['created']}.\n",
         render_table(report),
     ]
+    adapters = render_adapter_table(report)
+    if adapters:
+        parts.append("## Adapters against the base model\n\nEach adapter-on configuration ÷ the same one with no "
+                     "adapter: decode above 1 is faster, TTFT and e2e below 1 are faster.\n\n" + adapters)
     measured = [c for c in report["configurations"] if c["status"] == "ok"]
     if measured:
+        parts.append("Peak RSS is each configuration's own: it is measured in a fresh process per configuration "
+                     "(Python and onnxruntime included; their share before the model loads is rss_before_load_mb "
+                     "in profile.json).\n")
         sources = dict.fromkeys((c["summary"]["bandwidth_gbs"], c["summary"]["bandwidth_source"]) for c in measured)
         parts += [f"Bandwidth bound from {gbs:.1f} GB/s ({source}).\n" for gbs, source in sources]
     reasons = dict.fromkeys(c["reason"] for c in report["configurations"] if c["status"] != "ok")
@@ -127,7 +172,7 @@ def render_markdown(report: dict, plots: dict[str, Path]) -> str:
 
 def write_plots(report: dict, out_dir: Path) -> dict[str, Path]:
     """latency_cdf.png (end-to-end latency CDF per configuration) and decode_vs_prompt.png (decode tokens/s against
-    prompt length, one line per export × provider × threads). ImportError without matplotlib."""
+    prompt length, one line per export × adapter × provider × threads). ImportError without matplotlib."""
     from matplotlib.figure import Figure  # the `plot` extra; Figure draws with Agg, no pyplot state or GUI
 
     measured = [c for c in report["configurations"] if c["status"] == "ok"]
@@ -146,7 +191,7 @@ def write_plots(report: dict, out_dir: Path) -> dict[str, Path]:
 
     lines: dict[tuple, list[dict]] = defaultdict(list)
     for c in measured:
-        lines[(c["export"]["path"], c["provider"], c["threads"])].append(c)
+        lines[(c["export"]["path"], c["adapter"], c["provider"], c["threads"])].append(c)
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
     for configs in lines.values():

@@ -68,9 +68,15 @@ def test_malformed_toml_names_file_and_line(tmp_path):
         devices.load(path)
 
 
-def test_wrong_value_names_file_key_value_and_allowed_values(tmp_path):
+def _line(path: Path, text: str) -> int:
+    """The number (from 1) of the line of path that starts with text."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(text))
+
+
+def test_wrong_value_names_file_line_key_value_and_allowed_values(tmp_path):
     path = _write(tmp_path, "edge", {'precision = "int4"': 'precision = "int3"'})
-    expected = f'{path}: export.precision = "int3": expected one of "fp32", "fp16", "int8", "int4"'
+    line = _line(path, "precision =")
+    expected = f'{path}: line {line}: export.precision = "int3": expected one of "fp32", "fp16", "int8", "int4"'
     with pytest.raises(devices.DeviceProfileError, match=f"^{re.escape(expected)}$"):
         devices.load(str(path))
 
@@ -91,11 +97,11 @@ def test_all_problems_of_a_file_come_in_one_line(tmp_path):
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{path}: ")
     for part in [
-        "export.opset = 13: expected an integer from 14 to 21",
-        "memory.budget_mb is missing: add it, an integer > 0 (MiB)",
-        "runtime.intra_op_threads is missing",
-        "unknown key runtime.intra_op_thread: remove it or fix its spelling",
-        "export.int4_accuracy_level = true: expected one of 0, 1, 2, 3, 4",
+        f"line {_line(path, 'opset =')}: export.opset = 13: expected an integer from 14 to 21",
+        f"{path}: runtime.intra_op_threads is missing",  # a missing key has no line
+        "; memory.budget_mb is missing: add it, an integer > 0 (MiB)",
+        f"line {_line(path, 'intra_op_thread =')}: unknown key runtime.intra_op_thread: remove it or fix its spelling",
+        f"line {_line(path, 'int4_accuracy_level =')}: export.int4_accuracy_level = true: expected one of 0, 1, 2, 3, 4",
     ]:
         assert part in message
     assert message.count("; ") == 4
@@ -116,9 +122,19 @@ def test_bad_provider_is_named_with_its_index(tmp_path):
     )
     with pytest.raises(
         devices.DeviceProfileError,
-        match=r'runtime\.providers\[0\]\.name = "CpuExecutionProvider": expected one of .*CPUExecutionProvider',
+        match=rf'line {_line(path, "providers =")}: '
+              r'runtime\.providers\[0\]\.name = "CpuExecutionProvider": expected one of .*CPUExecutionProvider',
     ):
         devices.load(path)
+
+
+def test_key_lines_skip_multiline_strings(tmp_path):
+    # "extra = 1" inside the notes string is text; the unknown key is the one set after it.
+    path = _write(tmp_path, "edge", {"Decode is bound": "extra = 1\nDecode is bound"})
+    path.write_text(path.read_text() + "extra = 2\n")
+    with pytest.raises(devices.DeviceProfileError) as caught:
+        devices.load(path)
+    assert f"{path}: line {_line(path, 'extra = 2')}: unknown key notes.extra" in str(caught.value)
 
 
 def test_unknown_name_lists_the_known_ones():

@@ -1,21 +1,27 @@
 """The profiler on tiny real exports: a sweep over two precisions × providers (one this host lacks) × threads ×
-prompt lengths gives sane figures and "unavailable" rows; reports round-trip through JSON, CSV, Markdown and PNG;
-`compare` finds a known ratio and gates on it; traces name their top operators; bad input gets one line."""
+prompt lengths, and over adapters on and off, gives sane figures and "unavailable" rows; bytes per token come from
+the graph's weights as onnx reads them; reports round-trip through JSON, CSV, Markdown and PNG; `compare` finds a
+known ratio (across reports, and adapter on against off) and gates on it; traces name their top operators; bad
+input gets one line."""
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
+from edge_lora.runtime import ExportError
 from edge_lora.runtime.compare import compare, load_report, parse_margin
 from edge_lora.runtime.package import open_export, sha256_file
-from edge_lora.runtime.profile import (MEASURED_BANDWIDTH_SOURCE, ProfileError, ProfileSettings, profile,
-                                       summarize)
+from edge_lora.runtime.profile import (MEASURED_BANDWIDTH_SOURCE, Facts, ProfileError, ProfileSettings,
+                                       percentile_ci95, profile, summarize)
 from edge_lora.runtime.report import CSV_COLUMNS, CSV_FIGURES, PLOTS_SKIPPED, render_table, write_report
+from edge_lora.runtime.weights import read_graph_weights
 
 CONTEXT = 256
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"  # this CPU-only onnxruntime build lacks CUDA
@@ -26,17 +32,20 @@ HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "optimum", "ac
                  "edge_lora.export", "edge_lora.trainer", "edge_lora.modeling", "edge_lora.tiny")
 
 
-def write_manifest(out, precision, vocab_size, eos_token_id):
+def write_manifest(out, precision, vocab_size, eos_token_id, adapters=()):
     manifest = {
         "model_file": "model.onnx",
-        "files": {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != "export.json"},
+        "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
+                  if p.is_file() and p.name != "export.json"},
         "kv_cache": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "context_length": CONTEXT},
         "eos_token_ids": [eos_token_id],
         "precision": precision,
-        "flavor": "merged",
+        "flavor": "adapters" if adapters else "merged",
         "device": "cpu-x86-64",
         "vocab_size": vocab_size,
     }
+    if adapters:
+        manifest["adapters"] = {name: {"file": f"adapters/{name}.onnx_adapter"} for name in adapters}
     (out / "export.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -77,6 +86,49 @@ def int8_export_dir(export_dir, tmp_path_factory):
     return out
 
 
+# LoRA branches of the adapters export: {module: (in_features, out_features)} of the tiny Llama (hidden 64, 2 KV
+# heads of 16), and the rank of each adapter.
+LORA_MODULES = {f"model.layers.{i}.self_attn.{name}": (64, out) for i in range(2)
+                for name, out in (("q_proj", 64), ("v_proj", 32))}
+ADAPTER_RANKS = {"big": 32, "small": 4}
+
+
+@pytest.fixture(scope="session")
+def adapters_export_dir(export_dir, tmp_path_factory):
+    """The same model as an export of flavor `adapters`: LoRA inputs on q_proj and v_proj, and two adapters of
+    random weights (latency does not depend on weight values)."""
+    import onnx
+
+    from edge_lora.export.adapters import add_lora_inputs, input_names, write_adapter
+
+    out = tmp_path_factory.mktemp("export") / "adapters"
+    shutil.copytree(export_dir, out)
+    onnx.save(add_lora_inputs(onnx.load(str(export_dir / "model.onnx")), LORA_MODULES), str(out / "model.onnx"))
+    (out / "adapters").mkdir()
+    rng = np.random.default_rng(0)
+    for name, rank in ADAPTER_RANKS.items():
+        tensors = {}
+        for module, (fan_in, fan_out) in LORA_MODULES.items():
+            a, b = input_names(module)
+            tensors[a] = rng.normal(0, 0.1, (fan_in, rank)).astype(np.float32)
+            tensors[b] = rng.normal(0, 0.1, (rank, fan_out)).astype(np.float32)
+        write_adapter(tensors, out / "adapters" / f"{name}.onnx_adapter")
+    manifest = json.loads((export_dir / "export.json").read_text())
+    write_manifest(out, "fp32", manifest["vocab_size"], manifest["eos_token_ids"][0], adapters=ADAPTER_RANKS)
+    return out
+
+
+def adapter_bytes(rank):
+    return sum((fan_in * rank + rank * fan_out) * 4 for fan_in, fan_out in LORA_MODULES.values())
+
+
+@pytest.fixture(scope="module")
+def adapters_report(adapters_export_dir):
+    settings = ProfileSettings(threads=(1,), prompt_lens=(8,), new_tokens=8, warmup_runs=1, min_runs=3,
+                               min_seconds=0.1, providers=(CPU, CUDA))
+    return profile(adapters_export_dir, settings)
+
+
 @pytest.fixture(scope="module")
 def report(export_dir, int8_export_dir):
     return profile([export_dir, int8_export_dir], SETTINGS)
@@ -102,17 +154,20 @@ def slower(report, decode=2.0, e2e=1.25):
             s["token_times_s"] = [t * decode for t in s["token_times_s"]]
             s["decode_s"] *= decode
             s["e2e_s"] *= e2e
-        old = c["summary"]
-        c["summary"] = summarize(c["samples"], c["prompt_len"], c["new_tokens"], old["load_s"],
-                                 int(old["peak_rss_mb"] * 2**20), old["model_bytes"], old["bandwidth_gbs"],
-                                 old["bandwidth_source"])
+        c["summary"] = resummarize(c)
     return report
+
+
+def resummarize(config):
+    """The summary of a configuration recomputed from its samples, with the facts its summary recorded."""
+    facts = Facts(**{field.name: config["summary"][field.name] for field in dataclasses.fields(Facts)})
+    return summarize(config["samples"], config["prompt_len"], config["new_tokens"], facts)
 
 
 def test_report_describes_host_device_exports_and_settings(report, export_dir, int8_export_dir):
     assert set(report) == {"schema", "schema_version", "created", "host", "device_profile", "exports", "settings",
                            "configurations"}
-    assert (report["schema"], report["schema_version"]) == ("edge-lora/profile", 2)
+    assert (report["schema"], report["schema_version"]) == ("edge-lora/profile", 3)
     assert report["created"].endswith("+00:00")
     host = report["host"]
     assert host["onnxruntime"] and host["physical_cores"] >= 1 and host["memory_mb"] >= 0
@@ -121,7 +176,8 @@ def test_report_describes_host_device_exports_and_settings(report, export_dir, i
     assert report["device_profile"]["name"] == "cpu-x86-64"
     assert report["exports"] == [
         {"path": str(path.resolve()), "precision": precision, "digest": open_export(path).digest(), "flavor": "merged",
-         "model_bytes": (path / "model.onnx").stat().st_size}
+         "model_bytes": (path / "model.onnx").stat().st_size, **onnx_weight_bytes(path / "model.onnx"),
+         "adapter_bytes": {}}
         for path, precision in ((export_dir, "fp32"), (int8_export_dir, "int8"))
     ]
     assert report["settings"]["prompt_lens"] == (8, 16) and report["settings"]["providers"] == (CPU, CUDA)
@@ -129,8 +185,8 @@ def test_report_describes_host_device_exports_and_settings(report, export_dir, i
 
 def test_sweep_covers_exports_providers_threads_and_prompt_lengths(report):
     configs = report["configurations"]
-    assert [(c["export"]["precision"], c["provider"], c["threads"], c["prompt_len"]) for c in configs] == [
-        (precision, provider, threads, prompt_len) for precision in ("fp32", "int8") for provider in (CPU, CUDA)
+    assert [(c["export"]["precision"], c["adapter"], c["provider"], c["threads"], c["prompt_len"]) for c in configs] == [
+        (precision, None, provider, threads, prompt_len) for precision in ("fp32", "int8") for provider in (CPU, CUDA)
         for threads in (1, 2) for prompt_len in (8, 16)
     ]
     exports = {e["precision"]: e for e in report["exports"]}
@@ -146,8 +202,8 @@ def test_sweep_covers_exports_providers_threads_and_prompt_lengths(report):
 
 def test_every_measured_configuration_keeps_raw_samples_and_a_sane_summary(report):
     bandwidth = report["device_profile"]["memory"]["bandwidth_gbs"]
-    model_bytes = {e["precision"]: e["model_bytes"] for e in report["exports"]}
-    assert model_bytes["int8"] < model_bytes["fp32"]
+    exports = {e["precision"]: e for e in report["exports"]}
+    assert exports["int8"]["weight_bytes_per_token"] < exports["fp32"]["weight_bytes_per_token"]
     assert len(measured(report)) == 8
     for config in measured(report):
         samples, s = config["samples"], config["summary"]
@@ -158,17 +214,111 @@ def test_every_measured_configuration_keeps_raw_samples_and_a_sane_summary(repor
             assert 0 < sample["ttft_s"] and sample["ttft_s"] + sample["decode_s"] <= sample["e2e_s"]
         assert s["runs"] == len(samples) >= SETTINGS.min_runs
         assert sum(sample["e2e_s"] for sample in samples) >= SETTINGS.min_seconds
-        assert s["load_s"] > 0 and s["peak_rss_mb"] > 0
+        assert s["load_s"] > 0
+        # Each configuration's own worker process: the interpreter alone (tens of MiB), then the tiny model's
+        # session and runs on top, nothing of the profiling process nor of other configurations (hundreds of MiB).
+        assert 10 < s["rss_before_load_mb"] < s["peak_rss_mb"] < s["rss_before_load_mb"] + 200
         assert 0 < s["ttft_p50_s"] <= s["ttft_p90_s"] <= s["ttft_p99_s"]
         assert 0 < s["e2e_p50_s"] <= s["e2e_p90_s"] <= s["e2e_p99_s"]
         lo, hi = s["e2e_mean_ci95_s"]
         assert lo <= s["e2e_mean_s"] <= hi
+        for p, fewest in ((50, 6), (90, 36), (99, 368)):
+            interval = s[f"e2e_p{p}_ci95_s"]
+            assert (interval is None) == (s["runs"] < fewest)
+            assert interval is None or interval[0] <= s[f"e2e_p{p}_s"] <= interval[1]
         assert s["prefill_tokens_s"] == pytest.approx(config["prompt_len"] / s["ttft_p50_s"])
         assert s["tpot_p50_s"] > 0 and s["decode_tokens_s"] > 0
-        assert s["model_bytes"] == s["bytes_per_token"] == model_bytes[config["export"]["precision"]]
+        export = exports[config["export"]["precision"]]
+        assert (s["model_bytes"], s["weight_bytes_per_token"], s["adapter_bytes_per_token"]) == (
+            export["model_bytes"], export["weight_bytes_per_token"], 0)
+        # 2 layers × keys and values × 2 KV heads × 16 × fp32 = 512 bytes a position; a mean past of prompt + 3
+        assert s["kv_cache_bytes_per_token"] == 512 * (config["prompt_len"] + 3)
+        assert s["bytes_per_token"] == s["weight_bytes_per_token"] + s["kv_cache_bytes_per_token"]
         assert s["bandwidth_gbs"] == bandwidth and s["bandwidth_source"].startswith("device profile cpu-x86-64: ")
-        assert s["bound_tokens_s"] == pytest.approx(bandwidth * 1e9 / s["model_bytes"])
+        assert s["bound_tokens_s"] == pytest.approx(bandwidth * 1e9 / s["bytes_per_token"])
         assert s["decode_fraction_of_bound"] == pytest.approx(s["decode_tokens_s"] / s["bound_tokens_s"])
+
+
+def test_percentile_interval_takes_order_statistics_from_the_binomial():
+    # Six samples are the fewest whose extremes bound the median at 95%: P(all six on one side) = 2 × 0.5⁶ < 0.05.
+    assert percentile_ci95(np.array([6.0, 1, 5, 2, 4, 3]), 50) == [1.0, 6.0]
+    assert percentile_ci95(np.arange(5.0), 50) is None
+    assert percentile_ci95(np.arange(35.0), 90) is None and percentile_ci95(np.arange(367.0), 99) is None
+    # Coverage checked by simulation: of 2000 sets of 50 exponential samples, about 95% of the intervals hold the
+    # true median ln 2 (at least 95% by construction, as order statistics give discrete levels).
+    rng = np.random.default_rng(0)
+    hits = [lo <= np.log(2) <= hi for lo, hi in (percentile_ci95(rng.exponential(size=50), 50) for _ in range(2000))]
+    assert 0.94 <= np.mean(hits) <= 0.98
+
+
+def onnx_weight_bytes(model_path):
+    """weight_bytes and weight_bytes_per_token as onnx reads the graph (external data loaded): every initializer and
+    Constant value once, a table that only Gather reads as its data one row, a weight no node reads nothing."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    tensors |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                if n.op_type == "Constant" and n.attribute[0].name == "value"}
+    uses = {name: [] for name in tensors}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if name in uses:
+                uses[name].append(node.op_type == "Gather" and position == 0)
+    per_token = sum(0 if not uses[name] else array.nbytes // array.shape[0] if all(uses[name]) else array.nbytes
+                    for name, array in tensors.items())
+    return {"weight_bytes": sum(a.nbytes for a in tensors.values()), "weight_bytes_per_token": per_token}
+
+
+@pytest.fixture(scope="module")
+def graph_variants(export_dir, tmp_path_factory):
+    """model.onnx of the tiny export at int4 (MatMulNBits), int8, fp16 and fp32 with every weight in external data."""
+    import onnx
+
+    from edge_lora.export.onnx_graph import quantize
+
+    out = tmp_path_factory.mktemp("graphs")
+    src = export_dir / "model.onnx"
+    paths = {"fp32": src}
+    for precision in ("int4", "int8", "fp16"):
+        (out / precision).mkdir()
+        quantize(src, out / precision / "model.onnx", precision)
+        paths[precision] = out / precision / "model.onnx"
+    (out / "external").mkdir()
+    onnx.save_model(onnx.load(str(src)), str(out / "external" / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    paths["external"] = out / "external" / "model.onnx"
+    return paths
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int4", "int8", "fp16", "external"])
+def test_weight_bytes_are_read_from_the_graph_as_onnx_reads_them(graph_variants, variant):
+    import onnx
+
+    weights = read_graph_weights(graph_variants[variant])
+    assert {"weight_bytes": weights.total_bytes, "weight_bytes_per_token": weights.bytes_per_token} == \
+        onnx_weight_bytes(graph_variants[variant])
+    # The embedding table, (vocab 128, hidden 64), is read one row per token: fp32 and int4/int8 (which leave Gather
+    # alone) store it as fp32, fp16 as fp16.
+    itemsize = 2 if variant == "fp16" else 4
+    assert weights.row_read == {"model.embed_tokens.weight"} and not weights.unused
+    assert weights.total_bytes - weights.bytes_per_token == 127 * 64 * itemsize
+    if variant == "int4":  # the packed 4-bit blocks (uint8) and their scales are what the matmuls read
+        ops = {n.op_type for n in onnx.load(str(graph_variants[variant])).graph.node}
+        assert "MatMulNBits" in ops
+        assert weights.bytes_per_token < read_graph_weights(graph_variants["fp32"]).bytes_per_token / 4
+    if variant == "external":
+        assert graph_variants[variant].stat().st_size < 100_000 < weights.total_bytes
+
+
+def test_a_file_that_is_not_onnx_raises_saying_so(export_dir, tmp_path):
+    cases = {"empty.onnx": b"", "text.onnx": b"not an onnx model\n",
+             "half.onnx": (export_dir / "model.onnx").read_bytes()[:200_000]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name} is truncated or not an ONNX model$"):
+            read_graph_weights(tmp_path / name)
 
 
 def test_report_round_trips_through_json_csv_markdown_and_plots(report, tmp_path):
@@ -194,7 +344,8 @@ def test_report_round_trips_through_json_csv_markdown_and_plots(report, tmp_path
     assert table in markdown and "](latency_cdf.png)" in markdown and "](decode_vs_prompt.png)" in markdown
     rows = table.strip().splitlines()
     assert len(rows) == 2 + len(report["configurations"])
-    assert rows[2].startswith("| fp32 | CPU | 1 | 8 |") and rows[-1].startswith("| int8 | CUDA | 2 | 16 | unavailable |")
+    assert rows[2].startswith("| fp32 | — | CPU | 1 | 8 |")
+    assert rows[-1].startswith("| int8 | — | CUDA | 2 | 16 | unavailable |")
     assert f"Unavailable: {report['configurations'][4]['reason']}" in markdown
 
 
@@ -230,10 +381,10 @@ def test_compare_finds_a_known_ratio_and_gates_on_the_margin(report):
     body = rows[2:]
     assert len(body) == 16 and regressions == []
     for row in body:
-        if row[1] == "CPU":
+        if row[2] == "CPU":
             assert row[-3:] == ["0.50", "1.00", "1.25"]  # decode 2× slower, TTFT as it was, e2e 1.25×
         else:
-            assert row[4] == row[-3] == "unavailable"
+            assert row[5] == row[-3] == "unavailable"
     _, regressions = compare([report, slower(report)], 0.10)
     assert len(regressions) == 16  # each of the 8 measured configurations, on decode and on e2e
     assert regressions[0].startswith("#2: fp32 CPU threads 1 prompt 8: decode ") and "50% lower" in regressions[0]
@@ -242,11 +393,60 @@ def test_compare_finds_a_known_ratio_and_gates_on_the_margin(report):
     assert compare([report, report, slower(report, decode=1.0, e2e=1.0)], 0.0)[1] == []
 
 
+def test_adapters_sweep_each_adapter_against_none(adapters_report, export_dir):
+    configs = adapters_report["configurations"]
+    assert [(c["adapter"], c["provider"], c["status"]) for c in configs] == [
+        (adapter, provider, "ok" if provider == CPU else "unavailable")
+        for adapter in (None, "big", "small") for provider in (CPU, CUDA)]
+    (export,) = adapters_report["exports"]
+    assert export["flavor"] == "adapters"
+    assert export["adapter_bytes"] == {name: adapter_bytes(rank) for name, rank in ADAPTER_RANKS.items()}
+    # The LoRA inputs' rank-0 defaults weigh nothing: the base weights read per token are the merged export's.
+    assert export["weight_bytes_per_token"] == read_graph_weights(export_dir / "model.onnx").bytes_per_token
+    for c in measured(adapters_report):
+        s = c["summary"]
+        assert s["adapter_bytes_per_token"] == (adapter_bytes(ADAPTER_RANKS[c["adapter"]]) if c["adapter"] else 0)
+        assert s["bytes_per_token"] == (s["weight_bytes_per_token"] + s["adapter_bytes_per_token"]
+                                        + s["kv_cache_bytes_per_token"])
+        assert s["runs"] >= 3 and 0 < s["e2e_p50_s"] <= s["e2e_p90_s"] <= s["e2e_p99_s"]
+
+
+def test_adapter_rows_in_the_table_csv_and_markdown(adapters_report, tmp_path):
+    paths = write_report(adapters_report, tmp_path)
+    table = render_table(adapters_report)
+    assert "| fp32 | — | CPU | 1 | 8 |" in table and "| fp32 | small | CUDA | 1 | 8 | unavailable |" in table
+    with paths["csv"].open(newline="") as file:
+        assert [row["adapter"] for row in csv.DictReader(file)] == ["", "", "big", "big", "small", "small"]
+    markdown = paths["markdown"].read_text()
+    assert "## Adapters against the base model" in markdown and "| fp32 | big | CPU | 1 | 8 |" in markdown
+
+
+def test_compare_ratios_adapter_on_against_off_with_a_known_ratio(adapters_report):
+    report = json.loads(json.dumps(adapters_report))
+    off, on = (next(c for c in measured(report) if c["adapter"] == name) for name in (None, "small"))
+    # "small" made 2× slower to decode than the base model, everything else as the base model measured it.
+    on["samples"] = [s | {"decode_s": s["decode_s"] * 2, "token_times_s": [t * 2 for t in s["token_times_s"]]}
+                     for s in off["samples"]]
+    on["summary"] = resummarize(on)
+    table, regressions = compare([report], 0.1, names=["one"])  # one report: adapter on ÷ off only
+    assert regressions == []
+    rows = {row[1]: row for row in ([cell.strip() for cell in line.strip("|").split("|")]
+                                    for line in table.splitlines() if line.startswith("| fp32"))}
+    assert set(rows) == {"big", "small"}
+    bytes_ratio = on["summary"]["bytes_per_token"] / off["summary"]["bytes_per_token"]
+    assert rows["small"][-4:] == ["0.50", "1.00", "1.00", f"{bytes_ratio:.2f}"] and bytes_ratio > 1
+    # Across reports, configurations are matched with their adapter: only "small" regressed.
+    table, regressions = compare([adapters_report, report], 0.1, names=["base", "new"])
+    assert "| fp32 | small | CPU | 1 | 8 |" in table and "Adapters against the base model in new" in table
+    assert [r.split(":")[1] for r in regressions] == [" fp32 +small CPU threads 1 prompt 8"]
+
+
 def test_compare_and_margin_reject_bad_input(report, tmp_path):
-    with pytest.raises(ProfileError, match=r"compare needs two or more reports, got 1"):
+    with pytest.raises(ProfileError, match=r"compare needs two or more reports, or one with adapter-on and "
+                                           r"adapter-off configurations, got 1 report\(s\)"):
         compare([report], 0.1)
     v1 = json.loads(json.dumps(report)) | {"schema_version": 1}
-    with pytest.raises(ProfileError, match=r"#2 has schema_version 1, expected 2 — profile again"):
+    with pytest.raises(ProfileError, match=r"#2 has schema_version 1, expected 3 — profile again"):
         compare([report, v1], 0.1)
     twice = json.loads(json.dumps(report))
     twice["configurations"].append(twice["configurations"][0])
@@ -278,14 +478,14 @@ def test_cli_compare_exits_0_on_pass_1_on_regression_2_on_bad_input(report, tmp_
     v1.write_text(json.dumps(report | {"schema_version": 1}))
     done = edge_lora("profile", "compare", base, new, "--fail-if-slower", "60%")
     assert done.returncode == 0, done.stderr
-    assert "| fp32 | CPU | 1 | 8 |" in done.stdout and "| 0.50 | 1.00 | 1.25 |" in done.stdout
+    assert "| fp32 | — | CPU | 1 | 8 |" in done.stdout and "| 0.50 | 1.00 | 1.25 |" in done.stdout
     done = edge_lora("profile", "compare", base, new, "--fail-if-slower", "10%")
     assert done.returncode == 1, done.stderr
     assert "16 regression(s) beyond 10%:" in done.stdout and f"{new}: fp32 CPU threads 1 prompt 8: decode" in done.stdout
     for args, message in [((base, tmp_path / "missing.json"), "missing.json does not exist"),
                           ((base, new, "--fail-if-slower", "10"), "'10' is not a percentage"),
                           ((base, new, "--fail-if-slower", "ten%"), "'ten%' is not a percentage"),
-                          ((base, v1), "v1.json has schema_version 1, expected 2")]:
+                          ((base, v1), "v1.json has schema_version 1, expected 3")]:
         done = edge_lora("profile", "compare", *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
@@ -297,7 +497,7 @@ def test_cli_profiles_several_exports_with_trace_and_measured_bandwidth(export_d
                      "--prompt-lens", "8", "--new-tokens", "4", "--warmup-runs", "0", "--min-runs", "1",
                      "--min-seconds", "0", "--trace", "--measure-bandwidth", "--out", out)
     assert done.returncode == 0, done.stderr
-    assert "| int8 | CUDA | 1 | 8 | unavailable |" in done.stdout and f"{out / 'profile.csv'}" in done.stdout
+    assert "| int8 | — | CUDA | 1 | 8 | unavailable |" in done.stdout and f"{out / 'profile.csv'}" in done.stdout
     report = load_report(out / "profile.json")
     assert [c["status"] for c in report["configurations"]] == ["ok", "unavailable", "ok", "unavailable"]
     assert sorted(p.name for p in out.glob("trace-*.json")) == ["trace-00-fp32-CPU-t1-p8.json",
@@ -309,6 +509,42 @@ def test_cli_profiles_several_exports_with_trace_and_measured_bandwidth(export_d
         "error: providers 'NoSuchExecutionProvider' do not exist in onnxruntime — available here: "), done.stderr
 
 
+def test_cli_profiles_chosen_adapters_and_compares_one_report(adapters_export_dir, tmp_path):
+    out = tmp_path / "prof"
+    done = edge_lora("profile", adapters_export_dir, "--adapters", "small", "--threads", "1", "--prompt-lens", "8",
+                     "--new-tokens", "4", "--warmup-runs", "0", "--min-runs", "1", "--min-seconds", "0", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "Adapters against the base model (on ÷ off)" in done.stdout and "| fp32 | small | CPU | 1 | 8 |" in done.stdout
+    assert [c["adapter"] for c in load_report(out / "profile.json")["configurations"]] == [None, "small"]
+    done = edge_lora("profile", "compare", out / "profile.json")
+    assert done.returncode == 0 and "| fp32 | small | CPU | 1 | 8 |" in done.stdout, done.stderr
+
+
+def test_cli_bad_input_exits_2_with_one_line(export_dir, adapters_export_dir, tmp_path):
+    (tmp_path / "not-an-export").mkdir()
+    cases = [
+        ((tmp_path / "not-an-export",), "is not an export: no export.json — pass a dir written by edge-lora export"),
+        ((tmp_path / "nowhere",), "nowhere does not exist — pass the --output dir of edge-lora export"),
+        ((export_dir, "--device", "pi5"), 'unknown device profile "pi5": use one of android-phone, apple-silicon'),
+        ((export_dir, "--adapters", "small"), "no export given is of flavor adapters"),
+        ((adapters_export_dir, "--adapters", "small,nope"), "has no adapter 'nope' — its adapters: big, small"),
+    ]
+    for args, message in cases:
+        done = edge_lora("profile", *args, "--out", tmp_path / "out")
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (args, done.stderr)
+
+
+def test_a_graph_onnxruntime_cannot_read_is_an_export_error(export_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    (broken / "model.onnx").write_bytes((export_dir / "model.onnx").read_bytes()[:200_000])
+    manifest = json.loads((export_dir / "export.json").read_text())
+    write_manifest(broken, "fp32", manifest["vocab_size"], manifest["eos_token_ids"][0])  # sha256 of the broken file
+    with pytest.raises(ExportError, match=r"model.onnx is truncated or not an ONNX model — re-run edge-lora export"):
+        profile(broken, ProfileSettings(prompt_lens=(8,), new_tokens=4))
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"new_tokens": 1}, r"new_tokens=1 must be >= 2: the first token comes with prefill"),
     ({"threads": (2, -1)}, r"threads=\[2, -1\] must be one or more counts >= 0"),
@@ -317,6 +553,8 @@ def test_cli_profiles_several_exports_with_trace_and_measured_bandwidth(export_d
     ({"providers": ()}, r"providers=\(\) is empty — name at least one"),
     ({"providers": (CPU, "CPUProvider")}, r"providers 'CPUProvider' do not exist in onnxruntime — available here: .*CPU"),
     ({"providers": (CPU, CPU)}, r"providers=\['CPUExecutionProvider', 'CPUExecutionProvider'\] names one twice"),
+    ({"adapters": ()}, r"adapters=\[\] must name one or more adapters, each once"),
+    ({"adapters": ("a", "a")}, r"adapters=\['a', 'a'\] must name one or more adapters, each once"),
 ])
 def test_bad_settings_raise_one_line_naming_the_value(kwargs, message):
     with pytest.raises(ProfileError, match=message):
@@ -337,6 +575,7 @@ def test_profiling_imports_no_torch_nor_train_or_export_code(export_dir, tmp_pat
         from edge_lora.runtime.compare import compare
         from edge_lora.runtime.profile import ProfileSettings, profile
         from edge_lora.runtime.report import write_report
+        import edge_lora.runtime.profile_worker  # what each configuration's process imports
         report = profile({str(export_dir)!r}, ProfileSettings(prompt_lens=(4,), new_tokens=2, warmup_runs=0,
                                                               min_runs=1, min_seconds=0, trace=True))
         write_report(report, {str(tmp_path)!r})
