@@ -261,14 +261,17 @@ def chat_loop(generator, sampling, first: str | None, system: str | None, stream
 @click.option("--queue-timeout", type=float, default=60.0, show_default=True,
               help="Seconds a request may wait for a worker before it is answered 503.")
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Larger bodies get 413.")
+@click.option("--admin-max-body-bytes", type=int, default=1 << 30, show_default=True,
+              help="Largest adapter upload to /admin/adapters/NAME (see 'edge-lora serve-admin').")
 @click.option("--grace-period", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds in-flight requests may take to finish before they are cancelled.")
 @click.option("--device", default=None, help="Device profile for providers and threads.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads per worker (0: one per physical core).")
-def serve(export_dir, host, port, api_key, workers, queue_size, queue_timeout, max_body_bytes, grace_period, device,
-          threads):
+def serve(export_dir, host, port, api_key, workers, queue_size, queue_timeout, max_body_bytes, admin_max_body_bytes,
+          grace_period, device, threads):
     """Serve an export (and its adapters) over OpenAI's HTTP API: /v1/completions, /v1/chat/completions,
-    /v1/models, /health and /metrics. Needs the extra: pip install 'edge-lora[serve]'.
+    /v1/models, /health and /metrics. Needs the extra: pip install 'edge-lora[serve]'. With --api-key, adapter
+    versions can be loaded and rolled back while serving (see 'edge-lora serve-admin').
 
     \b
     Example:  edge-lora serve demo-out/export-int4 --port 8000
@@ -281,10 +284,82 @@ def serve(export_dir, host, port, api_key, workers, queue_size, queue_timeout, m
         raise UsageError(f"serving needs FastAPI and uvicorn ({e}) — pip install 'edge-lora[serve]'") from None
     try:
         config = ServeConfig(host=host, port=port, api_key=api_key, workers=workers, queue_size=queue_size,
-                             queue_timeout_s=queue_timeout, max_body_bytes=max_body_bytes, grace_s=grace_period)
+                             queue_timeout_s=queue_timeout, max_body_bytes=max_body_bytes,
+                             admin_max_body_bytes=admin_max_body_bytes, grace_s=grace_period)
         run_server(export_dir, config, device=device, threads=threads)
     except ServeError as e:
         raise UsageError(str(e)) from None
+
+
+@cli.group("serve-admin")
+def serve_admin():
+    """Roll out adapter versions on a running 'edge-lora serve' (started with --api-key): push a new version,
+    roll back to the one before, list what is live. Every response of the server names the version that
+    produced it (the X-Model-Version header and the model field, 'name@version').
+
+    \b
+    Example:  edge-lora serve-admin push http://device:8000 my-adapter new-export/adapters/my-adapter.onnx_adapter
+              edge-lora serve-admin rollback http://device:8000 my-adapter
+    """
+
+
+def admin_call(call, *args) -> None:
+    from edge_lora.runtime.serve_admin_client import AdminClientError
+
+    try:
+        click.echo(json.dumps(call(*args), indent=2))
+    except AdminClientError as e:
+        raise UsageError(str(e)) from None
+
+
+API_KEY_OPTION = click.option("--api-key", default=None, envvar="EDGE_LORA_API_KEY",
+                              help="The server's API key [env: EDGE_LORA_API_KEY].")
+
+
+@serve_admin.command("push")
+@click.argument("url")
+@click.argument("name")
+@click.argument("adapter_file", type=click.Path())
+@API_KEY_OPTION
+def serve_admin_push(url, name, adapter_file, api_key):
+    """Upload ADAPTER_FILE (.onnx_adapter) as the next version of adapter NAME; the server checks it against its
+    model (422, and the live version stays, if it does not fit) and keeps the version it replaces for rollback.
+
+    \b
+    Example:  edge-lora serve-admin push http://127.0.0.1:8000 my-adapter v2/adapters/my-adapter.onnx_adapter
+    """
+    from edge_lora.runtime.serve_admin_client import push
+
+    admin_call(push, url, name, adapter_file, api_key)
+
+
+@serve_admin.command("rollback")
+@click.argument("url")
+@click.argument("name")
+@API_KEY_OPTION
+def serve_admin_rollback(url, name, api_key):
+    """Put back the version adapter NAME had before its live one (the same weights, so the same outputs).
+
+    \b
+    Example:  edge-lora serve-admin rollback http://127.0.0.1:8000 my-adapter
+    """
+    from edge_lora.runtime.serve_admin_client import rollback
+
+    admin_call(rollback, url, name, api_key)
+
+
+@serve_admin.command("list")
+@click.argument("url")
+@API_KEY_OPTION
+def serve_admin_list(url, api_key):
+    """Every adapter the server at URL serves: its live version and those a rollback goes back through.
+
+    \b
+    Example:  edge-lora serve-admin list http://127.0.0.1:8000
+    """
+    from edge_lora.runtime.serve_admin_client import adapters
+
+    admin_call(adapters, url, api_key)
 
 
 class ProfileGroup(click.Group):

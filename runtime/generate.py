@@ -71,23 +71,24 @@ class Generator:
         self.adapter: str | None = None
         self._run_options = None
 
-    def with_adapter(self, name: str | None) -> Generator:
+    def with_adapter(self, name: str | None, adapter=None) -> Generator:
         """A generator on the same session and memory-mapped adapters with `name` active (None: the base model).
 
-        Switching costs no reload: the adapter's tensors are fed as graph inputs on each run.
+        Switching costs no reload: the adapter's tensors are fed as graph inputs on each run. `adapter`, a loaded
+        onnxruntime LoraAdapter, is used under `name` instead of the export's own (a new version while serving).
         """
         import copy
 
         import onnxruntime as ort
 
-        if name is not None and name not in self.adapters:
+        if name is not None and adapter is None and name not in self.adapters:
             known = ", ".join(sorted(self.adapters)) or "none (this export has no adapters)"
             raise PromptError(f"unknown adapter {name!r} — known adapters: {known}")
         view = copy.copy(self)
         view.adapter, view._run_options = name, None
         if name is not None:
             view._run_options = ort.RunOptions()
-            view._run_options.add_active_adapter(self.adapters[name])
+            view._run_options.add_active_adapter(adapter if adapter is not None else self.adapters[name])
         return view
 
     def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:

@@ -1,4 +1,9 @@
-"""Answers in OpenAI's shapes: a whole completion or chat completion, or its chunks as server-sent events."""
+"""Answers in OpenAI's shapes: a whole completion or chat completion, or its chunks as server-sent events.
+
+Every answer names the version of the model that produced it, twice: in its `model` field ('name@version', as
+OpenAI answers 'gpt-4o' with 'gpt-4o-2024-08-06') and in the X-Model-Version header (the version alone), so that
+a client, a log or a proxy can tell which adapter version served a request while versions change.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,12 @@ from edge_lora.runtime.serve_work import Finish, Job, Piece
 
 log = logging.getLogger("edge_lora.serve")
 
+VERSION_HEADER = "X-Model-Version"
+
+
+def version_header(entry: ModelEntry) -> dict[str, str]:
+    return {VERSION_HEADER: entry.version}
+
 
 def stopped() -> APIError:
     return APIError(503, "the server stopped this generation as it shut down — send the request again",
@@ -24,9 +35,9 @@ class TextShape:
     """Objects of /v1/completions: a whole answer, and the chunks of a streamed one."""
 
     def __init__(self, entry: ModelEntry):
-        # every object names the model and its version (system_fingerprint), so a client can tell adapter versions apart
+        # every object, each chunk too, names the version: in `model`, and alone in system_fingerprint
         self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                     "model": entry.name, "system_fingerprint": entry.version}
+                     "model": entry.model_id, "system_fingerprint": entry.version}
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

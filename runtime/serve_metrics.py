@@ -15,7 +15,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
 
 # Paths a request is counted under; any other path counts as "other", so that probes cannot grow the label set.
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/admin/adapters")
+# Admin paths that hold an adapter's name are counted under their route, for the same reason.
+ADMIN_ROUTES = {"": "/admin/adapters/{name}", "/rollback": "/admin/adapters/{name}/rollback"}
 
 
 class ServerMetrics:
@@ -40,11 +42,15 @@ class ServerMetrics:
         self.workers = Gauge("edge_lora_workers", "Generation workers.", registry=r)
         self.active_generations = Gauge("edge_lora_active_generations", "Generations running, by model or adapter.",
                                         ["model"], registry=r)
-        self.models = Gauge("edge_lora_model_info", "1 for each model (base and adapters) served, with its version.",
-                            ["model", "version"], registry=r)
+        self.models = Gauge("edge_lora_model_info", "1 for each model (base and adapters) served, with its live "
+                            "version.", ["model", "version"], registry=r)
+        self.model_requests = Counter("edge_lora_model_requests", "Requests run, by model and the version that "
+                                      "answered them.", ["model", "version"], registry=r)
+        self.adapter_changes = Counter("edge_lora_adapter_changes", "Adapter versions loaded, rolled back, or "
+                                       "refused by validation.", ["model", "action"], registry=r)
 
     def observe_request(self, path: str, status: int, started: float) -> None:
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = path if path in ENDPOINTS else admin_route(path)
         self.requests.labels(endpoint, str(status)).inc()
         self.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
 
@@ -53,6 +59,18 @@ class ServerMetrics:
         self.generated_tokens.labels(model).inc()
         (self.ttft if first else self.tpot).labels(model).observe(seconds)
 
+    def went_live(self, model: str, version: str, replaced: str) -> None:
+        """`model`'s live version changed from `replaced` to `version`: model_info names only the live one."""
+        self.models.remove(model, replaced)
+        self.models.labels(model, version).set(1)
+
     def exposition(self) -> tuple[bytes, str]:
         """The text format and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def admin_route(path: str) -> str:
+    """The admin route `path` is on ('/admin/adapters/{name}/rollback'), or "other"."""
+    name, slash, rest = path.removeprefix("/admin/adapters/").partition("/")
+    route = ADMIN_ROUTES.get(slash + rest)
+    return route if path.startswith("/admin/adapters/") and name and route else "other"

@@ -37,9 +37,10 @@ class APIError(HTTPException):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# OpenAI's error types by status; 413, 422 are request errors like 400.
+# OpenAI's error types by status; 409, 413, 422 are request errors like 400.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               422: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable_error"}
 
 

@@ -2,10 +2,12 @@
 
     POST /v1/completions, POST /v1/chat/completions   (stream: server-sent events)
     GET  /v1/models, GET /health, GET /metrics         (Prometheus text format)
+    GET, POST /admin/adapters...                       (new adapter versions and rollback: serve_admin)
 
 Requests go through the gate (serve_http: API key, body size, metrics), are validated (serve_schema), resolved
 to a model (serve_models), tokenized and checked against the context on the event loop's thread pool, and then
-queued for a generation worker (serve_work). A bad request is answered before it reaches the model.
+queued for a generation worker (serve_work). A bad request is answered before it reaches the model. Every answer
+names the model version that produced it (serve_answers), and /metrics counts requests by model and version.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from starlette.concurrency import run_in_threadpool
 from edge_lora.runtime.chat import ChatError
 from edge_lora.runtime.generate import Generator
 from edge_lora.runtime.sampling import PromptError, SamplingConfig
-from edge_lora.runtime.serve_answers import ChatShape, TextShape, sse, whole
-from edge_lora.runtime.serve_http import Gate, install_error_handlers
+from edge_lora.runtime.serve_admin import AdapterStore, Gates, install_admin
+from edge_lora.runtime.serve_answers import ChatShape, TextShape, sse, version_header, whole
+from edge_lora.runtime.serve_http import install_error_handlers
 from edge_lora.runtime.serve_metrics import ServerMetrics
 from edge_lora.runtime.serve_models import ModelEntry, ModelRegistry, ServeError
 from edge_lora.runtime.serve_schema import APIError, ChatRequest, CompletionRequest, SamplingFields
@@ -44,7 +47,8 @@ class ServeConfig:
     port: int = 8000
     """TCP port; 0 picks a free one."""
     api_key: str | None = None
-    """When set, every endpoint but /health needs `Authorization: Bearer <api_key>`."""
+    """When set, every endpoint but /health needs `Authorization: Bearer <api_key>`; when not, the admin endpoints
+    (adapter roll-out, serve_admin) are off."""
     workers: int | None = None
     """Generations that run at once; None: as many as the device profile's threads per worker fit the host's
     physical cores (at least 1)."""
@@ -56,6 +60,8 @@ class ServeConfig:
     """Retry-After of a 429 or 503, in seconds."""
     max_body_bytes: int = 1 << 20
     """Largest request body; a larger one is answered 413 before it is read."""
+    admin_max_body_bytes: int = 1 << 30
+    """Largest adapter upload to /admin/adapters/{name} (streamed to disk, not held in memory)."""
     chat_max_tokens: int = 512
     """max_tokens of a chat request that sets none (less where the context has less room left)."""
     grace_s: float = 10.0
@@ -71,7 +77,7 @@ class ServeConfig:
             problems.append(f"workers={self.workers} must be >= 1")
         if self.queue_size < 0:
             problems.append(f"queue_size={self.queue_size} must be >= 0 (0: no waiting, 429 when all workers are busy)")
-        for name in ("retry_after_s", "max_body_bytes", "chat_max_tokens"):
+        for name in ("retry_after_s", "max_body_bytes", "admin_max_body_bytes", "chat_max_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("queue_timeout_s", "grace_s"):
@@ -85,6 +91,7 @@ def create_app(generator: Generator, config: ServeConfig, base_name: str, worker
     """The ASGI app serving `generator`'s export under `base_name`, and its adapters under their names."""
     registry = ModelRegistry(generator, base_name)
     metrics = ServerMetrics()
+    store = AdapterStore()
     pool = WorkerPool(workers, config.queue_size, config.queue_timeout_s, config.retry_after_s)
     metrics.workers.set(workers)
     metrics.queue_depth.set_function(lambda: pool.queue_depth)
@@ -96,11 +103,14 @@ def create_app(generator: Generator, config: ServeConfig, base_name: str, worker
     async def lifespan(app: FastAPI):
         yield
         await run_in_threadpool(pool.close)  # after uvicorn's grace period: stop what still runs
+        store.close()
 
     app = FastAPI(title="edge-lora", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.pool, app.state.metrics, app.state.registry = pool, metrics, registry
+    app.state.pool, app.state.metrics, app.state.registry, app.state.store = pool, metrics, registry, store
     install_error_handlers(app)
-    app.add_middleware(Gate, metrics=metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(Gates, metrics=metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       admin_max_body_bytes=config.admin_max_body_bytes)
+    install_admin(app, registry, metrics, store, config.api_key)
 
     @app.get("/health")
     async def health():
@@ -156,6 +166,7 @@ def create_app(generator: Generator, config: ServeConfig, base_name: str, worker
                 pool.release()
                 return Response(status_code=499)
             metrics.prompt_tokens.labels(entry.name).inc(len(ids))
+            metrics.model_requests.labels(entry.name, entry.version).inc()
             pool.start(job)
         except BaseException:
             pool.release()
@@ -164,8 +175,9 @@ def create_app(generator: Generator, config: ServeConfig, base_name: str, worker
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(sse(job, shape, len(ids), include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await whole(job, shape, len(ids))
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              **version_header(entry)})
+        return JSONResponse(await whole(job, shape, len(ids)), headers=version_header(entry))
 
     return app
 

@@ -100,3 +100,22 @@ def live_server(generator, base_name: str = "tiny", workers: int = 2, **settings
         server.should_exit = True
         thread.join(config.grace_s + 30)
         sock.close()
+
+
+def rewrite_adapter(source: Path, target: Path, change) -> Path:
+    """A new .onnx_adapter at `target`: `change` ({input name: array} -> {input name: array}) applied to the
+    tensors of `source`, through onnxruntime's own adapter format. Another version of an adapter, or a broken one,
+    without training."""
+    import onnxruntime as ort
+
+    # numpy() is a view that does not keep its OrtValue alive, and an OrtValue made from numpy does not keep its
+    # array alive: copies, and names for every array until the file is written
+    read = ort.AdapterFormat.read_adapter(str(source)).get_parameters()
+    tensors = {name: value.numpy().copy() for name, value in read.items()}
+    changed = change(tensors)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in changed.items()})
+    fmt.export_adapter(str(target))
+    return target

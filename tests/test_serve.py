@@ -47,7 +47,9 @@ def test_completion_and_chat_match_the_runtime(live, generator):
     expected = generator.generate(PROMPT, SamplingConfig(max_new_tokens=12))
     assert done.choices[0].text == expected.text and done.choices[0].finish_reason == expected.finish_reason
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (expected.prompt_tokens, len(expected.token_ids))
-    assert done.model == "tiny" and done.system_fingerprint == generator.export.digest()[:12]
+    # the model field names the version that answered (name@version), as OpenAI's answers name a dated model
+    assert done.system_fingerprint == generator.export.digest()[:12]
+    assert done.model == f"tiny@{done.system_fingerprint}"
 
     chat = api.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0)
     expected = generator.chat(MESSAGES, SamplingConfig(max_new_tokens=10))
@@ -79,7 +81,7 @@ def test_the_model_field_picks_the_adapter(live, generator, adapter_dir):
     for name, adapter in (("tiny", None), (adapter_dir.name, adapter_dir.name)):
         done = api.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
         answers[name] = done.choices[0].text
-        assert done.model == name
+        assert done.model == f"{name}@{done.system_fingerprint}"
         assert answers[name] == generator.with_adapter(adapter).generate(PROMPT, SamplingConfig(max_new_tokens=12)).text
     assert answers[adapter_dir.name] != answers["tiny"]  # the adapter was trained on this task, the base was not
     with pytest.raises(openai.NotFoundError, match="model 'nope' does not exist"):
