@@ -55,6 +55,12 @@ def head_node(model_proto) -> str | None:
     return next((n.name for n in model_proto.graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
 
 
+def lora_matmuls(model_proto) -> list[str]:
+    """The LoRA branches' MatMuls of an `adapters` graph (adapters.add_lora_inputs): their A/B are graph inputs
+    with placeholder initializers, which a weight quantizer would otherwise bake into the graph as constants."""
+    return [n.name for n in model_proto.graph.node if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name)]
+
+
 def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 32, int4_accuracy_level: int = 4,
              int4_head: bool = True) -> None:
     """Write `src` at `precision` to `dst`. fp32 is a copy; the others quantize or cast weights only."""
@@ -78,7 +84,7 @@ def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 
         config = DefaultWeightOnlyQuantConfig(block_size=int4_block_size, is_symmetric=True,
                                               accuracy_level=int4_accuracy_level)
         model = onnx.load(str(src))
-        keep = [] if int4_head else [n for n in [head_node(model)] if n]
+        keep = lora_matmuls(model) + ([] if int4_head else [n for n in [head_node(model)] if n])
         quantizer = MatMulNBitsQuantizer(model, block_size=int4_block_size, is_symmetric=True,
                                          accuracy_level=int4_accuracy_level, nodes_to_exclude=keep, algo_config=config)
         quantizer.process()
@@ -87,6 +93,7 @@ def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         nodes_to_exclude=lora_matmuls(onnx.load(str(src), load_external_data=False)),
                          use_external_data_format=src.with_name(src.name + "_data").exists())
     elif precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
