@@ -9,6 +9,9 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
 
 - `edge_lora`: `edge_lora.runtime.load(export, threads=N).generate(...)` on an `edge-lora export --precision int4`
   of a 1-step LoRA adapter (r 16, every linear layer) merged into the base.
+- `edge_lora_builder`: the same, on `edge-lora export --precision int4 --graph builder` (onnxruntime-genai's model
+  builder writes the merged model: GroupQueryAttention over a KV buffer bound once per generation as past and
+  present, the tied embedding shared with the int4 head).
 - `edge_lora_adapters`: the same adapter kept apart (`--flavor adapters`), active through `with_adapter`. Its
   export is built with the LoRA MatMuls left out of int4 quantization (`keep_lora_matmuls_unquantized`: the
   exporter quantizes them today, which removes the adapter inputs).
@@ -62,7 +65,7 @@ QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 # DESIGN.md anchors (2-core AMD EPYC, reference shape, prompt 128, 64 new tokens, 2 threads).
 ANCHOR = {"llamacpp_decode_tok_s": 197.0, "llamacpp_ttft_s": 0.14, "genai_decode_tok_s": (112.0, 125.0),
           "genai_ttft_s": 0.31, "optimum_whole_run_tok_s": 30.0}
-SYSTEMS = ("edge_lora", "edge_lora_adapters", "llamacpp", "genai", "optimum")
+SYSTEMS = ("edge_lora", "edge_lora_builder", "edge_lora_adapters", "llamacpp", "genai", "optimum")
 MIN_UNCONTENDED = 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0–3, as edge_lora.tiny's configs expect
 ADAPTER = "adapter"  # the adapter dir's name, which names the adapter in an `adapters` export
@@ -114,14 +117,15 @@ def build_adapter(work: Path, out: Path) -> None:
                       learning_rate=1e-3), show_progress=False)
 
 
-def build_export(work: Path, out: Path, flavor: str) -> None:
+def build_export(work: Path, out: Path, flavor: str, graph: str = "optimum") -> None:
     from edge_lora.export import ExportOptions, export
 
     if flavor == "adapters":
         keep_lora_matmuls_unquantized()
     # No parity gate: on random weights with a 1-step adapter the next-token distributions are nearly flat and
     # int4 rounding flips greedy near-ties (bench/export.py, same reason).
-    export(work / ADAPTER, out, ExportOptions(precision="int4", flavor=flavor, validate=False), show_progress=False)
+    export(work / ADAPTER, out, ExportOptions(precision="int4", flavor=flavor, graph=graph, validate=False),
+           show_progress=False)
 
 
 def keep_lora_matmuls_unquantized() -> None:
@@ -207,6 +211,9 @@ def build_step(step: str, work: Path, args) -> None:
     elif step in ("edge_lora", "edge_lora_adapters"):
         build_export(work, final, "merged" if step == "edge_lora" else "adapters")
         return
+    elif step == "edge_lora_builder":
+        build_export(work, final, "merged", graph="builder")
+        return
     elif step == "gguf":
         tmp.mkdir()
         build_gguf(work, tmp / final.name, llama_cpp_sources(work, args.llama_cpp_src))
@@ -218,12 +225,15 @@ def build_step(step: str, work: Path, args) -> None:
     os.replace(tmp, final)
 
 
-ARTIFACTS = {"base": "base", "adapter": ADAPTER, "edge_lora": "edge-int4", "edge_lora_adapters": "edge-int4-adapters",
+ARTIFACTS = {"base": "base", "adapter": ADAPTER, "edge_lora": "edge-int4", "edge_lora_builder": "edge-int4-builder",
+             "edge_lora_adapters": "edge-int4-adapters",
              "gguf": "model-q4_0.gguf", "genai": "genai-int4"}
 
 
 def build_all(work: Path, systems: list[str]) -> None:
-    needed = ["base", "adapter", "edge_lora", "edge_lora_adapters", "gguf", "genai"]
+    needed = ["base", "adapter", "edge_lora", "edge_lora_builder", "edge_lora_adapters", "gguf", "genai"]
+    if "edge_lora_builder" not in systems:
+        needed.remove("edge_lora_builder")
     if "llamacpp" not in systems:
         needed.remove("gguf")
     if "genai" not in systems:
@@ -247,10 +257,11 @@ def prompt_ids(seed: int, vocab_size: int, length: int) -> list[int]:
     return np.random.default_rng(seed).integers(len(SPECIAL_TOKENS), vocab_size, length).tolist()
 
 
-def open_edge_lora(work: Path, args, adapters: bool):
+def open_edge_lora(work: Path, args, system: str):
     from edge_lora import runtime
 
-    g = runtime.load(work / ARTIFACTS["edge_lora_adapters" if adapters else "edge_lora"], threads=args.threads)
+    g = runtime.load(work / ARTIFACTS[system], threads=args.threads)
+    adapters = system == "edge_lora_adapters"
     if adapters:
         g = g.with_adapter(ADAPTER)
     sampling = runtime.SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -350,8 +361,9 @@ def serve_child(system: str, work: Path, args) -> None:
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr; stdout carries the protocol alone
     vocab = (QUICK if args.quick else REFERENCE)["vocab_size"]
-    run = {"edge_lora": lambda: open_edge_lora(work, args, adapters=False),
-           "edge_lora_adapters": lambda: open_edge_lora(work, args, adapters=True),
+    run = {"edge_lora": lambda: open_edge_lora(work, args, "edge_lora"),
+           "edge_lora_builder": lambda: open_edge_lora(work, args, "edge_lora_builder"),
+           "edge_lora_adapters": lambda: open_edge_lora(work, args, "edge_lora_adapters"),
            "llamacpp": lambda: open_llamacpp(work, args), "genai": lambda: open_genai(work, args),
            "optimum": lambda: open_optimum(work, args)}[system]()
     for i in range(args.warmup):
@@ -619,6 +631,10 @@ def main() -> None:
                  # the graph's LoRA initializers are empty placeholders: the active adapter's A and B are read instead
                  "edge_lora_adapters": onnx_bytes_per_token(adapters_dir / "model.onnx")
                  + sum(p.stat().st_size for p in (adapters_dir / "adapters").iterdir())}
+    if "edge_lora_builder" in systems:
+        builder_dir = work / ARTIFACTS["edge_lora_builder"]
+        model_mb["edge_lora_builder"] = files_mb(*builder_dir.glob("model.onnx*"))
+        per_token["edge_lora_builder"] = onnx_bytes_per_token(builder_dir / "model.onnx")
     if "genai" in systems:
         per_token["genai"] = onnx_bytes_per_token(work / ARTIFACTS["genai"] / "model.onnx")
     if "llamacpp" in systems:
@@ -651,6 +667,14 @@ def main() -> None:
         "vs_llamacpp_ttft": ratio(edge["ttft_s"], results.get("llamacpp", {}).get("ttft_s")),
         "vs_genai_ttft": ratio(edge["ttft_s"], results.get("genai", {}).get("ttft_s")),
         "vs_optimum_whole_run": ratio(edge["whole_run_tok_s"], results.get("optimum", {}).get("whole_run_tok_s")),
+        "builder_vs_optimum_graph_decode": ratio(results.get("edge_lora_builder", {}).get("decode_tok_s"),
+                                                 edge["decode_tok_s"]),
+        "builder_vs_optimum_graph_ttft": ratio(results.get("edge_lora_builder", {}).get("ttft_s"), edge["ttft_s"]),
+        "builder_vs_genai_decode": ratio(results.get("edge_lora_builder", {}).get("decode_tok_s"),
+                                         results.get("genai", {}).get("decode_tok_s")),
+        "builder_vs_llamacpp_decode": ratio(results.get("edge_lora_builder", {}).get("decode_tok_s"),
+                                            results.get("llamacpp", {}).get("decode_tok_s")),
+        **({"edge_lora_builder_model_mb": round(model_mb["edge_lora_builder"], 1)} if "edge_lora_builder" in model_mb else {}),
         "adapter_vs_merged_decode": ratio(results.get("edge_lora_adapters", {}).get("decode_tok_s"), edge["decode_tok_s"]),
         "edge_lora_model_mb": round(model_mb["edge_lora"], 1),
         "rss_over_model_mb": round(edge["peak_rss_mb"] - model_mb["edge_lora"], 1),

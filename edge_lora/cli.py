@@ -121,23 +121,27 @@ def train(config_file, rank, resume, quiet, **options):
               help="MatMulNBits accuracy_level: 4 = int8 activations [default: 4, or the device profile's].")
 @click.option("--int4-head/--no-int4-head", default=True, show_default=True,
               help="Quantize the output head (and a tied embedding's MatMul) to int4 too.")
+@click.option("--graph", type=click.Choice(["optimum", "builder"]), default="optimum", show_default=True,
+              help="Graph writer: optimum's exporter, or onnxruntime-genai's model builder (fused attention, "
+                   "Llama-family, merged, fp32 or int4).")
 @click.option("--base", default=None, help="Base model dir, if not where the adapter's manifest says.")
 @click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity gate (not recommended).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_block_size, int4_accuracy_level, int4_head,
-           base, force, overwrite, no_validate, quiet):
+           graph, base, force, overwrite, no_validate, quiet):
     """Merge an adapter (or keep several apart), export ONNX with KV cache, quantize, and check parity with
     the trained model.
 
     \b
     Example:  edge-lora export my-adapter --output my-export --precision int4
               edge-lora export adapter-a adapter-b --flavor adapters --output shared-export
+              edge-lora export my-adapter --output fast-export --precision int4 --graph builder
     """
     from edge_lora import devices
 
-    options = {"merge_into": merge_into, "validate": not no_validate, "int4_head": int4_head}
+    options = {"merge_into": merge_into, "validate": not no_validate, "int4_head": int4_head, "graph": graph}
     if device:
         profile = devices.load(device)
         options |= {"precision": profile.precision, "flavor": profile.flavor, "opset": profile.opset,

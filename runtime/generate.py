@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_lora.runtime.chat import ChatError, ChatTemplate
+from edge_lora.runtime.fused import SharedCache
 from edge_lora.runtime.package import ExportDir
 from edge_lora.runtime.sampling import PromptError, SamplingConfig, penalize_repetition, pick
 from edge_lora.runtime.tokenizer import StopStrings, StreamDecoder, TextTokenizer
@@ -66,6 +67,10 @@ class Generator:
         self._inputs = {i.name for i in session.get_inputs()}
         self._outputs = [o.name for o in session.get_outputs()]
         self._dtype = np.float16 if export.manifest["precision"] == "fp16" else np.float32
+        # Exports written before the builder path have no "graph": theirs is optimum's.
+        self.graph = export.manifest.get("graph", "optimum")
+        """"optimum": a cache handed from present.* to past.* (_GrowingCache); "builder": one shared KV buffer per
+        layer and kind, bound once per generation (fused.SharedCache)."""
         self.adapters = adapters or {}
         """Loaded adapters by name (onnxruntime LoraAdapter, memory-mapped)."""
         self.adapter: str | None = None
@@ -96,10 +101,17 @@ class Generator:
         empty = np.zeros(shape, dtype=self._dtype)
         return {f"past_key_values.{i}.{kind}": empty for i in range(self.num_layers) for kind in ("key", "value")}
 
+    def _cache(self, prompts: list[list[int]], max_new_tokens: int) -> _GrowingCache | SharedCache:
+        """A new generation's KV cache for `prompts`, on this export's graph."""
+        if self.graph == "builder":
+            return SharedCache(self.session, self.num_layers, self.kv_shape, prompts, max_new_tokens, self._run_options)
+        return _GrowingCache(self, prompts)
+
     def forward(self, ids: np.ndarray, past: dict[str, np.ndarray], start: int,
                 attention_mask: np.ndarray | None = None,
                 position_ids: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-        """Logits (batch, seq, vocab) for `ids` (batch, seq) at positions start.., and the grown cache.
+        """Logits (batch, seq, vocab) for `ids` (batch, seq) at positions start.., and the grown cache (an optimum
+        graph's; a builder graph runs through fused.SharedCache).
 
         Without a mask every row is real tokens; a left-padded batch passes attention_mask (batch, start + seq),
         0 on padding, and position_ids (batch, seq), each row's own positions.
@@ -129,6 +141,8 @@ class Generator:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits (seq, vocab) of one sequence in a single prefill, as float32."""
+        if self.graph == "builder":
+            return self._cache([ids], 0).prefill(all_positions=True)[0]
         logits, _ = self.forward(np.array([ids], dtype=np.int64), self._empty_cache(1), 0)
         return logits[0].astype(np.float32)
 
@@ -213,20 +227,11 @@ class Generator:
         """Prefill every row's prompt in one batch, then decode one token per row per step until every row has
         finished. Yields each step's text delta per row ("" for a row with none, or finished)."""
         batch = len(rows)
-        lengths = np.array([len(row.prompt_ids) for row in rows])
-        width = int(lengths.max())
-        ids = np.full((batch, width), PAD_ID, dtype=np.int64)  # (batch, width), prompts left-padded
-        mask = np.zeros((batch, width), dtype=np.int64)  # 1 on real tokens, 0 on padding
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.prompt_ids):] = row.prompt_ids
-            mask[i, width - len(row.prompt_ids):] = 1
-        # Each row counts its positions from its own first token; padding gets 0, any valid position: it is masked.
-        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
         # One stream per row, so that a row's samples do not depend on which other rows are still running.
         rngs = np.random.default_rng(sampling.seed).spawn(batch)
         start = time.perf_counter()
-        logits, past = self.forward(ids, self._empty_cache(batch), 0, mask, positions)
-        logits = logits[:, -1].astype(np.float32)  # (batch, vocab) at each row's last token
+        cache = self._cache([row.prompt_ids for row in rows], sampling.max_new_tokens)
+        logits = cache.prefill()  # (batch, vocab) at each row's last token
         penalized = sampling.repetition_penalty != 1
         seen = np.zeros(logits.shape, dtype=bool)  # (batch, vocab): tokens in each row's prompt and output so far
         for i, row in enumerate(rows if penalized else []):
@@ -246,11 +251,40 @@ class Generator:
             start = now  # time the caller spends between steps counts toward the next token, as it waits for it
             if all(row.finish_reason is not None for row in rows) or n + 1 == sampling.max_new_tokens:
                 return
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            positions = (lengths + n)[:, None]  # (batch, 1): the position of the token just picked
             # A finished row is fed PAD_ID and its logits ignored: dropping it would copy the whole cache.
-            logits, past = self.forward(np.array(picked, dtype=np.int64)[:, None], past, width + n, mask, positions)
-            logits = logits[:, -1].astype(np.float32)
+            logits = cache.step(picked, n)
+
+
+class _GrowingCache:
+    """One generation's KV cache on an optimum graph: prompts left-padded, the cache handed from each step's
+    present.* to the next step's past.* (see Generator.forward)."""
+
+    def __init__(self, generator: Generator, prompts: list[list[int]]):
+        self.forward = generator.forward
+        batch = len(prompts)
+        self.lengths = np.array([len(p) for p in prompts])
+        self.width = int(self.lengths.max())
+        self.ids = np.full((batch, self.width), PAD_ID, dtype=np.int64)  # (batch, width), prompts left-padded
+        self.mask = np.zeros((batch, self.width), dtype=np.int64)  # 1 on real tokens, 0 on padding
+        for i, prompt in enumerate(prompts):
+            self.ids[i, self.width - len(prompt):] = prompt
+            self.mask[i, self.width - len(prompt):] = 1
+        self.past = generator._empty_cache(batch)
+
+    def prefill(self) -> np.ndarray:
+        """Logits (batch, vocab) at each row's last prompt token."""
+        # Each row counts its positions from its own first token; padding gets 0, any valid position: it is masked.
+        positions = np.maximum(self.mask.cumsum(axis=1) - 1, 0)
+        logits, self.past = self.forward(self.ids, self.past, 0, self.mask, positions)
+        return logits[:, -1].astype(np.float32)
+
+    def step(self, tokens: list[int], n: int) -> np.ndarray:
+        """Run the n-th new token of each row (n from 0); logits (batch, vocab) after it."""
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
+        positions = (self.lengths + n)[:, None]  # (batch, 1): the position of the token just picked
+        logits, self.past = self.forward(np.array(tokens, dtype=np.int64)[:, None], self.past, self.width + n,
+                                         self.mask, positions)
+        return logits[:, -1].astype(np.float32)
 
 
 def generation_eos_ids(export: ExportDir) -> set[int]:

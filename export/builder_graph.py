@@ -1,0 +1,128 @@
+"""Merged PyTorch model → fused ONNX decoder graph, written by onnxruntime-genai's model builder.
+
+The builder writes about 14 nodes a layer (MatMulNBits or MatMul with q, k and v packed, GroupQueryAttention with
+the rotary embedding inside, SkipSimplifiedLayerNormalization) where optimum's exporter writes about 105 (RoPE, the
+causal mask, repeat-kv and the KV Concat as chains of shape ops): 1.9× decode at one thread on the DESIGN.md
+reference shape (BENCHMARKS.md, "Runtime"). Its graph's GroupQueryAttention reads and writes the KV cache in place
+in one max-length buffer per layer, which runtime/fused.py binds as both past and present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from edge_lora.errors import UsageError
+from edge_lora.export.onnx_graph import MODEL_FILE
+
+# Architectures (config.json model_type) whose builder graph the runtime drives with input_ids, attention_mask and
+# past/present KV alone (the builder's Llama-family classes), each checked against transformers' forward in
+# tests/test_builder_graph.py: Llama end to end, Mistral and Qwen2 (q/k/v biases, tied embeddings) by their logits.
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+PRECISIONS = ("fp32", "int4")
+GENAI_CONFIG = "genai_config.json"
+# The inputs and outputs runtime/fused.py binds; a builder graph with any other (position_ids, inputs_embeds, ...)
+# is refused at export rather than failing on the device.
+PAST_NAMES = "past_key_values.{layer}.{kind}"
+PRESENT_NAMES = "present.{layer}.{kind}"
+
+
+def check_supported(model_type: str | None, model_dir: Path) -> None:
+    """One line naming the architectures the builder path takes, for any other."""
+    if model_type not in MODEL_TYPES:
+        raise UsageError(f"{model_dir}: architecture {model_type!r} cannot be exported with --graph builder — "
+                         f"supported: {', '.join(MODEL_TYPES)}; use --graph optimum for it")
+
+
+def build_graph(model, tokenizer_dir: Path, out_dir: Path, precision: str, int4_block_size: int,
+                int4_accuracy_level: int, int4_head: bool, hf_files: tuple[str, ...]) -> Path:
+    """Write the builder's graph of the in-memory `model` (fp32, merged) into `out_dir`: model.onnx with its weights
+    in model.onnx.data, genai_config.json, and `hf_files` as transformers saves them (the model's configs, the
+    tokenizer of `tokenizer_dir`), as optimum's exporter leaves them beside its graph. Returns the model path.
+
+    The builder reads an HF dir, so the model is saved to a temporary one first. A tied embedding is shared with the
+    head: at fp32 one matrix, at int4 the head's int4 blocks read by GatherBlockQuantized (the builder shares them
+    only with its round-to-nearest quantizer, "rtn": symmetric blocks of `int4_block_size`, as its default one).
+    """
+    from transformers import AutoTokenizer
+
+    options = {"hf_token": "false", "hf_remote": False, "filename": MODEL_FILE}
+    if precision == "int4":
+        options |= {"int4_block_size": int4_block_size, "int4_accuracy_level": int4_accuracy_level,
+                    "int4_algo_config": "rtn"}
+        if not int4_head:
+            options["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
+    with tempfile.TemporaryDirectory(prefix="edge-lora-builder-") as tmp:
+        hf_dir, cache_dir, built = Path(tmp) / "hf", Path(tmp) / "cache", Path(tmp) / "onnx"
+        model.save_pretrained(hf_dir)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(hf_dir)
+        run_builder(hf_dir, built, cache_dir, precision, options)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (MODEL_FILE, MODEL_FILE + ".data", GENAI_CONFIG):
+            shutil.move(built / name, out_dir / name)
+        for name in hf_files:
+            if (hf_dir / name).exists():
+                shutil.copy2(hf_dir / name, out_dir / name)
+    check_signature(out_dir / MODEL_FILE, model.config.num_hidden_layers)
+    return out_dir / MODEL_FILE
+
+
+def run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, options: dict) -> None:
+    """onnxruntime_genai.models.builder.create_model in this process, its prints and INFO logs kept off the terminal
+    (it reports every node it quantizes); they are shown if it fails."""
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its import sets INFO levels)
+    from onnxruntime_genai.models.builder import create_model
+
+    for name in ("", "onnxruntime.quantization.matmul_nbits_quantizer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    log = io.StringIO()
+    try:
+        with head_by_identity(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            create_model(None, str(hf_dir), str(out_dir), precision, "cpu", str(cache_dir), **options)
+    except Exception as e:
+        raise RuntimeError(f"onnxruntime-genai's model builder failed: {e}\n{log.getvalue()[-4000:]}") from e
+
+
+@contextlib.contextmanager
+def head_by_identity():
+    """While the builder runs, only the model's own output embedding counts as its LM head.
+
+    The builder (0.13, builders/base.py `has_lm_head`) takes every nn.Linear with vocab_size outputs for the head, so
+    a model whose MLP is as wide as its vocabulary (the tests' tiny Llama: intermediate 128, vocab 128) gets its head
+    rebuilt from each layer's gate and up projections, and logits off by units. The models edge-lora exports are
+    transformers ones, whose get_output_embeddings() names the head.
+    """
+    from builders.base import Model  # onnxruntime_genai.models puts its builders/ on sys.path
+
+    builder_rule = Model.has_lm_head
+    Model.has_lm_head = lambda self, module: module is self.weights.get_output_embeddings()
+    try:
+        yield
+    finally:
+        Model.has_lm_head = builder_rule
+
+
+def check_signature(model_path: Path, num_layers: int) -> None:
+    """The graph has the inputs and outputs runtime/fused.py binds, or the builder changed: fail the export."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    kinds = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+    expected_in = {"input_ids", "attention_mask", *(PAST_NAMES.format(layer=i, kind=k) for i, k in kinds)}
+    expected_out = {"logits", *(PRESENT_NAMES.format(layer=i, kind=k) for i, k in kinds)}
+    got_in, got_out = {v.name for v in graph.input}, {v.name for v in graph.output}
+    if got_in != expected_in or got_out != expected_out:
+        raise RuntimeError(f"{model_path}: the builder wrote inputs {sorted(got_in)} and outputs {sorted(got_out)}, "
+                           f"not the {sorted(expected_in)} → {sorted(expected_out)} the runtime binds")
+    if not any(n.op_type == "GroupQueryAttention" for n in graph.node):
+        raise RuntimeError(f"{model_path}: the builder wrote no GroupQueryAttention, whose shared KV buffer the runtime relies on")
+
+
+# What export.json's kv_cache says beside the shape (the rest is as for an optimum graph).
+KV_CACHE = {"layout": "(batch, kv_heads, max_length, head_dim): one buffer per layer and kind, bound as past and "
+                      "present at once; GroupQueryAttention writes each new position in place",
+            "shared_buffer": True}

@@ -1,0 +1,139 @@
+"""The builder graph (ExportOptions(graph="builder")): onnxruntime-genai's model builder writes the merged model as a
+fused graph (GroupQueryAttention over a shared KV buffer), the parity gate passes, and the torch-free runtime
+generates from it exactly what it generates from optimum's graph of the same adapter."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_lora.export.parity import FALLBACK_PROMPTS
+from test_cli import assert_one_line_error, edge_lora
+from test_import_rules import heavy_modules_after
+
+# fp32 builder graph against fp32 optimum graph of the same merged weights: the same fp32 sums, fused in another order.
+FP32_LOGIT_ATOL = 1e-4
+# Prompts of different lengths (characters are tokens here), so that a batch pads them.
+PROMPTS = [*FALLBACK_PROMPTS, "2024-03-17 ->", "x"]
+
+
+@pytest.fixture(scope="module")
+def builder_fp32(workdir, adapter_dir):
+    from edge_lora.export import ExportOptions, export
+
+    return export(adapter_dir, workdir / "export-builder-fp32", ExportOptions(graph="builder"), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def builder_int4(workdir, adapter_dir):
+    from edge_lora.export import ExportOptions, export
+
+    return export(adapter_dir, workdir / "export-builder-int4", ExportOptions(precision="int4", graph="builder"),
+                  show_progress=False)
+
+
+def test_fp32_export_is_fused_and_passes_parity(builder_fp32):
+    import onnx
+
+    manifest = json.loads((builder_fp32 / "export.json").read_text())
+    assert manifest["graph"] == "builder" and manifest["kv_cache"]["shared_buffer"] is True
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json"} <= set(manifest["files"])
+    assert [i["name"] for i in manifest["inputs"]][:2] == ["input_ids", "attention_mask"]
+    parity = manifest["parity"]["merged"]
+    assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3 and parity["greedy_agreement"] == 1.0
+    ops = [n.op_type for n in onnx.load(str(builder_fp32 / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == manifest["kv_cache"]["num_layers"]
+
+
+def test_int4_export_passes_parity(builder_int4):
+    import onnx
+
+    manifest = json.loads((builder_int4 / "export.json").read_text())
+    parity = manifest["parity"]["merged"]
+    assert parity["passed"] and parity["greedy_agreement"] >= 0.9
+    nodes = onnx.load(str(builder_int4 / "model.onnx"), load_external_data=False).graph.node
+    assert {n.op_type for n in nodes} >= {"MatMulNBits", "GroupQueryAttention"} and "MatMul" not in {n.op_type for n in nodes}
+
+
+def test_greedy_and_logits_equal_the_optimum_export(builder_fp32, export_fp32):
+    from edge_lora import runtime
+
+    fused, optimum = runtime.load(builder_fp32), runtime.load(export_fp32)
+    sampling = runtime.SamplingConfig(max_new_tokens=24, ignore_eos=True)
+    for prompt in PROMPTS:
+        ids = fused.encode_prompt(prompt)
+        np.testing.assert_allclose(fused.logits(ids), optimum.logits(ids), rtol=0, atol=FP32_LOGIT_ATOL)
+        assert fused.generate(prompt, sampling).token_ids == optimum.generate(prompt, sampling).token_ids, prompt
+
+
+def test_batch_stream_tokens_stop_and_sampling(builder_fp32):
+    from edge_lora import runtime
+
+    g = runtime.load(builder_fp32)
+    greedy = runtime.SamplingConfig(max_new_tokens=16, ignore_eos=True)
+    alone = [g.generate(p, greedy) for p in PROMPTS]
+    # right-padded rows of different lengths decode as they do alone
+    assert [b.token_ids for b in g.generate_batch(PROMPTS, greedy)] == [a.token_ids for a in alone]
+    assert "".join(g.stream(PROMPTS[0], greedy)) == alone[0].text
+    assert [t for t, _ in g.tokens(PROMPTS[0], greedy)] == alone[0].token_ids
+    stop = alone[0].text[3:5]
+    stopped = g.generate(PROMPTS[0], runtime.SamplingConfig(max_new_tokens=16, ignore_eos=True, stop=(stop,)))
+    assert stopped.finish_reason == "stop" and stopped.text == alone[0].text[:alone[0].text.index(stop)]
+    sampled = runtime.SamplingConfig(max_new_tokens=16, ignore_eos=True, temperature=1.5, seed=3)
+    assert g.generate(PROMPTS[0], sampled).token_ids == g.generate(PROMPTS[0], sampled).token_ids
+
+
+def test_builder_runtime_is_torch_free(builder_fp32):
+    code = (
+        "from edge_lora import runtime\n"
+        f"g = runtime.load({str(builder_fp32)!r})\n"
+        "g.generate('2024-03-17 ->', runtime.SamplingConfig(max_new_tokens=8))"
+    )
+    assert heavy_modules_after(code) == []
+
+
+def test_unsupported_architecture_is_one_line(tmp_path, adapter_dir):
+    from edge_lora.tiny import build_base_model, tiny_gpt2
+
+    gpt2 = build_base_model(tmp_path / "gpt2", tiny_gpt2())
+    done = edge_lora("export", adapter_dir, "--output", tmp_path / "out", "--graph", "builder", "--base", gpt2, "--force")
+    assert_one_line_error(done, "'gpt2'", "--graph builder", "supported: llama, mistral, qwen2", "--graph optimum")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(flavor="adapters"), "graph builder writes flavor merged only"),
+    (dict(precision="int8"), "graph builder writes precision fp32 or int4, got 'int8'"),
+])
+def test_builder_refuses_what_it_cannot_write(options, message):
+    from edge_lora.errors import UsageError
+    from edge_lora.export import ExportOptions
+
+    with pytest.raises(UsageError, match=message):
+        ExportOptions(graph="builder", **options)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_families_compute_what_transformers_computes(tmp_path, family):
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edge_lora.export.builder_graph import build_graph
+    from edge_lora.tiny import FAMILIES, build_base_model
+
+    base = build_base_model(tmp_path / "base", FAMILIES[family]())
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    path = build_graph(model, base, tmp_path / "onnx", "fp32", 32, 4, True, ())
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
+    ids = np.array([[1, 20, 21, 22, 23, 24, 30, 40]])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
+        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")}
+    logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=FP32_LOGIT_ATOL)
