@@ -36,34 +36,49 @@ class ParityReport:
         return self.__dict__.copy()
 
 
-def reference_greedy(model, prompt_ids: list[int], n: int, eos_ids: set[int]) -> tuple[list[int], np.ndarray]:
-    """Up to n greedy tokens from the PyTorch model, ending with an end-of-sequence token if one comes, and
-    the logits of the prompt.
+def reference_greedy(model, prompts: list[list[int]], n: int, eos_ids: set[int]) -> list[list[int]]:
+    """Up to n greedy tokens from the PyTorch model for each prompt, each ending with an end-of-sequence token
+    if one comes.
 
-    Tokens after an end-of-sequence token are never shown to anyone, and a fine-tuned model's are noise from
+    All prompts go in one left-padded batch (the attention mask hides the padding, positions follow the mask):
+    one forward per new token for the whole set instead of one per prompt and token. Tokens after an
+    end-of-sequence token are dropped: they are never shown to anyone, and a fine-tuned model's are noise from
     a context it never saw in training; comparing them would gate on noise.
     """
     import torch
+    from transformers import GenerationConfig
 
-    tokens: list[int] = []
+    width = max(map(len, prompts))
+    pad = min(eos_ids) if eos_ids else 0  # any valid id: the mask hides it
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-        prompt_logits = out.logits[0].float().numpy()
-        for _ in range(n):
-            tokens.append(int(out.logits[0, -1].argmax()))
-            if tokens[-1] in eos_ids:
-                break
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens, prompt_logits
+        # A config of its own: a model's generation_config.json may ask for sampling or a repetition penalty
+        config = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=pad, eos_token_id=sorted(eos_ids) or None)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    tokens = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        tokens.append(row[:end])
+    return tokens
+
+
+def prompt_logits(model, prompt: list[int]):
+    """The PyTorch model's logits (seq, vocab) over one prompt, as float32 numpy."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([prompt])).logits[0].float().numpy()
 
 
 def check(reference_model, generator, prompts: list[str], precision: str) -> ParityReport:
     from edge_lora.runtime import SamplingConfig
 
     max_diff, diffs, agree, prefix, total = 0.0, [], 0, 0, 0
-    for prompt in prompts:
-        ids = generator.encode_prompt(prompt)
-        ref_tokens, ref_logits = reference_greedy(reference_model, ids, GREEDY_TOKENS, generator.eos_ids)
+    prompt_ids = [generator.encode_prompt(prompt) for prompt in prompts]
+    references = reference_greedy(reference_model, prompt_ids, GREEDY_TOKENS, generator.eos_ids)
+    for ids, ref_tokens in zip(prompt_ids, references):
+        ref_logits = prompt_logits(reference_model, ids)
         onnx_logits = generator.logits(ids)
         diff = np.abs(onnx_logits - ref_logits)
         max_diff = max(max_diff, float(diff.max()))
