@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -74,8 +75,13 @@ def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 
         # onnxruntime's quantizers log every node at INFO, on the root logger and their own; keep the terminal readable.
         for name in ("", "onnxruntime.quantization.matmul_nbits_quantizer"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    if precision == "fp32":
-        save_model(onnx.load(str(src)), dst)
+    if precision == "fp32" and src.stat().st_size > EXTERNAL_DATA_BYTES:
+        save_model(onnx.load(str(src)), dst)  # one big file: its weights go to external data
+    elif precision == "fp32":
+        # The files as the exporter wrote them (a load and save would re-serialise every weight: seconds at 135M);
+        # an external data file keeps its name, which the graph refers to.
+        for file in src.parent.glob(src.name + "*"):
+            shutil.copy2(file, dst.parent / (dst.name + file.name[len(src.name):]))
     elif precision == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 

@@ -77,7 +77,9 @@ def check(reference_model, generator, prompts: list[str], precision: str) -> Par
     max_diff, diffs, agree, prefix, total = 0.0, [], 0, 0, 0
     prompt_ids = [generator.encode_prompt(prompt) for prompt in prompts]
     references = reference_greedy(reference_model, prompt_ids, GREEDY_TOKENS, generator.eos_ids)
-    for ids, ref_tokens in zip(prompt_ids, references):
+    # the ONNX model's own greedy runs, batched too (the runtime's batched greedy equals one prompt at a time)
+    own_runs = generator.generate_batch(prompt_ids, SamplingConfig(max_new_tokens=GREEDY_TOKENS))
+    for ids, ref_tokens, own_run in zip(prompt_ids, references, own_runs):
         ref_logits = prompt_logits(reference_model, ids)
         onnx_logits = generator.logits(ids)
         diff = np.abs(onnx_logits - ref_logits)
@@ -86,7 +88,7 @@ def check(reference_model, generator, prompts: list[str], precision: str) -> Par
         # Teacher-forced: one pass over prompt + reference tokens; position t's argmax should be token t+1.
         forced = generator.logits(ids + ref_tokens)[len(ids) - 1 : -1].argmax(-1)
         agree += int((forced == np.array(ref_tokens)).sum())
-        own = generator.generate(ids, SamplingConfig(max_new_tokens=GREEDY_TOKENS)).token_ids
+        own = own_run.token_ids
         same = next((i for i, (a, b) in enumerate(zip(own, ref_tokens)) if a != b), len(ref_tokens))
         prefix += same
         total += len(ref_tokens)
