@@ -112,10 +112,6 @@ def rewrite_adapter(source: Path, target: Path, change) -> Path:
     # array alive: copies, and names for every array until the file is written
     read = ort.AdapterFormat.read_adapter(str(source)).get_parameters()
     tensors = {name: value.numpy().copy() for name, value in read.items()}
-    changed = change(tensors)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in changed.items()})
-    fmt.export_adapter(str(target))
-    return target
+    from edge_lora.export.adapters import write_adapter
+
+    return write_adapter(change(tensors), target)
