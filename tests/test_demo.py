@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edge_lora.demo.run import DemoStepError, run_demo
+from edge_lora.demo.run import GATE_POINTS, DemoStepError, run_demo
 
 
 def test_demo_runs_every_step_and_writes_its_summary(tmp_path):
@@ -21,7 +21,12 @@ def test_demo_runs_every_step_and_writes_its_summary(tmp_path):
         figures = summary["onnx"][precision]
         assert figures["parity"]["passed"] and figures["ttft_s"] > 0 and figures["decode_tokens_per_s"] > 0
     assert summary["onnx"]["int4"]["size_mb"] < 0.3 * summary["onnx"]["fp32"]["size_mb"]
-    assert "ONNX int4, runtime" in console.export_text()
+    # the regression gate (edge-lora eval compare) on the same per-sample results: its figures are theirs
+    gate = summary["int4_vs_fp32"]
+    assert gate["delta_points"] == pytest.approx(100 * (accuracy["onnx_int4"] - accuracy["onnx_fp32"]))
+    assert gate["passed"] == (gate["delta_points"] >= -GATE_POINTS or gate["p_value"] >= 0.05)
+    text = console.export_text()
+    assert "ONNX int4, runtime" in text and "int4 against fp32 on the same" in text
 
 
 def test_a_failed_step_is_named_and_earlier_outputs_stay(tmp_path):
