@@ -19,7 +19,7 @@ from edge_lora.runtime.package import ExportDir
 from edge_lora.runtime.sampling import PromptError, SamplingConfig, penalize_repetition, pick
 from edge_lora.runtime.tokenizer import StopStrings, StreamDecoder, TextTokenizer
 
-__all__ = ["Generation", "Generator", "PromptError", "SamplingConfig", "pick"]
+__all__ = ["Generation", "Generator", "PromptError", "SamplingConfig", "Step", "pick"]
 
 # The token under the left padding of a batch's shorter prompts: any id in the vocabulary does, as the
 # attention mask hides it from every real token.
@@ -46,6 +46,19 @@ class Generation:
     def decode_tokens_per_s(self) -> float:
         total = sum(self.token_times_s)
         return len(self.token_times_s) / total if total > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One new token of a generation, as Generator.steps yields it."""
+
+    token_id: int
+    seconds: float
+    """Since the previous token, or since the call for the first (time to first token)."""
+    text: str
+    """The text this token lets out: "" while a multi-byte character or a possible stop string is incomplete."""
+    finish_reason: str | None
+    """None until the last token: then "stop" or "length"."""
 
 
 class Generator:
@@ -182,14 +195,17 @@ class Generator:
             "the prompt's start with --truncate left (truncate='left')"
         )
 
-    def tokens(self, prompt: str | list[int], sampling: SamplingConfig) -> Iterator[tuple[int, float]]:
-        """Yield (token id, seconds since the previous yield or since the call) for each new token, up to the one
-        that ends the generation (end-of-sequence, stop token, or the last token of a stop string)."""
+    def steps(self, prompt: str | list[int], sampling: SamplingConfig) -> Iterator[Step]:
+        """One Step per new token, up to the one that ends the generation (end-of-sequence, stop token, or the last
+        token of a stop string): its id, its time, the text it lets out, and the finish reason on the last one."""
         row = self._row(prompt, sampling)
-        done = 0
-        for _ in self._run([row], sampling):
-            yield from zip(row.token_ids[done:], row.times[done:])
-            done = len(row.token_ids)
+        for _ in self._run([row], sampling):  # one row: each round adds exactly one token to it
+            yield Step(row.token_ids[-1], row.times[-1], row.deltas[-1], row.finish_reason)
+
+    def tokens(self, prompt: str | list[int], sampling: SamplingConfig) -> Iterator[tuple[int, float]]:
+        """Yield (token id, seconds since the previous yield or since the call) for each new token (see steps)."""
+        for step in self.steps(prompt, sampling):
+            yield step.token_id, step.seconds
 
     def generate(self, prompt: str | list[int], sampling: SamplingConfig = SamplingConfig()) -> Generation:
         """The new tokens and their text for one prompt (text, or token ids as they are)."""
@@ -209,10 +225,9 @@ class Generator:
     def stream(self, prompt: str | list[int], sampling: SamplingConfig = SamplingConfig()) -> Iterator[str]:
         """Text deltas as tokens arrive. A delta never ends inside a multi-byte character or shows a part of a
         stop string; their concatenation is generate()'s text."""
-        row = self._row(prompt, sampling)
-        for deltas in self._run([row], sampling):
-            if deltas[0]:
-                yield deltas[0]
+        for step in self.steps(prompt, sampling):
+            if step.text:
+                yield step.text
 
     def chat(self, messages: list[dict], sampling: SamplingConfig = SamplingConfig()) -> Generation:
         """The assistant's reply to a conversation, through the model's chat template (see render_chat)."""

@@ -19,7 +19,6 @@ from edge_lora.runtime.generate import Generator
 from edge_lora.runtime.sampling import SamplingConfig
 from edge_lora.runtime.serve_metrics import ServerMetrics
 from edge_lora.runtime.serve_schema import APIError
-from edge_lora.runtime.tokenizer import StopStrings, StreamDecoder
 
 
 class WorkerPool:
@@ -146,39 +145,22 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def run(self) -> None:
-        generator, sampling = self.generator, self.sampling
-        decoder = StreamDecoder(generator.tokenizer)
-        stops = StopStrings(sampling.stop)
-        # ignore_eos generates past the model's end-of-sequence tokens, not past the request's own stop ids
-        end_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(generator.eos_ids))
+        # The generator decides the end (end-of-sequence or stop tokens, stop strings, length) and the text each
+        # token lets out; the job adds cancellation, metrics and the hand-over to the event loop.
         count, reason = 0, "length"
         running = self.metrics.active_generations.labels(self.model)
         running.inc()
         try:
-            for token, seconds in generator.tokens(self.prompt_ids, sampling):
+            for step in self.generator.steps(self.prompt_ids, self.sampling):
                 count += 1
                 self.metrics.observe_token(self.model, first=count == 1,
-                                           seconds=time.perf_counter() - self.arrived if count == 1 else seconds)
+                                           seconds=time.perf_counter() - self.arrived if count == 1 else step.seconds)
                 if self._cancelled.is_set():
                     reason = "cancelled"
                     break
-                if token in end_ids:
-                    reason = "stop"
-                    break
-                text = stops.push(decoder.push(token))
-                if text:
-                    self._emit(Piece(text))
-                if stops.stopped is not None:
-                    reason = "stop"
-                    break
-            else:
-                if count < sampling.max_new_tokens:  # the generator ended early on a stop of its own
-                    reason = "stop"
-            if reason != "cancelled" and stops.stopped is None:
-                tail = stops.push(decoder.flush())
-                tail += "" if stops.stopped is not None else stops.flush()
-                if tail:
-                    self._emit(Piece(tail))
+                if step.text:
+                    self._emit(Piece(step.text))
+                reason = step.finish_reason or reason
             self._emit(Finish(reason, count))
         except Exception as e:  # reported to the client as a 500 or a stream error; the server keeps running
             self._emit(e)

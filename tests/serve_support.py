@@ -53,8 +53,8 @@ def slow(generator, delay_s: float):
     from edge_lora.runtime.generate import Generator
 
     class SlowGenerator(Generator):
-        def tokens(self, prompt, sampling):
-            for item in super().tokens(prompt, sampling):
+        def steps(self, prompt, sampling):  # what tokens(), stream() and the server's workers iterate
+            for item in super().steps(prompt, sampling):
                 time.sleep(delay_s)
                 yield item
 
