@@ -74,6 +74,16 @@ class Live:
         return 0.0 if value is None else value
 
 
+def wait_for(condition, timeout: float = 10) -> None:
+    """Poll until condition() holds. A request's own counters are recorded after its answer's last byte has gone
+    out (the gate times the whole answer), so a client can read the answer before they move."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s")
+        time.sleep(0.01)
+
+
 @contextmanager
 def live_server(generator, base_name: str = "tiny", workers: int = 2, **settings):
     """uvicorn serving create_app() in a thread, on a free loopback port; stopped on exit as SIGTERM would."""

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from serve_support import live_server, served_export, slow  # noqa: F401 (served_export is a fixture)
+from serve_support import live_server, served_export, slow, wait_for  # noqa: F401 (served_export is a fixture)
 
 from edge_lora.runtime import SamplingConfig
 
@@ -202,9 +202,3 @@ def up(url: str) -> bool:
         return False
 
 
-def wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s")
-        time.sleep(0.01)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serve_support import live_server, rewrite_adapter, served_export, slow  # noqa: F401 (served_export is a fixture)
+from serve_support import live_server, rewrite_adapter, served_export, slow, wait_for  # noqa: F401 (served_export is a fixture)
 
 from edge_lora.runtime import SamplingConfig
 from edge_lora.runtime.package import sha256_file
@@ -232,7 +232,7 @@ def test_admin_is_off_without_an_api_key_and_needs_the_key_with_one(generator, v
         wrong = httpx.post(f"{live.url}/admin/adapters/{versions.name}", content=versions.v2.read_bytes(),
                            headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
-        assert live.metric("edge_lora_requests_total", endpoint="/admin/adapters/{name}", status="401") == 1
+        wait_for(lambda: live.metric("edge_lora_requests_total", endpoint="/admin/adapters/{name}", status="401") == 1)
         assert httpx.get(f"{live.url}/admin/adapters", headers=AUTH).json()["data"][0]["version"] == versions.ids[0]
 
 
