@@ -11,10 +11,12 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
   of a 1-step LoRA adapter (r 16, every linear layer) merged into the base.
 - `edge_lora_builder`: the same, on `edge-lora export --precision int4 --graph builder` (onnxruntime-genai's model
   builder writes the merged model: GroupQueryAttention over a KV buffer bound once per generation as past and
-  present, the tied embedding shared with the int4 head).
-- `edge_lora_adapters`: the same adapter kept apart (`--flavor adapters`), active through `with_adapter`. Its
-  export is built with the LoRA MatMuls left out of int4 quantization (`keep_lora_matmuls_unquantized`: the
-  exporter quantizes them today, which removes the adapter inputs).
+  present, the tied embedding shared with the int4 head, the head run on the prompt's last position alone).
+  Every edge-lora export quantizes int4 in blocks of `--int4-block-size`: 64 by default, as the CPU device
+  profiles do, which stores 4.5 bits a weight (fp32 scales), as Q4_0 does (fp16 scales over 32); genai's
+  builder defaults to 32 (5 bits). Larger blocks run faster and round more coarsely.
+- `edge_lora_adapters`: the same adapter kept apart (`--flavor adapters`), active through `with_adapter` (the
+  LoRA MatMuls stay fp32: the exporter leaves them out of int4 quantization).
 - `llamacpp`: llama-cpp-python's `Llama.generate` (greedy sampler, its defaults otherwise: flash attention off)
   on a GGUF written by llama.cpp's own `convert_hf_to_gguf.py` (f32) and `llama_model_quantize` to Q4_0 (its
   default mixture: the tied output/embedding tensor wants Q6_K and, 576 not being a multiple of 256, falls back
@@ -117,30 +119,13 @@ def build_adapter(work: Path, out: Path) -> None:
                       learning_rate=1e-3), show_progress=False)
 
 
-def build_export(work: Path, out: Path, flavor: str, graph: str = "optimum") -> None:
+def build_export(work: Path, out: Path, flavor: str, block_size: int, graph: str = "optimum") -> None:
     from edge_lora.export import ExportOptions, export
 
-    if flavor == "adapters":
-        keep_lora_matmuls_unquantized()
     # No parity gate: on random weights with a 1-step adapter the next-token distributions are nearly flat and
     # int4 rounding flips greedy near-ties (bench/export.py, same reason).
-    export(work / ADAPTER, out, ExportOptions(precision="int4", flavor=flavor, graph=graph, validate=False),
-           show_progress=False)
-
-
-def keep_lora_matmuls_unquantized() -> None:
-    """Work around an exporter bug for this process: at int4, edge-lora's quantize() hands the `adapters` graph to
-    MatMulNBitsQuantizer whole, which quantizes the LoRA MatMuls too (their A and B are initializers), so the
-    graph loses its lora_A/lora_B inputs and no adapter can be applied. Here the quantizer skips those nodes,
-    which is what export/onnx_graph.py's quantize() should do itself (BENCHMARKS.md, "Runtime")."""
-    import onnxruntime.quantization.matmul_nbits_quantizer as nbits
-
-    class SkipLora(nbits.MatMulNBitsQuantizer):
-        def __init__(self, model, *args, nodes_to_exclude=None, **kwargs):
-            lora = [n.name for n in model.graph.node if "/lora_A/" in n.name or "/lora_B/" in n.name]
-            super().__init__(model, *args, nodes_to_exclude=[*(nodes_to_exclude or []), *lora], **kwargs)
-
-    nbits.MatMulNBitsQuantizer = SkipLora
+    export(work / ADAPTER, out, ExportOptions(precision="int4", flavor=flavor, graph=graph, int4_block_size=block_size,
+                                              validate=False), show_progress=False)
 
 
 def llama_cpp_sources(work: Path, given: str | None) -> Path:
@@ -209,10 +194,10 @@ def build_step(step: str, work: Path, args) -> None:
     elif step == "adapter":
         build_adapter(work, tmp)
     elif step in ("edge_lora", "edge_lora_adapters"):
-        build_export(work, final, "merged" if step == "edge_lora" else "adapters")
+        build_export(work, final, "merged" if step == "edge_lora" else "adapters", args.int4_block_size)
         return
     elif step == "edge_lora_builder":
-        build_export(work, final, "merged", graph="builder")
+        build_export(work, final, "merged", args.int4_block_size, graph="builder")
         return
     elif step == "gguf":
         tmp.mkdir()
@@ -228,6 +213,12 @@ def build_step(step: str, work: Path, args) -> None:
 ARTIFACTS = {"base": "base", "adapter": ADAPTER, "edge_lora": "edge-int4", "edge_lora_builder": "edge-int4-builder",
              "edge_lora_adapters": "edge-int4-adapters",
              "gguf": "model-q4_0.gguf", "genai": "genai-int4"}
+
+
+def name_artifacts(int4_block_size: int) -> None:
+    """Suffix the edge-lora exports' dirs with their block size, so that each size is built once and kept."""
+    for system in ("edge_lora", "edge_lora_builder", "edge_lora_adapters"):
+        ARTIFACTS[system] = f"{ARTIFACTS[system].partition('-b')[0]}-b{int4_block_size}"
 
 
 def build_all(work: Path, systems: list[str]) -> None:
@@ -589,14 +580,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every system")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64, help="forced: end-of-sequence is ignored")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed generations per system")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed generations per system")
     parser.add_argument("--runs", type=int, default=7, help="timed rounds (one generation per system each)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--int4-block-size", type=int, default=64, choices=(16, 32, 64, 128),
+                        help="edge-lora's int4 block size (the CPU device profiles'; 4.5 bits a weight, as Q4_0)")
     parser.add_argument("--profile", action="store_true", help="also trace one edge-lora generation (onnxruntime profiler)")
     parser.add_argument("--llama-cpp-src", help="a llama.cpp tree with convert_hf_to_gguf.py (default: from the sdist)")
     parser.add_argument("--build", help=argparse.SUPPRESS)  # internal: build one artifact in this process
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: serve one system in this process
     args = parser.parse_args()
+    name_artifacts(args.int4_block_size)  # the children parse the same arguments, so they name the same dirs
 
     shape_name = "quick" if args.quick else "smollm2-135m"
     work = Path(args.workdir) / shape_name
@@ -651,36 +645,40 @@ def main() -> None:
     print(f"read bandwidth ({args.threads} threads, numpy sum): {bandwidth:.1f} GB/s; "
           f"load average during rounds {min(loads):.2f}–{max(loads):.2f}")
 
-    edge = results["edge_lora"]
+    edge, builder = results.get("edge_lora", {}), results.get("edge_lora_builder", {})
 
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
 
+    def over_model(system: str) -> float | None:
+        return round(results[system]["peak_rss_mb"] - model_mb[system], 1) if system in results else None
+
     summary = {
-        "shape": shape_name, "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "shape": shape_name, "edge_lora_int4_block_size": args.int4_block_size, "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         **{f"{s}_decode_tok_s": round(r["decode_tok_s"], 1) for s, r in results.items()},
         **{f"{s}_ttft_s": round(r["ttft_s"], 4) for s, r in results.items()},
         **{f"{s}_peak_rss_mb": round(r["peak_rss_mb"], 1) for s, r in results.items()},
         **({"optimum_whole_run_tok_s": round(results["optimum"]["whole_run_tok_s"], 1)} if "optimum" in results else {}),
-        "vs_llamacpp_decode": ratio(edge["decode_tok_s"], results.get("llamacpp", {}).get("decode_tok_s")),
-        "vs_genai_decode": ratio(edge["decode_tok_s"], results.get("genai", {}).get("decode_tok_s")),
-        "vs_llamacpp_ttft": ratio(edge["ttft_s"], results.get("llamacpp", {}).get("ttft_s")),
-        "vs_genai_ttft": ratio(edge["ttft_s"], results.get("genai", {}).get("ttft_s")),
-        "vs_optimum_whole_run": ratio(edge["whole_run_tok_s"], results.get("optimum", {}).get("whole_run_tok_s")),
-        "builder_vs_optimum_graph_decode": ratio(results.get("edge_lora_builder", {}).get("decode_tok_s"),
-                                                 edge["decode_tok_s"]),
-        "builder_vs_optimum_graph_ttft": ratio(results.get("edge_lora_builder", {}).get("ttft_s"), edge["ttft_s"]),
-        "builder_vs_genai_decode": ratio(results.get("edge_lora_builder", {}).get("decode_tok_s"),
-                                         results.get("genai", {}).get("decode_tok_s")),
-        "builder_vs_llamacpp_decode": ratio(results.get("edge_lora_builder", {}).get("decode_tok_s"),
-                                            results.get("llamacpp", {}).get("decode_tok_s")),
+        "vs_llamacpp_decode": ratio(edge.get("decode_tok_s"), results.get("llamacpp", {}).get("decode_tok_s")),
+        "vs_genai_decode": ratio(edge.get("decode_tok_s"), results.get("genai", {}).get("decode_tok_s")),
+        "vs_llamacpp_ttft": ratio(edge.get("ttft_s"), results.get("llamacpp", {}).get("ttft_s")),
+        "vs_genai_ttft": ratio(edge.get("ttft_s"), results.get("genai", {}).get("ttft_s")),
+        "vs_optimum_whole_run": ratio(edge.get("whole_run_tok_s"), results.get("optimum", {}).get("whole_run_tok_s")),
+        "builder_vs_optimum_graph_decode": ratio(builder.get("decode_tok_s"), edge.get("decode_tok_s")),
+        "builder_vs_optimum_graph_ttft": ratio(builder.get("ttft_s"), edge.get("ttft_s")),
+        "builder_vs_genai_decode": ratio(builder.get("decode_tok_s"), results.get("genai", {}).get("decode_tok_s")),
+        "builder_vs_llamacpp_decode": ratio(builder.get("decode_tok_s"), results.get("llamacpp", {}).get("decode_tok_s")),
+        "builder_vs_genai_ttft": ratio(builder.get("ttft_s"), results.get("genai", {}).get("ttft_s")),
+        "builder_vs_llamacpp_ttft": ratio(builder.get("ttft_s"), results.get("llamacpp", {}).get("ttft_s")),
+        "builder_rss_over_model_mb": over_model("edge_lora_builder"),
         **({"edge_lora_builder_model_mb": round(model_mb["edge_lora_builder"], 1)} if "edge_lora_builder" in model_mb else {}),
-        "adapter_vs_merged_decode": ratio(results.get("edge_lora_adapters", {}).get("decode_tok_s"), edge["decode_tok_s"]),
-        "edge_lora_model_mb": round(model_mb["edge_lora"], 1),
-        "rss_over_model_mb": round(edge["peak_rss_mb"] - model_mb["edge_lora"], 1),
+        "adapter_vs_merged_decode": ratio(results.get("edge_lora_adapters", {}).get("decode_tok_s"),
+                                          edge.get("decode_tok_s")),
+        **({"edge_lora_model_mb": round(model_mb["edge_lora"], 1)} if "edge_lora" in model_mb else {}),
+        "rss_over_model_mb": over_model("edge_lora"),
         **{f"{s}_mb_read_per_token": round(b / 1e6, 1) for s, b in per_token.items()},
         "read_bandwidth_gb_s": round(bandwidth, 1),
-        "edge_lora_bandwidth_bound_tok_s": round(bandwidth * 1e9 / per_token["edge_lora"], 1),
+        **{f"{s}_bandwidth_bound_tok_s": round(bandwidth * 1e9 / b, 1) for s, b in per_token.items()},
         "vs_anchor_llamacpp_decode": ratio(results.get("llamacpp", {}).get("decode_tok_s"), ANCHOR["llamacpp_decode_tok_s"]),
         "uncontended_runs": {s: f"{r['uncontended_runs']}/{r['runs']}" for s, r in results.items()},
         "loadavg_1min_min_max": [round(min(loads), 2), round(max(loads), 2)],

@@ -6,8 +6,9 @@ shape and threads: requests/s and p50/p99 time to first token at 1, 4 and 16 con
     .venv/bin/python bench/serve.py --quick                  # a tiny model, to check the script (under a minute)
 
 The models are bench/runtime.py's, built by its own build functions and cached in the same `--workdir`
-(bench/runtime.py's docstring says how): edge-lora serves the `edge-lora export --precision int4` of the base
-with a merged 1-step adapter, llama.cpp the base's Q4_0 GGUF. Latency does not depend on weight values.
+(bench/runtime.py's docstring says how): edge-lora serves the int4 export of the base with a merged 1-step
+adapter (by default the builder graph in blocks of 64, what `edge-lora export --device cpu-x86-64` writes for a
+Llama; `--graph optimum` for optimum's), llama.cpp the base's Q4_0 GGUF. Latency does not depend on weight values.
 
 Both servers run at once, each in its own process on a free loopback port, but only one is loaded at a time:
 
@@ -66,10 +67,16 @@ def bench_runtime():
     return module
 
 
+def export_step(args) -> str:
+    """bench/runtime.py's name for the export edge-lora serves."""
+    return "edge_lora_builder" if args.graph == "builder" else "edge_lora"
+
+
 def build_artifacts(rt, work: Path, args) -> None:
     """The base, adapter, edge-lora int4 export and Q4_0 GGUF, each built by bench/runtime.py unless cached."""
     work.mkdir(parents=True, exist_ok=True)
-    for step in ("base", "adapter", "edge_lora", "gguf"):
+    rt.name_artifacts(args.int4_block_size)
+    for step in ("base", "adapter", export_step(args), "gguf"):
         if (work / rt.ARTIFACTS[step]).exists():
             continue
         t0 = time.perf_counter()
@@ -147,7 +154,7 @@ def free_port() -> int:
 def start(name: str, work: Path, rt, args) -> Server:
     port = free_port()
     if name == "edge_lora":
-        cmd = [sys.executable, "-m", "edge_lora", "serve", str(work / rt.ARTIFACTS["edge_lora"]), "--port", str(port),
+        cmd = [sys.executable, "-m", "edge_lora", "serve", str(work / rt.ARTIFACTS[export_step(args)]), "--port", str(port),
                "--workers", str(args.workers), "--threads", str(args.threads // args.workers), "--queue-timeout", "600"]
         health, forced = "/health", {"ignore_eos": True}
     else:
@@ -275,6 +282,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (forced)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests per server")
+    parser.add_argument("--graph", choices=("builder", "optimum"), default="builder",
+                        help="the export edge-lora serves: --graph builder (what --device cpu-x86-64 writes for a "
+                             "Llama) or optimum's graph")
+    parser.add_argument("--int4-block-size", type=int, default=64, choices=(16, 32, 64, 128),
+                        help="as bench/runtime.py's (the CPU device profiles' 64 by default)")
     parser.add_argument("--llama-cpp-src", help="a llama.cpp tree with convert_hf_to_gguf.py (default: from the sdist)")
     args = parser.parse_args()
     if args.threads < 1 or args.workers < 1 or args.threads % args.workers:
@@ -288,7 +300,7 @@ def main() -> None:
     build_artifacts(rt, work, args)
 
     per_level = {c: max(args.requests, args.requests_per_client * c) for c in levels}
-    texts, lengths = prompt_texts(work / rt.ARTIFACTS["edge_lora"] / "tokenizer.json",
+    texts, lengths = prompt_texts(work / rt.ARTIFACTS[export_step(args)] / "tokenizer.json",
                                   args.warmup + sum(per_level.values()), args.prompt_tokens, seed=0)
     warm, texts = texts[:args.warmup], texts[args.warmup:]
 
@@ -359,7 +371,8 @@ def main() -> None:
     keep = ("rps", "tok_s", "ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s", "cpu_share",
             "cpu_s_per_request")
     summary = {
-        "shape": shape_name, "threads": args.threads, "edge_lora_workers": args.workers,
+        "shape": shape_name, "edge_lora_graph": args.graph, "edge_lora_int4_block_size": args.int4_block_size,
+        "threads": args.threads, "edge_lora_workers": args.workers,
         "prompt_tokens_mean": round(float(np.mean(lengths)), 1), "max_tokens": args.max_tokens,
         "requests_per_level": {str(c): per_level[c] for c in levels},
         **{f"{name}_c{c}": {k: round(v, 4) for k, v in results[name][c].items() if k in keep and v is not None}

@@ -34,6 +34,7 @@ __all__ = [
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 Flavor = Literal["merged", "adapters"]
+Graph = Literal["optimum", "builder", "auto"]
 
 # onnxruntime.get_all_providers() of onnxruntime 1.32, so that a misspelt name fails when the profile loads
 # rather than when a session is built on the device.
@@ -82,6 +83,10 @@ class DeviceProfile:
     """"merged": LoRA folded into the weights; "adapters": base graph plus adapter files chosen at run time."""
     opset: int
     """Opset of the default ONNX domain, 14 to 21."""
+    graph: Graph
+    """Who writes the graph: "optimum" (optimum's exporter, every architecture), "builder" (onnxruntime-genai's
+    model builder: fused attention, an in-place KV cache; Llama family, merged, fp32 or int4) or "auto" (the
+    builder where it applies, optimum otherwise)."""
     int4_block_size: int
     """Weights per quantization block in int4 MatMulNBits: 16, 32, 64 or 128."""
     int4_accuracy_level: int
@@ -288,6 +293,7 @@ _SCHEMA: dict[str, tuple[str, str, Callable[[object], bool]]] = {
     "precision": ("export.precision", *_one_of(get_args(Precision))),
     "flavor": ("export.flavor", *_one_of(get_args(Flavor))),
     "opset": ("export.opset", "an integer from 14 to 21", lambda v: _is_int(v) and 14 <= v <= 21),
+    "graph": ("export.graph", *_one_of(get_args(Graph))),
     "int4_block_size": ("export.int4_block_size", *_one_of((16, 32, 64, 128))),
     "int4_accuracy_level": ("export.int4_accuracy_level", *_one_of((0, 1, 2, 3, 4))),
     "budget_mb": ("memory.budget_mb", "an integer > 0 (MiB)", lambda v: _is_int(v) and v > 0),

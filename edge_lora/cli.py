@@ -121,9 +121,10 @@ def train(config_file, rank, resume, quiet, **options):
               help="MatMulNBits accuracy_level: 4 = int8 activations [default: 4, or the device profile's].")
 @click.option("--int4-head/--no-int4-head", default=True, show_default=True,
               help="Quantize the output head (and a tied embedding's MatMul) to int4 too.")
-@click.option("--graph", type=click.Choice(["optimum", "builder"]), default="optimum", show_default=True,
-              help="Graph writer: optimum's exporter, or onnxruntime-genai's model builder (fused attention, "
-                   "Llama-family, merged, fp32 or int4).")
+@click.option("--graph", type=click.Choice(["optimum", "builder", "auto"]), default=None,
+              help="Graph writer: optimum's exporter, onnxruntime-genai's model builder (fused attention, "
+                   "Llama-family, merged, fp32 or int4), or auto (the builder where it applies). Default: the "
+                   "--device profile's, else optimum.")
 @click.option("--base", default=None, help="Base model dir, if not where the adapter's manifest says.")
 @click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
@@ -141,13 +142,13 @@ def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_blo
     """
     from edge_lora import devices
 
-    options = {"merge_into": merge_into, "validate": not no_validate, "int4_head": int4_head, "graph": graph}
+    options = {"merge_into": merge_into, "validate": not no_validate, "int4_head": int4_head}
     if device:
         profile = devices.load(device)
         options |= {"precision": profile.precision, "flavor": profile.flavor, "opset": profile.opset,
-                    "device": profile.name, "int4_block_size": profile.int4_block_size,
+                    "graph": profile.graph, "device": profile.name, "int4_block_size": profile.int4_block_size,
                     "int4_accuracy_level": profile.int4_accuracy_level}
-    given = {"precision": precision, "flavor": flavor, "int4_accuracy_level": int4_accuracy_level,
+    given = {"precision": precision, "flavor": flavor, "int4_accuracy_level": int4_accuracy_level, "graph": graph,
              "int4_block_size": int(int4_block_size) if int4_block_size else None}
     options |= {k: v for k, v in given.items() if v is not None}
 

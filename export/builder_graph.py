@@ -5,6 +5,10 @@ the rotary embedding inside, SkipSimplifiedLayerNormalization) where optimum's e
 causal mask, repeat-kv and the KV Concat as chains of shape ops): 1.9× decode at one thread on the DESIGN.md
 reference shape (BENCHMARKS.md, "Runtime"). Its graph's GroupQueryAttention reads and writes the KV cache in place
 in one max-length buffer per layer, which runtime/fused.py binds as both past and present.
+
+The head runs on the last position alone unless asked for more (head_on_last_position): a prompt's prefill needs
+the logits of its last token only, and the head is the model's widest matrix (vocab × hidden: 28 M multiply-adds a
+token on the DESIGN.md reference shape, a fifth of the forward's), so a 128-token prefill ran it 127 times for nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from edge_lora.export.onnx_graph import MODEL_FILE
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 PRECISIONS = ("fp32", "int4")
 GENAI_CONFIG = "genai_config.json"
+LOGITS_START = "logits_start"  # int64 [1]: the first position the head runs on; -1 (its default) the last, 0 all
 # The inputs and outputs runtime/fused.py binds; a builder graph with any other (position_ids, inputs_embeds, ...)
 # is refused at export rather than failing on the device.
 PAST_NAMES = "past_key_values.{layer}.{kind}"
@@ -56,6 +61,11 @@ def build_graph(model, tokenizer_dir: Path, out_dir: Path, precision: str, int4_
                     "int4_algo_config": "rtn"}
         if not int4_head:
             options["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
+        if model.config.hidden_size % int4_block_size:
+            # The builder (0.13) shares a tied embedding by reshaping the head's blocks to (vocab, hidden / 2), which
+            # fails at run time when the last block is padded (hidden 576 in blocks of 128): the embedding stays
+            # a matrix of its own there.
+            options["shared_embeddings"] = False
     with tempfile.TemporaryDirectory(prefix="edge-lora-builder-") as tmp:
         hf_dir, cache_dir, built = Path(tmp) / "hf", Path(tmp) / "cache", Path(tmp) / "onnx"
         model.save_pretrained(hf_dir)
@@ -67,6 +77,7 @@ def build_graph(model, tokenizer_dir: Path, out_dir: Path, precision: str, int4_
         for name in hf_files:
             if (hf_dir / name).exists():
                 shutil.copy2(hf_dir / name, out_dir / name)
+    head_on_last_position(out_dir / MODEL_FILE)
     check_signature(out_dir / MODEL_FILE, model.config.num_hidden_layers)
     return out_dir / MODEL_FILE
 
@@ -106,13 +117,44 @@ def head_by_identity():
         Model.has_lm_head = builder_rule
 
 
+def head_on_last_position(model_path: Path) -> None:
+    """Put Slice(hidden, start=logits_start, axis 1) in front of the head; logits_start is an overridable
+    initializer (an initializer listed as a graph input), so a session run that does not bind it gets its default,
+    -1, and the logits of the last position only, and one that binds [0] gets them at every position, as the
+    parity gate and perplexity need.
+
+    onnxruntime runs every node of a graph whatever outputs a run asks for, so a second head output for all
+    positions would cost as much as the unpruned head; and the builder's own prune_lm_head (0.13) gathers position
+    -1 with a constant, which leaves no way to get the logits of every position, nor of each row's own last token
+    in a right-padded batch (runtime/fused.py asks for all positions then). Only model.onnx is rewritten: its
+    weights stay in model.onnx.data, where the external-data references point.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    graph = proto.graph
+    at, head = next((i, n) for i, n in enumerate(graph.node) if "logits" in n.output)
+    hidden, sliced = head.input[0], f"{head.input[0]}/{LOGITS_START}"
+    graph.initializer.extend([helper.make_tensor(LOGITS_START, TensorProto.INT64, [1], [-1]),
+                              helper.make_tensor(f"{LOGITS_START}/end", TensorProto.INT64, [1], [2**63 - 1]),
+                              helper.make_tensor(f"{LOGITS_START}/axis", TensorProto.INT64, [1], [1])])
+    graph.input.append(helper.make_tensor_value_info(LOGITS_START, TensorProto.INT64, [1]))
+    graph.node.insert(at, helper.make_node("Slice", [hidden, LOGITS_START, f"{LOGITS_START}/end",
+                                                     f"{LOGITS_START}/axis"], [sliced], name=f"/lm_head/{LOGITS_START}"))
+    head.input[0] = sliced
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+    onnx.save(proto, str(model_path))
+
+
 def check_signature(model_path: Path, num_layers: int) -> None:
     """The graph has the inputs and outputs runtime/fused.py binds, or the builder changed: fail the export."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     kinds = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
-    expected_in = {"input_ids", "attention_mask", *(PAST_NAMES.format(layer=i, kind=k) for i, k in kinds)}
+    expected_in = {"input_ids", "attention_mask", LOGITS_START, *(PAST_NAMES.format(layer=i, kind=k) for i, k in kinds)}
     expected_out = {"logits", *(PRESENT_NAMES.format(layer=i, kind=k) for i, k in kinds)}
     got_in, got_out = {v.name for v in graph.input}, {v.name for v in graph.output}
     if got_in != expected_in or got_out != expected_out:

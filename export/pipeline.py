@@ -6,9 +6,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from edge_lora import manifest as adapter_manifest
 from edge_lora.data import read_jsonl
@@ -24,7 +24,7 @@ from edge_lora.progress import progress_bar
 from edge_lora.runtime.package import EXPORT_MANIFEST, sha256_file
 
 Flavor = Literal["merged", "adapters"]
-Graph = Literal["optimum", "builder"]
+Graph = Literal["optimum", "builder", "auto"]
 FORMAT_VERSION = 1
 PARITY_PROMPTS = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -57,7 +57,8 @@ class ExportOptions:
     graph: Graph = "optimum"
     """Who writes the graph: "optimum", optimum's exporter (every architecture it knows, about 105 nodes a layer);
     "builder", onnxruntime-genai's model builder (Llama-family, merged, fp32 or int4: fused attention with the KV
-    cache in one shared buffer, about 14 nodes a layer, 1.9× decode)."""
+    cache in one shared buffer, about 14 nodes a layer, 1.9× decode); "auto", the builder where it writes the
+    architecture, flavor and precision asked for, optimum's exporter otherwise (export.json records which)."""
 
     def __post_init__(self):
         problems = []
@@ -71,8 +72,8 @@ class ExportOptions:
             problems.append(f"int4_accuracy_level {self.int4_accuracy_level} is not one of 0, 1, 2, 3, 4")
         if self.int4_block_size not in (16, 32, 64, 128):
             problems.append(f"int4_block_size {self.int4_block_size} is not one of 16, 32, 64, 128")
-        if self.graph not in ("optimum", "builder"):
-            problems.append(f"graph {self.graph!r} is not one of optimum, builder")
+        if self.graph not in get_args(Graph):
+            problems.append(f"graph {self.graph!r} is not one of {', '.join(get_args(Graph))}")
         if self.graph == "builder" and self.flavor != "merged":
             problems.append(f"graph builder writes flavor merged only, got {self.flavor!r} — use --graph optimum for adapters")
         if self.graph == "builder" and self.precision not in BUILDER_PRECISIONS:
@@ -80,6 +81,13 @@ class ExportOptions:
                             "use --graph optimum for it")
         if problems:
             raise UsageError("bad export options: " + "; ".join(problems))
+
+
+def auto_graph(model_type: str | None, options: ExportOptions) -> str:
+    """The builder's graph where it writes this architecture, flavor and precision; optimum's otherwise."""
+    fits = (model_type in builder_graph.MODEL_TYPES and options.flavor == "merged"
+            and options.precision in BUILDER_PRECISIONS)
+    return "builder" if fits else "optimum"
 
 
 class ParityError(UsageError):
@@ -105,6 +113,8 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
         raise UsageError(f"output {output} already exists — choose another --output or pass --overwrite")
     model_dir = base_dir_of(dirs[0], manifests[0], base, force)
     model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if options.graph == "auto":
+        options = replace(options, graph=auto_graph(model_type, options))
     if options.graph == "builder":
         builder_graph.check_supported(model_type, model_dir)
     elif model_type not in (supported := supported_model_types()):

@@ -47,12 +47,12 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
     # what onnxruntime raises for a model file it cannot load: truncated, empty, not ONNX, gone
     unloadable = (ort_state.InvalidProtobuf, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.NoSuchFile,
                   ort_state.NoModel, ort_state.Fail)
-    # An `adapters` export's LoRA inputs are overridable initializers, about which onnxruntime warns once per
-    # input at load (they are not constants, by design): only errors are logged for it.
+    # An `adapters` export's LoRA inputs and a builder graph's logits_start are overridable initializers, about which
+    # onnxruntime warns once each at load (they are not constants, by design): only errors are logged for those.
     try:
         session = make_session(export.model_path, chosen, threads=threads,
                                graph_optimization=profile.graph_optimization, profile_file_prefix=profile_file_prefix,
-                               log_severity=3 if export.manifest["flavor"] == "adapters" else 2)
+                               log_severity=3 if overridable_initializers(export.manifest) else 2)
     except unloadable as e:
         raise ExportError(f"{export.model_path} cannot be loaded by onnxruntime ({first_line(e)}) — the file is "
                           "missing or corrupt; re-run edge-lora export") from None
@@ -62,6 +62,10 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
         raise ExportError(f"{export.tokenizer_path} cannot be read by tokenizers ({first_line(e)}) — the file is "
                           "missing or corrupt; re-run edge-lora export") from None
     return Generator(export, session, tokenizer, load_adapters(export))
+
+
+def overridable_initializers(manifest: dict) -> bool:
+    return manifest["flavor"] == "adapters" or manifest.get("graph") == "builder"
 
 
 def first_line(error: Exception) -> str:

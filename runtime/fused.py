@@ -10,12 +10,20 @@ attention_mask, and the rotary positions from seqlens_k: there is no position_id
 A batch is right-padded: each row's prompt starts at position 0 of its buffer and its tokens follow its own prompt,
 where GroupQueryAttention puts them; the padding's keys sit past the row's length, where they are never read, and
 are overwritten by the row's next tokens.
+
+An export since the head was pruned has an overridable initializer `logits_start` in front of its head
+(export/builder_graph.py): bound to -1 the head runs on each run's last position alone, to 0 on all of them. A
+prefill binds -1 when the last position is every row's last token (one row, or rows of one length), 0 otherwise
+and when all positions are asked for; a decode step has one position either way. Graphs without it run the head
+on every position.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+
+LOGITS_START = "logits_start"  # export/builder_graph.py's name; the runtime does not import export
 
 
 class SharedCache:
@@ -49,25 +57,31 @@ class SharedCache:
                 self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
                 self.buffers.append(buffer)
         self.vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == "logits")
+        # bound as OrtValues: IOBinding's bind_cpu_input looks names up among get_inputs(), which omits initializers
+        self.starts = {start: ort.OrtValue.ortvalue_from_numpy(np.array([start], dtype=np.int64)) for start in (-1, 0)}
+        self.prunable = LOGITS_START in {i.name for i in session.get_overridable_initializers()}
         self.logits = np.empty((batch, 1, self.vocab), dtype=np.float32)  # (batch, 1, vocab): each decode step's
 
     def prefill(self, all_positions: bool = False) -> np.ndarray:
         """Run every row's prompt: logits (batch, vocab) at each row's last prompt token, or with `all_positions`
         (batch, width, vocab) at every position (those past a row's length are padding's)."""
-        logits = np.empty((*self.ids.shape, self.vocab), dtype=np.float32)  # (batch, width, vocab)
-        self._run(self.ids, self.mask[:, :self.width], logits)
+        last_only = self.prunable and not all_positions and bool((self.lengths == self.width).all())
+        logits = np.empty((len(self.lengths), 1 if last_only else self.width, self.vocab), dtype=np.float32)
+        self._run(self.ids, self.mask[:, :self.width], logits, -1 if last_only else 0)
         if all_positions:
             return logits
-        return logits[np.arange(len(self.lengths)), self.lengths - 1]
+        return logits[:, 0] if last_only else logits[np.arange(len(self.lengths)), self.lengths - 1]
 
     def step(self, tokens: list[int], n: int) -> np.ndarray:
         """Run the n-th new token of each row (n from 0); logits (batch, vocab) after it."""
         self.mask[np.arange(len(self.lengths)), self.lengths + n] = 1
-        self._run(np.array(tokens, dtype=np.int64)[:, None], self.mask[:, :self.width + n + 1], self.logits)
+        self._run(np.array(tokens, dtype=np.int64)[:, None], self.mask[:, :self.width + n + 1], self.logits, -1)
         return self.logits[:, 0].copy()
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray) -> None:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, start: int) -> None:
         # Contiguous arrays are bound where they lie; the sliced mask is copied (batch × positions int64, small).
+        if self.prunable:
+            self.binding.bind_ortvalue_input(LOGITS_START, self.starts[start])
         self.binding.bind_cpu_input("input_ids", ids)
         self.binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
