@@ -17,6 +17,7 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
   builder defaults to 32 (5 bits). Larger blocks run faster and round more coarsely.
 - `edge_lora_adapters`: the same adapter kept apart (`--flavor adapters`), active through `with_adapter` (the
   LoRA MatMuls stay fp32: the exporter leaves them out of int4 quantization).
+- `edge_lora_builder_adapters`: the same, on the builder graph (`--flavor adapters --graph builder`).
 - `llamacpp`: llama-cpp-python's `Llama.generate` (greedy sampler, its defaults otherwise: flash attention off)
   on a GGUF written by llama.cpp's own `convert_hf_to_gguf.py` (f32) and `llama_model_quantize` to Q4_0 (its
   default mixture: the tied output/embedding tensor wants Q6_K and, 576 not being a multiple of 256, falls back
@@ -67,7 +68,8 @@ QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 # DESIGN.md anchors (2-core AMD EPYC, reference shape, prompt 128, 64 new tokens, 2 threads).
 ANCHOR = {"llamacpp_decode_tok_s": 197.0, "llamacpp_ttft_s": 0.14, "genai_decode_tok_s": (112.0, 125.0),
           "genai_ttft_s": 0.31, "optimum_whole_run_tok_s": 30.0}
-SYSTEMS = ("edge_lora", "edge_lora_builder", "edge_lora_adapters", "llamacpp", "genai", "optimum")
+SYSTEMS = ("edge_lora", "edge_lora_builder", "edge_lora_adapters", "edge_lora_builder_adapters", "llamacpp", "genai",
+           "optimum")
 MIN_UNCONTENDED = 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0–3, as edge_lora.tiny's configs expect
 ADAPTER = "adapter"  # the adapter dir's name, which names the adapter in an `adapters` export
@@ -193,11 +195,9 @@ def build_step(step: str, work: Path, args) -> None:
         build_base(tmp, QUICK if args.quick else REFERENCE)
     elif step == "adapter":
         build_adapter(work, tmp)
-    elif step in ("edge_lora", "edge_lora_adapters"):
-        build_export(work, final, "merged" if step == "edge_lora" else "adapters", args.int4_block_size)
-        return
-    elif step == "edge_lora_builder":
-        build_export(work, final, "merged", args.int4_block_size, graph="builder")
+    elif step in EXPORT_ARTIFACTS:
+        build_export(work, final, "adapters" if step.endswith("_adapters") else "merged", args.int4_block_size,
+                     graph="builder" if "builder" in step else "optimum")
         return
     elif step == "gguf":
         tmp.mkdir()
@@ -210,25 +210,21 @@ def build_step(step: str, work: Path, args) -> None:
     os.replace(tmp, final)
 
 
-ARTIFACTS = {"base": "base", "adapter": ADAPTER, "edge_lora": "edge-int4", "edge_lora_builder": "edge-int4-builder",
-             "edge_lora_adapters": "edge-int4-adapters",
-             "gguf": "model-q4_0.gguf", "genai": "genai-int4"}
+EXPORT_ARTIFACTS = {"edge_lora": "edge-int4", "edge_lora_builder": "edge-int4-builder",
+                    "edge_lora_adapters": "edge-int4-adapters", "edge_lora_builder_adapters": "edge-int4-builder-adapters"}
+# each suffixed with its block size (name_artifacts)
+ARTIFACTS = {"base": "base", "adapter": ADAPTER, **EXPORT_ARTIFACTS, "gguf": "model-q4_0.gguf", "genai": "genai-int4"}
 
 
 def name_artifacts(int4_block_size: int) -> None:
     """Suffix the edge-lora exports' dirs with their block size, so that each size is built once and kept."""
-    for system in ("edge_lora", "edge_lora_builder", "edge_lora_adapters"):
-        ARTIFACTS[system] = f"{ARTIFACTS[system].partition('-b')[0]}-b{int4_block_size}"
+    for system, name in EXPORT_ARTIFACTS.items():
+        ARTIFACTS[system] = f"{name}-b{int4_block_size}"
 
 
 def build_all(work: Path, systems: list[str]) -> None:
-    needed = ["base", "adapter", "edge_lora", "edge_lora_builder", "edge_lora_adapters", "gguf", "genai"]
-    if "edge_lora_builder" not in systems:
-        needed.remove("edge_lora_builder")
-    if "llamacpp" not in systems:
-        needed.remove("gguf")
-    if "genai" not in systems:
-        needed.remove("genai")
+    artifact = {"llamacpp": "gguf", "optimum": "edge_lora"}  # the others' artifacts have their names
+    needed = ["base", "adapter", *dict.fromkeys(artifact.get(s, s) for s in systems)]
     for step in needed:
         if (work / ARTIFACTS[step]).exists():
             continue
@@ -237,7 +233,7 @@ def build_all(work: Path, systems: list[str]) -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"building {step} failed:\n{proc.stdout[-4000:]}")
-        print(f"built {step:19} {time.perf_counter() - t0:6.1f} s  → {work / ARTIFACTS[step]}", flush=True)
+        print(f"built {step:26} {time.perf_counter() - t0:6.1f} s  → {work / ARTIFACTS[step]}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- systems
@@ -252,7 +248,7 @@ def open_edge_lora(work: Path, args, system: str):
     from edge_lora import runtime
 
     g = runtime.load(work / ARTIFACTS[system], threads=args.threads)
-    adapters = system == "edge_lora_adapters"
+    adapters = system.endswith("_adapters")
     if adapters:
         g = g.with_adapter(ADAPTER)
     sampling = runtime.SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -355,6 +351,7 @@ def serve_child(system: str, work: Path, args) -> None:
     run = {"edge_lora": lambda: open_edge_lora(work, args, "edge_lora"),
            "edge_lora_builder": lambda: open_edge_lora(work, args, "edge_lora_builder"),
            "edge_lora_adapters": lambda: open_edge_lora(work, args, "edge_lora_adapters"),
+           "edge_lora_builder_adapters": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters"),
            "llamacpp": lambda: open_llamacpp(work, args), "genai": lambda: open_genai(work, args),
            "optimum": lambda: open_optimum(work, args)}[system]()
     for i in range(args.warmup):
@@ -408,7 +405,7 @@ def measure(work: Path, systems: list[str], args) -> tuple[dict, list[float]]:
     for system in systems:
         t0 = time.perf_counter()
         children[system] = Child(system, work, argv)
-        print(f"ready {system:19} {time.perf_counter() - t0:6.1f} s (load + {args.warmup} warm-up runs)", flush=True)
+        print(f"ready {system:26} {time.perf_counter() - t0:6.1f} s (load + {args.warmup} warm-up runs)", flush=True)
     samples = {s: [] for s in systems}
     loads = []
     for r in range(args.runs):
@@ -615,31 +612,27 @@ def main() -> None:
     print(f"raw samples: {raw}")
     bandwidth = read_bandwidth_gb_s(args.threads)
 
-    edge_model = work / ARTIFACTS["edge_lora"] / "model.onnx"
-    model_mb = {"edge_lora": files_mb(edge_model, edge_model.with_name("model.onnx.data")),
-                "edge_lora_adapters": files_mb(*(work / ARTIFACTS["edge_lora_adapters"]).glob("model.onnx*")),
-                "llamacpp": files_mb(work / ARTIFACTS["gguf"]),
-                "genai": files_mb(*(work / ARTIFACTS["genai"]).glob("model.onnx*"))}
-    adapters_dir = work / ARTIFACTS["edge_lora_adapters"]
-    per_token = {"edge_lora": onnx_bytes_per_token(edge_model),
-                 # the graph's LoRA initializers are empty placeholders: the active adapter's A and B are read instead
-                 "edge_lora_adapters": onnx_bytes_per_token(adapters_dir / "model.onnx")
-                 + sum(p.stat().st_size for p in (adapters_dir / "adapters").iterdir())}
-    if "edge_lora_builder" in systems:
-        builder_dir = work / ARTIFACTS["edge_lora_builder"]
-        model_mb["edge_lora_builder"] = files_mb(*builder_dir.glob("model.onnx*"))
-        per_token["edge_lora_builder"] = onnx_bytes_per_token(builder_dir / "model.onnx")
+    model_mb, per_token = {}, {}
+    for system in [s for s in EXPORT_ARTIFACTS if s in systems or (s == "edge_lora" and "optimum" in systems)]:
+        export_dir = work / ARTIFACTS[system]
+        model_mb[system] = files_mb(*export_dir.glob("model.onnx*"))
+        # an adapters graph's LoRA initializers are empty placeholders: the active adapter's A and B are read instead
+        per_token[system] = onnx_bytes_per_token(export_dir / "model.onnx") + sum(
+            p.stat().st_size for p in (export_dir / "adapters").glob("*.onnx_adapter"))
+    if "llamacpp" in systems:
+        model_mb["llamacpp"] = files_mb(work / ARTIFACTS["gguf"])
     if "genai" in systems:
+        model_mb["genai"] = files_mb(*(work / ARTIFACTS["genai"]).glob("model.onnx*"))
         per_token["genai"] = onnx_bytes_per_token(work / ARTIFACTS["genai"] / "model.onnx")
     if "llamacpp" in systems:
         per_token["llamacpp"] = gguf_bytes_per_token(work / ARTIFACTS["gguf"],
                                                      llama_cpp_sources(work, args.llama_cpp_src))
 
-    print(f"\n{'system':19} {'TTFT s':>8} {'decode tok/s':>12} {'whole tok/s':>11} {'peak RSS MB':>11} "
+    print(f"\n{'system':26} {'TTFT s':>8} {'decode tok/s':>12} {'whole tok/s':>11} {'peak RSS MB':>11} "
           f"{'model MB':>8} {'MB/token':>8} {'bound tok/s':>11} {'quiet runs':>10}")
     for s, r in results.items():
         mb = per_token.get(s, 0) / 1e6
-        print(f"{s:19} {r['ttft_s']:8.3f} {r['decode_tok_s']:12.1f} {r['whole_run_tok_s']:11.1f} {r['peak_rss_mb']:11.0f} "
+        print(f"{s:26} {r['ttft_s']:8.3f} {r['decode_tok_s']:12.1f} {r['whole_run_tok_s']:11.1f} {r['peak_rss_mb']:11.0f} "
               f"{model_mb.get(s, 0):8.1f} {mb:8.1f} {bandwidth * 1e3 / mb if mb else 0:11.0f} "
               f"{r['uncontended_runs']:>4}/{r['runs']}")
     print(f"read bandwidth ({args.threads} threads, numpy sum): {bandwidth:.1f} GB/s; "
@@ -674,6 +667,8 @@ def main() -> None:
         **({"edge_lora_builder_model_mb": round(model_mb["edge_lora_builder"], 1)} if "edge_lora_builder" in model_mb else {}),
         "adapter_vs_merged_decode": ratio(results.get("edge_lora_adapters", {}).get("decode_tok_s"),
                                           edge.get("decode_tok_s")),
+        "builder_adapter_vs_merged_decode": ratio(results.get("edge_lora_builder_adapters", {}).get("decode_tok_s"),
+                                                  builder.get("decode_tok_s")),
         **({"edge_lora_model_mb": round(model_mb["edge_lora"], 1)} if "edge_lora" in model_mb else {}),
         "rss_over_model_mb": over_model("edge_lora"),
         **{f"{s}_mb_read_per_token": round(b / 1e6, 1) for s, b in per_token.items()},

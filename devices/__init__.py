@@ -85,7 +85,7 @@ class DeviceProfile:
     """Opset of the default ONNX domain, 14 to 21."""
     graph: Graph
     """Who writes the graph: "optimum" (optimum's exporter, every architecture), "builder" (onnxruntime-genai's
-    model builder: fused attention, an in-place KV cache; Llama family, merged, fp32 or int4) or "auto" (the
+    model builder: fused attention, an in-place KV cache; Llama family, fp32 or int4) or "auto" (the
     builder where it applies, optimum otherwise)."""
     int4_block_size: int
     """Weights per quantization block in int4 MatMulNBits: 16, 32, 64 or 128."""

@@ -123,7 +123,7 @@ def train(config_file, rank, resume, quiet, **options):
               help="Quantize the output head (and a tied embedding's MatMul) to int4 too.")
 @click.option("--graph", type=click.Choice(["optimum", "builder", "auto"]), default=None,
               help="Graph writer: optimum's exporter, onnxruntime-genai's model builder (fused attention, "
-                   "Llama-family, merged, fp32 or int4), or auto (the builder where it applies). Default: the "
+                   "Llama-family, fp32 or int4), or auto (the builder where it applies). Default: the "
                    "--device profile's, else optimum.")
 @click.option("--base", default=None, help="Base model dir, if not where the adapter's manifest says.")
 @click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")

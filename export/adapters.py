@@ -29,54 +29,66 @@ def scope_name(module: str) -> str:
 
 
 def add_lora_inputs(model_proto, modules: dict[str, tuple[int, int]]):
-    """Give each of `modules` ({module name: (in_features, out_features)}) a LoRA branch fed by graph inputs.
+    """Give each of `modules` ({module name: (in_features, out_features)}) a LoRA branch fed by graph inputs, on a
+    graph of optimum's exporter (one MatMul per module, named by its torch scope).
 
     Modifies and returns `model_proto`. A module whose MatMul is missing from the graph raises ValueError.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     graph = model_proto.graph
-    elem = TensorProto.FLOAT  # fp32 here; a later fp16 conversion turns these inputs to fp16 with the rest
     by_name = {node.name: node for node in graph.node}
     new_nodes = []
     for module, (fan_in, fan_out) in sorted(modules.items()):
         node = by_name.get(f"{scope_name(module)}/MatMul")
         if node is None:
             raise ValueError(f"no MatMul node for {module} (looked for {scope_name(module)}/MatMul) in the exported graph")
-        a_name, b_name = input_names(module)
-        base_out = node.output[0]
-        down, up = f"{base_out}/lora_down", f"{base_out}/lora_up"
-        summed = f"{base_out}/with_lora"
-        for consumer in graph.node:  # rewire every reader of the base product to the sum
-            for i, name in enumerate(consumer.input):
-                if name == base_out:
-                    consumer.input[i] = summed
-        for i, out in enumerate(graph.output):
-            if out.name == base_out:
-                raise ValueError(f"{module}'s MatMul output is a graph output; cannot add a LoRA branch")
-        new_nodes += [
-            helper.make_node("MatMul", [node.input[0], a_name], [down], name=f"{scope_name(module)}/lora_A/MatMul"),
-            helper.make_node("MatMul", [down, b_name], [up], name=f"{scope_name(module)}/lora_B/MatMul"),
-            helper.make_node("Add", [base_out, up], [summed], name=f"{scope_name(module)}/lora/Add"),
-        ]
-        # Overridable initializers: graph inputs whose rank-0 defaults apply when nothing feeds them, so that
-        # with no adapter active — or for a layer the active adapter leaves alone — the branch adds zeros.
-        # One rank dimension per layer: an adapter may leave some layers at rank 0 while others have rank r, and
-        # onnxruntime plans buffers as if equal dimension names meant equal sizes.
-        rank = f"{module}.{RANK_DIM}"
-        graph.input.extend([
-            helper.make_tensor_value_info(a_name, elem, [fan_in, rank]),
-            helper.make_tensor_value_info(b_name, elem, [rank, fan_out]),
-        ])
-        graph.initializer.extend([
-            numpy_helper.from_array(np.zeros((fan_in, 0), dtype=np.float32), a_name),
-            numpy_helper.from_array(np.zeros((0, fan_out), dtype=np.float32), b_name),
-        ])
+        branch, delta = lora_branch(graph, module, fan_in, fan_out, node.input[0], scope_name(module))
+        new_nodes += [*branch, add_to_product(graph, node, delta, scope_name(module))]
     graph.node.extend(new_nodes)
     _topological_sort(graph)
     onnx.checker.check_model(model_proto)
     return model_proto
+
+
+def lora_branch(graph, module: str, fan_in: int, fan_out: int, x: str, scope: str) -> tuple[list, str]:
+    """(x @ A) @ B for one module, A and B graph inputs declared here: its two MatMul nodes and the name of its
+    (…, fan_out) output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    a_name, b_name = input_names(module)
+    down, up = f"{scope}/lora_down", f"{scope}/lora_up"
+    # Overridable initializers: graph inputs whose rank-0 defaults apply when nothing feeds them, so that
+    # with no adapter active — or for a layer the active adapter leaves alone — the branch adds zeros.
+    # One rank dimension per layer: an adapter may leave some layers at rank 0 while others have rank r, and
+    # onnxruntime plans buffers as if equal dimension names meant equal sizes. fp32 here; a later fp16
+    # conversion turns these inputs to fp16 with the rest.
+    rank = f"{module}.{RANK_DIM}"
+    graph.input.extend([
+        helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [fan_in, rank]),
+        helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, fan_out]),
+    ])
+    graph.initializer.extend([
+        numpy_helper.from_array(np.zeros((fan_in, 0), dtype=np.float32), a_name),
+        numpy_helper.from_array(np.zeros((0, fan_out), dtype=np.float32), b_name),
+    ])
+    return [helper.make_node("MatMul", [x, a_name], [down], name=f"{scope}/lora_A/MatMul"),
+            helper.make_node("MatMul", [down, b_name], [up], name=f"{scope}/lora_B/MatMul")], up
+
+
+def add_to_product(graph, node, delta: str, scope: str):
+    """The Add of `delta` to `node`'s output, with every reader of that output rewired to the sum."""
+    from onnx import helper
+
+    base_out = node.output[0]
+    if any(out.name == base_out for out in graph.output):
+        raise ValueError(f"{node.name}'s output is a graph output; cannot add a LoRA branch")
+    summed = f"{base_out}/with_lora"
+    for consumer in graph.node:
+        for i, name in enumerate(consumer.input):
+            if name == base_out:
+                consumer.input[i] = summed
+    return helper.make_node("Add", [base_out, delta], [summed], name=f"{scope}/lora/Add")
 
 
 def _topological_sort(graph) -> None:

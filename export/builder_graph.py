@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -145,6 +146,62 @@ def head_on_last_position(model_path: Path) -> None:
     head.input[0] = sliced
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+    onnx.save(proto, str(model_path))
+
+
+MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")  # a PEFT target's module name
+QKV = ("q_proj", "k_proj", "v_proj")  # the builder packs them, in this order, into one qkv_proj MatMul
+
+
+def add_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]], config) -> None:
+    """The `adapters` flavor of a builder graph: each of `modules` ({module name: (in, out)}) gets the LoRA branch
+    of export/adapters.py, its A and B overridable graph inputs (rank 0, adding zeros, when no adapter feeds them).
+
+    The builder names each projection's MatMul (MatMulNBits at int4, named …/MatMul_Q4) by layer and role, and packs
+    q, k and v into one qkv_proj: there the branches of q, k and v are concatenated along the output and added to
+    the packed product, so all three get inputs when any of them is adapted (an adapter of q and v leaves k's at
+    rank 0). The LoRA MatMuls stay fp32, as in the optimum graph's adapters flavor. Only model.onnx is rewritten.
+    """
+    import onnx
+    from onnx import helper
+
+    from edge_lora.export.adapters import _topological_sort, add_to_product, lora_branch
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    graph = proto.graph
+    products = {re.sub(r"_Q\d+$", "", n.name): n for n in graph.node if n.op_type in ("MatMul", "MatMulNBits")}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    qkv_out = {"q_proj": config.num_attention_heads * head_dim, "k_proj": config.num_key_value_heads * head_dim,
+               "v_proj": config.num_key_value_heads * head_dim}
+    targets: dict[str, list[str]] = {}  # builder scope → the modules whose branches add to its product, in order
+    for module in sorted(modules):
+        match = MODULE.fullmatch(module)
+        if match is None:
+            raise ValueError(f"{module}: the builder graph has no place for a LoRA branch there (decoder layers' "
+                             "attention and MLP projections only)")
+        layer, role, proj = match.groups()
+        packed = f"/model/layers.{layer}/attn/qkv_proj"
+        if proj in QKV and f"{packed}/MatMul" in products:
+            targets[packed] = [f"model.layers.{layer}.self_attn.{p}" for p in QKV]
+        else:
+            targets[f"/model/layers.{layer}/{'attn' if role == 'self_attn' else 'mlp'}/{proj}"] = [module]
+    new_nodes = []
+    for scope, parts in targets.items():
+        node = products.get(f"{scope}/MatMul")
+        if node is None:
+            raise ValueError(f"no MatMul for {', '.join(parts)} in the builder graph (looked for {scope}/MatMul)")
+        deltas = []
+        for module in parts:
+            fan_in, fan_out = modules.get(module) or (config.hidden_size, qkv_out[module.rpartition(".")[2]])
+            branch, delta = lora_branch(graph, module, fan_in, fan_out, node.input[0], f"{scope}/{module}")
+            new_nodes += branch
+            deltas.append(delta)
+        if len(deltas) > 1:
+            new_nodes.append(helper.make_node("Concat", deltas, [f"{scope}/lora_up"], axis=-1, name=f"{scope}/lora/Concat"))
+            deltas = [f"{scope}/lora_up"]
+        new_nodes.append(add_to_product(graph, node, deltas[0], scope))
+    graph.node.extend(new_nodes)
+    _topological_sort(graph)
     onnx.save(proto, str(model_path))
 
 

@@ -56,9 +56,9 @@ class ExportOptions:
     """Run the parity gate and refuse an export that fails it."""
     graph: Graph = "optimum"
     """Who writes the graph: "optimum", optimum's exporter (every architecture it knows, about 105 nodes a layer);
-    "builder", onnxruntime-genai's model builder (Llama-family, merged, fp32 or int4: fused attention with the KV
-    cache in one shared buffer, about 14 nodes a layer, 1.9× decode); "auto", the builder where it writes the
-    architecture, flavor and precision asked for, optimum's exporter otherwise (export.json records which)."""
+    "builder", onnxruntime-genai's model builder (Llama-family, fp32 or int4: fused attention with the KV cache in
+    one shared buffer, about 14 nodes a layer, 1.9× decode); "auto", the builder where it writes the architecture
+    and precision asked for, optimum's exporter otherwise (export.json records which)."""
 
     def __post_init__(self):
         problems = []
@@ -74,8 +74,6 @@ class ExportOptions:
             problems.append(f"int4_block_size {self.int4_block_size} is not one of 16, 32, 64, 128")
         if self.graph not in get_args(Graph):
             problems.append(f"graph {self.graph!r} is not one of {', '.join(get_args(Graph))}")
-        if self.graph == "builder" and self.flavor != "merged":
-            problems.append(f"graph builder writes flavor merged only, got {self.flavor!r} — use --graph optimum for adapters")
         if self.graph == "builder" and self.precision not in BUILDER_PRECISIONS:
             problems.append(f"graph builder writes precision {' or '.join(BUILDER_PRECISIONS)}, got {self.precision!r} — "
                             "use --graph optimum for it")
@@ -84,9 +82,8 @@ class ExportOptions:
 
 
 def auto_graph(model_type: str | None, options: ExportOptions) -> str:
-    """The builder's graph where it writes this architecture, flavor and precision; optimum's otherwise."""
-    fits = (model_type in builder_graph.MODEL_TYPES and options.flavor == "merged"
-            and options.precision in BUILDER_PRECISIONS)
+    """The builder's graph where it writes this architecture and precision; optimum's otherwise."""
+    fits = model_type in builder_graph.MODEL_TYPES and options.precision in BUILDER_PRECISIONS
     return "builder" if fits else "optimum"
 
 
@@ -137,6 +134,8 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
             if options.graph == "builder":
                 builder_graph.build_graph(model, model_dir, final, options.precision, options.int4_block_size,
                                           options.int4_accuracy_level, options.int4_head, TOKENIZER_FILES)
+                if options.flavor == "adapters":
+                    builder_graph.add_lora_inputs(final / MODEL_FILE, lora_modules(reference), model.config)
                 advance(1, "builder graph")
             else:
                 fp32_dir = work / "fp32"
@@ -235,18 +234,24 @@ def reference_prompt_ids(tokenizer_dir: Path, manifest: dict) -> list[list[int]]
     return [tokenizer(p)["input_ids"] for p in parity_prompts(manifest)]
 
 
+def lora_modules(reference) -> dict[str, tuple[int, int]]:
+    """{base module name: (in_features, out_features)} of every layer any adapter adapts."""
+    from peft.tuners.lora import LoraLayer
+
+    from edge_lora.export.merge import base_param_name
+
+    return {base_param_name(name).removesuffix(".weight"): (layer.in_features, layer.out_features)
+            for name, layer in reference.named_modules() if isinstance(layer, LoraLayer)}
+
+
 def add_lora_to_graph(graph_path: Path, reference) -> None:
     """Rewrite the exported base graph in place with LoRA inputs for every layer any adapter adapts."""
     import onnx
-    from peft.tuners.lora import LoraLayer
 
     from edge_lora.export.adapters import add_lora_inputs
-    from edge_lora.export.merge import base_param_name
     from edge_lora.export.onnx_graph import save_model
 
-    modules = {base_param_name(name).removesuffix(".weight"): (layer.in_features, layer.out_features)
-               for name, layer in reference.named_modules() if isinstance(layer, LoraLayer)}
-    save_model(add_lora_inputs(onnx.load(str(graph_path)), modules), graph_path)
+    save_model(add_lora_inputs(onnx.load(str(graph_path)), lora_modules(reference)), graph_path)
 
 
 def write_adapters(export_dir: Path, reference, names: list[str], dirs: list[Path], manifests: list[dict],

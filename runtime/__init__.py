@@ -74,14 +74,10 @@ def first_line(error: Exception) -> str:
 
 
 def load_adapters(export: ExportDir) -> dict:
-    """Every adapter of an `adapters` export, memory-mapped once: {name: LoraAdapter}."""
-    import onnxruntime as ort
+    """Every adapter of an `adapters` export, loaded once: {name: lora.Adapter}."""
+    from edge_lora.runtime.lora import Adapter
 
-    adapters = {}
-    for name, entry in export.manifest.get("adapters", {}).items():
-        adapters[name] = ort.LoraAdapter()
-        adapters[name].Load(str(export.path / entry["file"]))
-    return adapters
+    return {name: Adapter(export.path / entry["file"]) for name, entry in export.manifest.get("adapters", {}).items()}
 
 
 def device_profile(export: ExportDir, device: str | None = None):

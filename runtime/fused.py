@@ -30,9 +30,10 @@ class SharedCache:
     """One generation's KV cache on a builder graph, and the session runs that fill it."""
 
     def __init__(self, session: ort.InferenceSession, num_layers: int, kv_shape: tuple[int, int],
-                 prompts: list[list[int]], max_new_tokens: int, run_options: ort.RunOptions | None = None):
+                 prompts: list[list[int]], max_new_tokens: int, adapter_inputs: dict[str, ort.OrtValue] | None = None):
+        """`adapter_inputs`: an active adapter's tensors ({LoRA input name: OrtValue}, lora.Adapter.tensors), bound
+        for the whole generation; LoRA inputs left unbound keep their rank-0 defaults, the base model."""
         self.session = session
-        self.run_options = run_options
         self.lengths = np.array([len(p) for p in prompts])  # (batch,) tokens of each row in its buffer
         batch, width = len(prompts), int(self.lengths.max())
         # (batch, width), right-padded with token 0 (generate.PAD_ID): no real token attends to the padding
@@ -47,6 +48,8 @@ class SharedCache:
         inputs = {i.name: i for i in session.get_inputs()}
         dtype = np.float16 if inputs["past_key_values.0.key"].type == "tensor(float16)" else np.float32
         self.binding = session.io_binding()
+        for name, value in (adapter_inputs or {}).items():
+            self.binding.bind_ortvalue_input(name, value)
         self.buffers = []  # numpy arrays the OrtValues wrap in place; kept alive as long as the binding
         for layer in range(num_layers):
             for kind in ("key", "value"):
@@ -85,4 +88,4 @@ class SharedCache:
         self.binding.bind_cpu_input("input_ids", ids)
         self.binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        self.session.run_with_iobinding(self.binding, self.run_options)
+        self.session.run_with_iobinding(self.binding)

@@ -85,15 +85,16 @@ class Generator:
         """"optimum": a cache handed from present.* to past.* (_GrowingCache); "builder": one shared KV buffer per
         layer and kind, bound once per generation (fused.SharedCache)."""
         self.adapters = adapters or {}
-        """Loaded adapters by name (onnxruntime LoraAdapter, memory-mapped)."""
+        """Loaded adapters by name (lora.Adapter)."""
         self.adapter: str | None = None
-        self._run_options = None
+        self._run_options = None  # with the active adapter, for session.run (the optimum graph)
+        self._adapter_inputs: dict = {}  # the active adapter's tensors, for IOBinding (the builder graph)
 
     def with_adapter(self, name: str | None, adapter=None) -> Generator:
         """A generator on the same session and memory-mapped adapters with `name` active (None: the base model).
 
         Switching costs no reload: the adapter's tensors are fed as graph inputs on each run. `adapter`, a loaded
-        onnxruntime LoraAdapter, is used under `name` instead of the export's own (a new version while serving).
+        lora.Adapter, is used under `name` instead of the export's own (a new version while serving).
         """
         import copy
 
@@ -103,10 +104,14 @@ class Generator:
             known = ", ".join(sorted(self.adapters)) or "none (this export has no adapters)"
             raise PromptError(f"unknown adapter {name!r} — known adapters: {known}")
         view = copy.copy(self)
-        view.adapter, view._run_options = name, None
+        view.adapter, view._run_options, view._adapter_inputs = name, None, {}
         if name is not None:
-            view._run_options = ort.RunOptions()
-            view._run_options.add_active_adapter(adapter if adapter is not None else self.adapters[name])
+            active = adapter if adapter is not None else self.adapters[name]
+            if self.graph == "builder":
+                view._adapter_inputs = active.tensors
+            else:
+                view._run_options = ort.RunOptions()
+                view._run_options.add_active_adapter(active.lora)
         return view
 
     def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
@@ -117,7 +122,8 @@ class Generator:
     def _cache(self, prompts: list[list[int]], max_new_tokens: int) -> _GrowingCache | SharedCache:
         """A new generation's KV cache for `prompts`, on this export's graph."""
         if self.graph == "builder":
-            return SharedCache(self.session, self.num_layers, self.kv_shape, prompts, max_new_tokens, self._run_options)
+            return SharedCache(self.session, self.num_layers, self.kv_shape, prompts, max_new_tokens,
+                               self._adapter_inputs)
         return _GrowingCache(self, prompts)
 
     def forward(self, ids: np.ndarray, past: dict[str, np.ndarray], start: int,

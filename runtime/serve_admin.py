@@ -37,6 +37,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edge_lora.runtime.lora import Adapter
 from edge_lora.runtime.serve_http import Gate
 from edge_lora.runtime.serve_metrics import ServerMetrics
 from edge_lora.runtime.serve_models import VERSION_CHARS, ModelEntry, ModelRegistry
@@ -165,9 +166,7 @@ def validated(registry: ModelRegistry, name: str, version: str, path: Path) -> M
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise refused("; ".join(problems[:3]) + more)
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(path))
-    entry = ModelEntry(name, version, adapter, path)
+    entry = ModelEntry(name, version, Adapter(path, tensors), path)
     try:
         logits = registry.view(entry).logits([0])  # (1, vocab) for one token: any id of the vocabulary does
     except Exception as e:  # onnxruntime's errors have no common base class

@@ -4,7 +4,7 @@ A request's `model` field is only ever a key into this registry: nothing in a re
 immutable and held in a dict that is replaced, never changed in place, so a request that has resolved its entry
 keeps that version until it is answered while a new one goes live. Loading a new version of an adapter (POST
 /admin/adapters/{name}, serve_admin) puts a new entry under the same name and keeps the one it replaces, with its
-onnxruntime LoraAdapter, for rollback: rolling back puts that very entry back, so outputs are restored exactly.
+loaded adapter (lora.Adapter), for rollback: rolling back puts that very entry back, so outputs are restored exactly.
 
 Changes happen on the event loop's thread only (serve_admin), each in one step with no await inside it, so they
 need no lock: a request sees the registry before a change or after it, never half of one.
@@ -19,7 +19,7 @@ from edge_lora.runtime.generate import Generator
 from edge_lora.runtime.serve_schema import APIError
 
 VERSION_CHARS = 12  # of a sha256, as in git's short ids
-ROLLBACK_DEPTH = 4  # earlier versions kept per adapter; each holds its LoraAdapter (memory-mapped) and file
+ROLLBACK_DEPTH = 4  # earlier versions kept per adapter; each holds its lora.Adapter and file
 
 
 class ServeError(ValueError):
@@ -35,7 +35,7 @@ class ModelEntry:
     version: str
     """The first characters of the sha256 of what makes this model: the adapter file, or the whole export."""
     adapter: object | None = field(default=None, compare=False, repr=False)
-    """The onnxruntime LoraAdapter made active on the shared session; None for the base (or merged) model."""
+    """The lora.Adapter made active on the shared session; None for the base (or merged) model."""
     file: Path | None = None
     """The server's own copy of an uploaded version (deleted once the version is dropped); None for the export's."""
 

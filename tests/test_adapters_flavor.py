@@ -25,17 +25,20 @@ def second_adapter(base_dir, tmp_path_factory):
     return train(config, show_progress=False)
 
 
-@pytest.fixture(scope="module")
-def shared_export(adapter_dir, second_adapter, tmp_path_factory):
+@pytest.fixture(scope="module", params=["optimum", "builder"])
+def shared_export(adapter_dir, second_adapter, tmp_path_factory, request):
+    """Both adapters beside one fp32 base graph: optimum's, and the builder's (q, k and v packed in one MatMul,
+    where the second adapter's q and v branches meet a rank-0 k)."""
     from edge_lora.export import ExportOptions, export
 
-    out = tmp_path_factory.mktemp("shared") / "export"
-    return export([adapter_dir, second_adapter], out, ExportOptions(flavor="adapters"), show_progress=False)
+    out = tmp_path_factory.mktemp("shared") / request.param
+    return export([adapter_dir, second_adapter], out, ExportOptions(flavor="adapters", graph=request.param),
+                  show_progress=False)
 
 
 def test_every_adapter_and_the_base_pass_parity(shared_export, adapter_dir, second_adapter):
     manifest = json.loads((shared_export / "export.json").read_text())
-    assert manifest["flavor"] == "adapters"
+    assert (manifest["flavor"], manifest["graph"]) == ("adapters", shared_export.name)
     assert set(manifest["adapters"]) == {adapter_dir.name, second_adapter.name}
     assert set(manifest["parity"]) == {adapter_dir.name, second_adapter.name, "base"}
     for report in manifest["parity"].values():
@@ -83,8 +86,8 @@ def test_unknown_adapter_and_mixed_bases(shared_export, adapter_dir, make_base, 
         export([adapter_dir, adapter_dir], tmp_path / "x", ExportOptions())
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_quantized_adapters_exports_keep_their_lora_inputs(adapter_dir, second_adapter, tmp_path, precision):
+@pytest.mark.parametrize("graph, precision", [("optimum", "int4"), ("optimum", "int8"), ("builder", "int4")])
+def test_quantized_adapters_exports_keep_their_lora_inputs(adapter_dir, second_adapter, tmp_path, graph, precision):
     # The LoRA A/B are graph inputs with placeholder initializers: a weight quantizer must leave their MatMuls
     # alone, or it bakes the placeholders in and no adapter can be applied.
     from edge_lora import runtime
@@ -92,7 +95,7 @@ def test_quantized_adapters_exports_keep_their_lora_inputs(adapter_dir, second_a
 
     # No gate: the second adapter names no eval set, so its parity prompts are generic text it was never trained
     # on, where near-tied logits flip under 4-bit rounding; its own task below is the check that matters.
-    options = ExportOptions(flavor="adapters", precision=precision, validate=False)
+    options = ExportOptions(flavor="adapters", precision=precision, graph=graph, validate=False)
     generator = runtime.load(export([adapter_dir, second_adapter], tmp_path / precision, options, show_progress=False))
     sampling = runtime.SamplingConfig(max_new_tokens=8)
     assert generator.with_adapter(second_adapter.name).generate("hello:", sampling).text == "HELLO"

@@ -65,7 +65,7 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
 
 @pytest.mark.parametrize(("model_type", "options", "graph"), [
     ("llama", {}, "builder"), ("qwen2", {"precision": "int4"}, "builder"), ("gpt2", {}, "optimum"),
-    ("phi3", {"precision": "int4"}, "optimum"), ("llama", {"flavor": "adapters"}, "optimum"),
+    ("phi3", {"precision": "int4"}, "optimum"), ("llama", {"flavor": "adapters"}, "builder"),
     ("llama", {"precision": "int8"}, "optimum"), ("mistral", {"precision": "fp16"}, "optimum"),
 ])
 def test_auto_graph_is_the_builder_where_it_applies(model_type, options, graph):
@@ -124,8 +124,8 @@ def test_unsupported_architecture_is_one_line(tmp_path, adapter_dir):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(flavor="adapters"), "graph builder writes flavor merged only"),
     (dict(precision="int8"), "graph builder writes precision fp32 or int4, got 'int8'"),
+    (dict(precision="fp16", flavor="adapters"), "graph builder writes precision fp32 or int4, got 'fp16'"),
 ])
 def test_builder_refuses_what_it_cannot_write(options, message):
     from edge_lora.errors import UsageError

@@ -51,16 +51,14 @@ def generator(served_export):
 
 @pytest.fixture(scope="module")
 def versions(served_export, generator, adapter_dir, tmp_path_factory) -> Versions:
-    import onnxruntime as ort
-
     from edge_lora.runtime.generate import Generator
+    from edge_lora.runtime.lora import Adapter
 
     name = adapter_dir.name
     v1 = served_export / "adapters" / f"{name}.onnx_adapter"
     v2 = rewrite_adapter(v1, tmp_path_factory.mktemp("rollout") / "v2.onnx_adapter",
                          lambda tensors: changed_all(tensors, "lora_B", lambda v: v * np.float32(0.5)))
-    lora2 = ort.LoraAdapter()
-    lora2.Load(str(v2))
+    lora2 = Adapter(v2)
     views = {sha256_file(v1)[:12]: generator.with_adapter(name), sha256_file(v2)[:12]:
              Generator(generator.export, generator.session, generator.tokenizer, {name: lora2}).with_adapter(name),
              generator.export.digest()[:12]: generator}
@@ -151,7 +149,7 @@ def test_rollback_restores_the_earlier_version_exactly(generator, versions):
         rolled = http.post(f"/admin/adapters/{name}/rollback")
         assert rolled.status_code == 200 and rolled.json()["version"] == v1 and rolled.json()["replaced"] == v2
         assert answers() == first
-        assert live.app.state.registry.adapter(name).adapter is generator.adapters[name]  # the very LoraAdapter
+        assert live.app.state.registry.adapter(name).adapter is generator.adapters[name]  # the very loaded adapter
         assert answers(f"{name}@{v1}") == first  # the name a response gives can be asked for again
 
         again = http.post(f"/admin/adapters/{name}/rollback")
