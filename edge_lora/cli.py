@@ -124,7 +124,7 @@ def train(config_file, rank, resume, quiet, **options):
 @click.option("--graph", type=click.Choice(["optimum", "builder", "auto"]), default=None,
               help="Graph writer: optimum's exporter, onnxruntime-genai's model builder (fused attention, "
                    "Llama-family, fp32 or int4), or auto (the builder where it applies). Default: the "
-                   "--device profile's, else optimum.")
+                   "--device profile's, else auto.")
 @click.option("--base", default=None, help="Base model dir, if not where the adapter's manifest says.")
 @click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
@@ -138,7 +138,7 @@ def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_blo
     \b
     Example:  edge-lora export my-adapter --output my-export --precision int4
               edge-lora export adapter-a adapter-b --flavor adapters --output shared-export
-              edge-lora export my-adapter --output fast-export --precision int4 --graph builder
+              edge-lora export my-adapter --output laptop-export --device cpu-x86-64
     """
     from edge_lora import devices
 

@@ -54,7 +54,7 @@ class ExportOptions:
     """Device profile the export is made for; recorded in export.json and used by the runtime."""
     validate: bool = True
     """Run the parity gate and refuse an export that fails it."""
-    graph: Graph = "optimum"
+    graph: Graph = "auto"
     """Who writes the graph: "optimum", optimum's exporter (every architecture it knows, about 105 nodes a layer);
     "builder", onnxruntime-genai's model builder (Llama-family, fp32 or int4: fused attention with the KV cache in
     one shared buffer, about 14 nodes a layer, 1.9× decode); "auto", the builder where it writes the architecture

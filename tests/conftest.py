@@ -54,9 +54,19 @@ def adapter_dir(workdir, base_dir, task_files) -> Path:
 
 @pytest.fixture(scope="session")
 def export_fp32(workdir, adapter_dir) -> Path:
+    """The default export: graph auto, which is the builder's for this Llama."""
     from edge_lora.export import ExportOptions, export
 
     return export(adapter_dir, workdir / "export-fp32", ExportOptions(precision="fp32"), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def export_optimum_fp32(workdir, adapter_dir) -> Path:
+    """The same adapter through optimum's exporter (what every architecture the builder lacks gets)."""
+    from edge_lora.export import ExportOptions, export
+
+    return export(adapter_dir, workdir / "export-optimum-fp32", ExportOptions(precision="fp32", graph="optimum"),
+                  show_progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,9 @@ PROMPTS = [*FALLBACK_PROMPTS, "2024-03-17 ->", "x"]
 
 
 @pytest.fixture(scope="module")
-def builder_fp32(workdir, adapter_dir):
-    from edge_lora.export import ExportOptions, export
-
-    return export(adapter_dir, workdir / "export-builder-fp32", ExportOptions(graph="builder"), show_progress=False)
+def builder_fp32(export_fp32):
+    """The default export (graph auto) of this Llama: the builder's."""
+    return export_fp32
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +74,11 @@ def test_auto_graph_is_the_builder_where_it_applies(model_type, options, graph):
     assert auto_graph(model_type, ExportOptions(graph="auto", **options)) == graph
 
 
-def test_greedy_and_logits_equal_the_optimum_export(builder_fp32, export_fp32):
+def test_greedy_and_logits_equal_the_optimum_export(builder_fp32, export_optimum_fp32):
     from edge_lora import runtime
 
-    fused, optimum = runtime.load(builder_fp32), runtime.load(export_fp32)
+    fused, optimum = runtime.load(builder_fp32), runtime.load(export_optimum_fp32)
+    assert (fused.graph, optimum.graph) == ("builder", "optimum")
     sampling = runtime.SamplingConfig(max_new_tokens=24, ignore_eos=True)
     for prompt in PROMPTS:
         ids = fused.encode_prompt(prompt)

@@ -17,18 +17,19 @@ def copy_adapter(adapter_dir, tmp_path):
     return shutil.copytree(adapter_dir, tmp_path / adapter_dir.name)
 
 
-def test_int4_head_can_stay_full_precision(adapter_dir, tmp_path):
+@pytest.mark.parametrize("graph, int4_matmuls", [("optimum", 2 * 7), ("builder", 2 * 5)])  # builder: q, k, v packed
+def test_int4_head_can_stay_full_precision(adapter_dir, tmp_path, graph, int4_matmuls):
     import onnx
 
     from edge_lora.export import ExportOptions, export
 
     # the graph's structure is under test here; the gate's int4 figures are the pipeline tests' business
-    options = ExportOptions(precision="int4", int4_head=False, int4_block_size=16, validate=False)
+    options = ExportOptions(precision="int4", int4_head=False, int4_block_size=16, validate=False, graph=graph)
     out = export(adapter_dir, tmp_path / "x", options, show_progress=False)
     nodes = onnx.load(str(out / "model.onnx")).graph.node
     head = next(n for n in nodes if "logits" in n.output)
     assert head.op_type == "MatMul"
-    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 2 * 7  # every other linear layer is int4
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == int4_matmuls  # every other linear layer is int4
     assert json.loads((out / "export.json").read_text())["options"]["int4_block_size"] == 16
 
 
@@ -37,7 +38,7 @@ def test_weights_in_external_data(adapter_dir, tmp_path, monkeypatch):
     from edge_lora.export import ExportOptions, export, onnx_graph
 
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)  # what a model over 2 GB gets
-    out = export(adapter_dir, tmp_path / "x", ExportOptions(validate=False), show_progress=False)
+    out = export(adapter_dir, tmp_path / "x", ExportOptions(validate=False, graph="optimum"), show_progress=False)
     assert "model.onnx.data" in json.loads((out / "export.json").read_text())["files"]
     assert runtime.load(out).generate("2024-01-02 ->").token_ids
 
