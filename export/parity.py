@@ -23,12 +23,14 @@ class ParityReport:
     precision: str
     prompts: int
     max_abs_logit_diff: float
+    """Over every position of each prompt and of the ONNX model's greedy continuation of it."""
     mean_abs_logit_diff: float
     greedy_agreement: float
-    """Fraction of the reference's greedy tokens (up to 64, or to its end-of-sequence token) that the ONNX model
-    also ranks first when fed the reference's tokens."""
+    """Fraction of the ONNX model's greedy tokens (up to 64, or to its end-of-sequence token) that the PyTorch
+    reference also ranks first, fed the same tokens before them."""
     greedy_prefix_agreement: float
-    """Fraction of the tokens the ONNX model's own greedy run produces identically before the first divergence."""
+    """Fraction of those tokens before the first one the reference would not have chosen: where the two models'
+    own greedy runs part."""
     passed: bool
     gate: dict
 
@@ -36,62 +38,39 @@ class ParityReport:
         return self.__dict__.copy()
 
 
-def reference_greedy(model, prompts: list[list[int]], n: int, eos_ids: set[int]) -> list[list[int]]:
-    """Up to n greedy tokens from the PyTorch model for each prompt, each ending with an end-of-sequence token
-    if one comes.
-
-    All prompts go in one left-padded batch (the attention mask hides the padding, positions follow the mask):
-    one forward per new token for the whole set instead of one per prompt and token. Tokens after an
-    end-of-sequence token are dropped: they are never shown to anyone, and a fine-tuned model's are noise from
-    a context it never saw in training; comparing them would gate on noise.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    width = max(map(len, prompts))
-    pad = min(eos_ids) if eos_ids else 0  # any valid id: the mask hides it
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        # A config of its own: a model's generation_config.json may ask for sampling or a repetition penalty
-        config = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=pad, eos_token_id=sorted(eos_ids) or None)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    tokens = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-        tokens.append(row[:end])
-    return tokens
-
-
-def prompt_logits(model, prompt: list[int]):
-    """The PyTorch model's logits (seq, vocab) over one prompt, as float32 numpy."""
+def sequence_logits(model, ids: list[int]):
+    """The PyTorch model's logits (seq, vocab) over one sequence, as float32 numpy."""
     import torch
 
     with torch.no_grad():
-        return model(input_ids=torch.tensor([prompt])).logits[0].float().numpy()
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
 
 
 def check(reference_model, generator, prompts: list[str], precision: str) -> ParityReport:
+    """The ONNX model generates greedily from each prompt (one batch, as it runs on the device); then both models
+    read prompt + continuation in one pass each. Their logits are compared at every position, and at each
+    generated position the reference's first choice against the token the ONNX model chose.
+
+    Teacher-forcing the reference on the ONNX model's tokens, rather than letting it generate its own, costs one
+    forward pass instead of 64 generation steps (the slowest part of an export when it generated), checks the
+    text the export will actually produce, and finds the first divergence of the two greedy runs all the same:
+    up to it, both runs are the same tokens.
+    """
     from edge_lora.runtime import SamplingConfig
 
     max_diff, diffs, agree, prefix, total = 0.0, [], 0, 0, 0
     prompt_ids = [generator.encode_prompt(prompt) for prompt in prompts]
-    references = reference_greedy(reference_model, prompt_ids, GREEDY_TOKENS, generator.eos_ids)
-    # the ONNX model's own greedy runs, batched too (the runtime's batched greedy equals one prompt at a time)
-    own_runs = generator.generate_batch(prompt_ids, SamplingConfig(max_new_tokens=GREEDY_TOKENS))
-    for ids, ref_tokens, own_run in zip(prompt_ids, references, own_runs):
-        ref_logits = prompt_logits(reference_model, ids)
-        onnx_logits = generator.logits(ids)
-        diff = np.abs(onnx_logits - ref_logits)
+    runs = generator.generate_batch(prompt_ids, SamplingConfig(max_new_tokens=GREEDY_TOKENS))
+    for ids, run in zip(prompt_ids, runs):
+        tokens, sequence = np.array(run.token_ids), ids + run.token_ids
+        ref_logits = sequence_logits(reference_model, sequence)
+        diff = np.abs(generator.logits(sequence) - ref_logits)
         max_diff = max(max_diff, float(diff.max()))
         diffs.append(float(diff.mean()))
-        # Teacher-forced: one pass over prompt + reference tokens; position t's argmax should be token t+1.
-        forced = generator.logits(ids + ref_tokens)[len(ids) - 1 : -1].argmax(-1)
-        agree += int((forced == np.array(ref_tokens)).sum())
-        own = own_run.token_ids
-        same = next((i for i, (a, b) in enumerate(zip(own, ref_tokens)) if a != b), len(ref_tokens))
-        prefix += same
-        total += len(ref_tokens)
+        chosen = ref_logits[len(ids) - 1 : -1].argmax(-1) == tokens  # position t's argmax against token t+1
+        agree += int(chosen.sum())
+        prefix += int(np.argmin(chosen)) if not chosen.all() else len(tokens)
+        total += len(tokens)
     max_allowed, min_agreement = GATES[precision]
     greedy = agree / total
     passed = greedy >= min_agreement and (max_allowed is None or max_diff <= max_allowed)
