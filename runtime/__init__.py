@@ -52,7 +52,7 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
     try:
         session = make_session(export.model_path, chosen, threads=threads,
                                graph_optimization=profile.graph_optimization, profile_file_prefix=profile_file_prefix,
-                               log_severity=3 if overridable_initializers(export.manifest) else 2)
+                               log_severity=3 if has_overridable_initializers(export.manifest) else 2)
     except unloadable as e:
         raise ExportError(f"{export.model_path} cannot be loaded by onnxruntime ({first_line(e)}) — the file is "
                           "missing or corrupt; re-run edge-lora export") from None
@@ -64,7 +64,7 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
     return Generator(export, session, tokenizer, load_adapters(export))
 
 
-def overridable_initializers(manifest: dict) -> bool:
+def has_overridable_initializers(manifest: dict) -> bool:
     return manifest["flavor"] == "adapters" or manifest.get("graph") == "builder"
 
 
