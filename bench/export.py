@@ -49,7 +49,6 @@ def size_mb(d: Path) -> float:
 
 def setup(work: Path, shape: dict) -> tuple[Path, Path, Path]:
     """Base model dir, a 2-step adapter on it, and the merged fp32 model dir optimum-cli exports."""
-    from edge_lora.config import TrainConfig
     from edge_lora.demo.task import write_task
     from edge_lora.tiny import build_base_model, llama_config
 
