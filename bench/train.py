@@ -5,7 +5,9 @@
 
 Both sides train the same random-weight Llama (NF4 base via bitsandbytes, PEFT LoRA r 16 / alpha 32 on every
 linear layer, AdamW, cosine schedule, grad-norm clip 1.0, same seed) on the same token ids and labels, batch by
-batch in the same order, for the same number of optimizer steps:
+batch in the same order, for the same number of optimizer steps, in the same compute dtype (`--compute-dtype`;
+default: what edge-lora picks on this machine — bfloat16 on a CPU with AVX512-BF16 or AMX, else float32 — and the
+Trainer side then runs the same: bf16 4-bit compute, the model loaded in bf16, `TrainingArguments(bf16=True)`):
 
 - edge-lora: `edge_lora.trainer.train(TrainConfig(...))` as it is — samples packed into rows of at most
   `--pack-length` tokens, gradient checkpointing off (its default) unless `--edge-lora-checkpointing`.
@@ -194,7 +196,7 @@ def run_edge_lora(work: Path, args, clock: TurnClock) -> dict:
     import torch
 
     import edge_lora.trainer as trainer
-    from edge_lora.config import LoraConfig, TrainConfig
+    from edge_lora.config import LoraConfig, QuantConfig, TrainConfig
 
     torch.set_num_threads(args.threads)
     batches, seen = [], {}
@@ -231,7 +233,7 @@ def run_edge_lora(work: Path, args, clock: TurnClock) -> dict:
         pack_length=args.pack_length, learning_rate=args.lr, warmup_steps=0, schedule="cosine",
         weight_decay=0.0, max_grad_norm=1.0, seed=args.seed, log_every=1,
         lora=LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=("all-linear",)),
-        **extra,
+        quant=QuantConfig(compute_dtype=resolved_dtype(args)), **extra,
     )
     shutil.rmtree(config.output, ignore_errors=True)  # the trainer refuses to overwrite an earlier run
     trainer.train(config, show_progress=False)
@@ -271,10 +273,11 @@ def run_trainer(work: Path, args, clock: TurnClock) -> dict:
                for i in batch_order(len(records), args.batch_size, step, args.seed)]
 
     set_seed(args.seed)
+    dtype = getattr(torch, resolved_dtype(args))
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, device_map={"": "cpu"},
+        model_dir, dtype=dtype, device_map={"": "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
@@ -303,7 +306,7 @@ def run_trainer(work: Path, args, clock: TurnClock) -> dict:
         gradient_checkpointing=True, max_steps=max_steps, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1,
         report_to=[], save_strategy="no", seed=args.seed, use_cpu=True, dataloader_num_workers=0,
-        dataloader_pin_memory=False, disable_tqdm=True,
+        dataloader_pin_memory=False, disable_tqdm=True, bf16=dtype == torch.bfloat16,
     )
     trainer = InOrderTrainer(model=model, args=training_args, train_dataset=dataset,
                              data_collator=counting_collator, callbacks=[StepEnd()])
@@ -314,6 +317,16 @@ def run_trainer(work: Path, args, clock: TurnClock) -> dict:
         raise SystemExit(f"Trainer side: expected {max_steps} losses, batches and steps, "
                          f"got {len(losses)}, {len(batches)}, {len(clock.steps)}")
     return {"losses": losses, "batches": batches, "lora_init": lora_init}
+
+
+def resolved_dtype(args) -> str:
+    """--compute-dtype with auto resolved as edge-lora resolves it here: "float32" or "bfloat16"."""
+    if args.compute_dtype != "auto":
+        return args.compute_dtype
+    from edge_lora.config import QuantConfig
+    from edge_lora.modeling import compute_dtype
+
+    return str(compute_dtype(QuantConfig())).removeprefix("torch.")
 
 
 def quiet_logs() -> None:
@@ -471,6 +484,7 @@ def compare(edge: dict, hf: dict, args, n_params: int) -> dict:
         "threads": args.threads,
         "loadavg_1min_min_median_max": [round(quantile(args.loads, q), 2) for q in (0, 0.5, 1)] if args.loads else None,
         "quick": args.quick,
+        "compute_dtype": resolved_dtype(args),
     }
 
 
@@ -513,6 +527,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate, both sides (default 2e-4)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both sides (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype of both sides (default auto: edge-lora's choice on this machine)")
     parser.add_argument("--edge-lora-checkpointing", action="store_true",
                         help="turn on edge-lora's gradient checkpointing too (the Trainer side always has it on)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 + 6 steps: a smoke run")
@@ -539,7 +555,8 @@ def main() -> None:
         write_data(work / "data.jsonl", (args.warmup + args.steps) * args.batch_size, args.seed)
         print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, "
               f"load {os.getloadavg()[0]:.2f}; model {n_params:,} parameters; {args.warmup} untimed + "
-              f"{args.steps} timed steps of batch {args.batch_size}, the two sides taking turns", flush=True)
+              f"{args.steps} timed steps of batch {args.batch_size} in {resolved_dtype(args)}, the two sides taking turns",
+              flush=True)
         edge, hf = run_both(work, args)
         result = compare(edge, hf, args, n_params)
         print_report(edge, hf, result, args.warmup)

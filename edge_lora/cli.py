@@ -67,6 +67,8 @@ def demo(workdir):
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations: less memory.")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate [default: 2e-4].")
 @click.option("--rank", type=int, default=None, help="LoRA rank r [default: 16].")
+@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+              help="Dtype of the matmuls [default: auto: bfloat16 on a GPU or CPU that has it, else float32].")
 @click.option("--max-length", type=int, default=None, help="Truncate samples to this many tokens [default: 512].")
 @click.option("--seed", type=int, default=None, help="Seed [default: 0].")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps [default: only at the end].")
@@ -75,7 +77,7 @@ def demo(workdir):
               help="Train even when eval samples duplicate training samples (the data card records it).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(config_file, rank, resume, quiet, **options):
+def train(config_file, rank, compute_dtype, resume, quiet, **options):
     """QLoRA: train LoRA adapters on a frozen 4-bit NF4 base; write a PEFT adapter dir with edge_lora.json,
     metrics.jsonl, loss.png and checkpoints/.
 
@@ -95,6 +97,8 @@ def train(config_file, rank, resume, quiet, **options):
         config = TrainConfig(**given)
     if rank is not None:
         config = config.with_overrides(lora={"r": rank})
+    if compute_dtype is not None:
+        config = config.with_overrides(quant={"compute_dtype": compute_dtype})
 
     from edge_lora.trainer import train as run_training
 

@@ -37,7 +37,7 @@ class QuantConfig:
     double_quant: bool = True
     """Quantize the per-block absmax constants too (about 0.4 bits per weight saved)."""
     compute_dtype: ComputeDtype = "auto"
-    """Dtype of the matmuls: "auto" picks bfloat16 on a GPU that has it, else float32."""
+    """Dtype of the matmuls: "auto" picks bfloat16 on a GPU or CPU that has it (AVX512-BF16, AMX), else float32."""
     block_size: BlockSize = 64
     """Weights per quantization block (one absmax each): smaller is more accurate and larger; QLoRA uses 64."""
 

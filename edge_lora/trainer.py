@@ -15,7 +15,7 @@ from edge_lora.data import batch_order, load_examples, pack
 from edge_lora.datacheck import check_data
 from edge_lora.distributed import Distributed
 from edge_lora.errors import UsageError
-from edge_lora.modeling import add_lora, compute_dtype, load_quantized_base, resolve_model_dir
+from edge_lora.modeling import add_lora, compute_dtype, load_quantized_base, mixed_precision, resolve_model_dir
 from edge_lora.progress import progress_bar
 
 # Fields a resumed run may change: they steer logging and checkpointing, not what is computed.
@@ -127,6 +127,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
 
     torch.manual_seed(config.seed)
     model = add_lora(load_quantized_base(model_dir, config.quant), config.lora, config.gradient_checkpointing)
+    autocast = mixed_precision(model, compute_dtype(config.quant))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
@@ -175,7 +176,8 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
                     # Summed token losses over the whole step's tokens: micro-batches and processes add up to
                     # the step's token mean. No cache: with one, transformers would not build the
                     # block-diagonal mask of a packed batch. DDP averages gradients, hence * world_size.
-                    loss = loop_model(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
+                    with autocast:
+                        loss = loop_model(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
                     scaler.scale(loss * dist.world_size).backward()
                 loss_sum += loss.item()
             scaler.unscale_(optimizer)
@@ -212,7 +214,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
                  "seconds_per_step": round(train_seconds / max(1, config.max_steps - start_step), 4),
                  "resumed_from_step": start_step}
         if eval_examples:
-            final["eval_loss"] = evaluation_loss(model, eval_examples, config, tokenizer.pad_token_id)
+            final["eval_loss"] = evaluation_loss(model, eval_examples, config, tokenizer.pad_token_id, autocast)
         model.save_pretrained(output)
         tokenizer.save_pretrained(output)
         plot_loss(metrics_path, output / "loss.png")
@@ -269,13 +271,13 @@ def adapter_digest(model) -> str:
     return digest.hexdigest()
 
 
-def evaluation_loss(model, examples, config: TrainConfig, pad_id: int) -> float:
+def evaluation_loss(model, examples, config: TrainConfig, pad_id: int, autocast) -> float:
     """Token-mean loss over held-out examples, computed in packed batches without gradients."""
     import torch
 
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for start in range(0, len(examples), config.batch_size):
             chunk = examples[start : start + config.batch_size]
             batch = {k: v.to(model.device) for k, v in pack(chunk, config.pack_length, pad_id).items()}

@@ -88,7 +88,9 @@ def test_adapter_loads_in_peft_and_changed_the_model(family):
     from edge_lora.config import QuantConfig
     from edge_lora.modeling import load_quantized_base
 
-    peft_model = PeftModel.from_pretrained(load_quantized_base(family.base_dir, QuantConfig()), family.adapter_dir).eval()
+    # PEFT's load computing in fp32, as the reference does (auto would pick bf16 on a CPU with it): equal to the bit.
+    fp32 = QuantConfig(compute_dtype="float32")
+    peft_model = PeftModel.from_pretrained(load_quantized_base(family.base_dir, fp32), family.adapter_dir).eval()
     ids = torch.tensor([IDS])
     with torch.no_grad():
         trained = family.reference(ids).logits

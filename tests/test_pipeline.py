@@ -26,11 +26,13 @@ def test_adapter_dir_is_peft_loadable_and_matches_training_model(adapter_dir, ba
     from edge_lora.config import QuantConfig
     from edge_lora.modeling import load_quantized_base
 
+    # PEFT's load computing in fp32, as the reference does (auto would pick bf16 on a CPU with it): equal to the bit.
+    fp32 = QuantConfig(compute_dtype="float32")
     manifest = json.loads((adapter_dir / "edge_lora.json").read_text())
     assert {"base_fingerprint", "quantization", "lora", "training", "data", "metrics", "versions"} <= manifest.keys()
     assert manifest["quantization"]["type"] == "nf4" and manifest["quantization"]["block_size"] == 64
     assert manifest["base_fingerprint"]["num_tensors"] > 0
-    peft_model = PeftModel.from_pretrained(load_quantized_base(base_dir, QuantConfig()), adapter_dir).eval()
+    peft_model = PeftModel.from_pretrained(load_quantized_base(base_dir, fp32), adapter_dir).eval()
     ids = torch.tensor([[1, 20, 21, 22, 23]])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, reference(ids).logits, rtol=0, atol=0)

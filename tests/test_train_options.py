@@ -1,5 +1,6 @@
 """Quantization and LoRA options reach bitsandbytes and PEFT, and the adapter reloads with PEFT as written."""
 
+import dataclasses
 import json
 
 import pytest
@@ -42,10 +43,12 @@ def test_options_are_applied_and_reload_with_peft(base_dir, task_files, tmp_path
     if lora.target_modules != ("all-linear",):
         assert set(adapter_config["target_modules"]) == set(lora.target_modules)
     reference = qlora_model(out, base_dir, manifest)
-    peft_model = PeftModel.from_pretrained(load_quantized_base(base_dir, quant), out).eval()
+    # PEFT's load computes in fp32 as the reference does (auto would pick bf16 on a CPU with it), except for the
+    # fp16 case, loaded as trained: fp16 logits against fp32 ones
+    load_quant = quant if quant.compute_dtype == "float16" else dataclasses.replace(quant, compute_dtype="float32")
+    peft_model = PeftModel.from_pretrained(load_quantized_base(base_dir, load_quant), out).eval()
     ids = torch.tensor([[1, 20, 21, 22]])
     with torch.no_grad():
-        # fp16 compute: the reference computes in fp32 (same weights), PEFT's load here in fp16
         tolerance = 5e-2 if quant.compute_dtype == "float16" else 0
         torch.testing.assert_close(peft_model(ids).logits.float(), reference(ids).logits, rtol=0, atol=tolerance)
     # every 4-bit layer, adapted or not, goes into the merged export dequantized: the fp32 gate holds
@@ -65,7 +68,7 @@ def test_block_size_quantizes_from_the_original_weights(tmp_path, family):
 
     base = build_base_model(tmp_path / family, FAMILIES[family]())
     original = load_file(base / "model.safetensors")
-    model = load_quantized_base(base, QuantConfig(block_size=256))
+    model = load_quantized_base(base, QuantConfig(block_size=256, compute_dtype="float32"))  # bf16 would quantize bf16-cast weights
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers
     for name, module in layers:
@@ -102,3 +105,40 @@ def test_eval_fraction_holds_out_samples(base_dir, task_files, tmp_path):
     assert manifest["data"]["eval_split"] == {"fraction": 0.25, "samples": 64}
     assert manifest["metrics"]["eval_loss"] > 0
     assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_auto_picks_bf16_on_a_cpu_that_has_it():
+    from edge_lora.modeling import compute_dtype, cpu_has_bf16
+
+    expected = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    assert compute_dtype(QuantConfig()) == expected
+
+
+def test_bf16_training_keeps_fp32_lora_weights_and_follows_fp32(base_dir, task_files, tmp_path):
+    """bf16 trains the same adapter as fp32 up to bf16's rounding: fp32 LoRA weights saved, the frozen
+    norms and embeddings in bf16 while training (mixed_precision), the losses within 1% of fp32's."""
+    from safetensors.torch import load_file
+
+    from edge_lora.modeling import add_lora, load_quantized_base, mixed_precision
+
+    model = add_lora(load_quantized_base(base_dir, QuantConfig(compute_dtype="bfloat16")), LoraConfig())
+    autocast = mixed_precision(model, torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert all(p.dtype == torch.float32 for n, p in params.items() if "lora_" in n)
+    assert all(p.dtype in (torch.bfloat16, torch.uint8) for n, p in params.items() if "lora_" not in n)
+    with autocast:
+        loss = model(torch.tensor([[1, 20, 21, 22]]), labels=torch.tensor([[1, 20, 21, 22]])).loss
+    loss.backward()  # the fp32 LoRA weights get fp32 gradients through the bf16 activations
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in params.items() if "lora_B" in n)
+
+    runs = {dtype: short_run(base_dir, task_files[0], tmp_path / dtype, quant=QuantConfig(compute_dtype=dtype))
+            for dtype in ("bfloat16", "float32")}
+    losses = {dtype: [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+              for dtype, out in runs.items()}
+    assert len(losses["bfloat16"]) == 3
+    for bf16, fp32 in zip(losses["bfloat16"], losses["float32"]):
+        assert abs(bf16 - fp32) <= 1e-2 * fp32
+    manifest = json.loads((runs["bfloat16"] / "edge_lora.json").read_text())
+    assert manifest["quantization"]["compute_dtype"] == "bfloat16"
+    adapter = load_file(runs["bfloat16"] / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in adapter.values())
