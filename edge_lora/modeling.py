@@ -43,7 +43,7 @@ def compute_dtype(quant: QuantConfig):
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     # A CPU with bf16 instructions (AVX512-BF16, AMX) multiplies bf16 several times faster than fp32: bf16
-    # training ran 1.4x the speed of fp32 on bench/train.py's model on a Xeon with AMX (BENCHMARKS.md, Training).
+    # training ran 1.3-1.5x the speed of fp32 on bench/train.py's model on a Xeon with AMX (BENCHMARKS.md, Training).
     # Elsewhere bf16 would be emulated, and fp32 is both faster and exact.
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
@@ -205,9 +205,10 @@ def mixed_precision(model, dtype):
     the compute dtype. PEFT would cast every LoRA input to fp32 and its output back — it looks only at CUDA's
     autocast state — so that cast is turned off. In bf16 the frozen norms, embeddings and head, which
     prepare_model_for_kbit_training upcast to fp32, go back to bf16: the residual stream then stays in bf16
-    instead of being cast around every 4-bit layer (the norms still reduce in fp32 inside). On bench/train.py
-    these took bf16 training from 1.15x to 1.4x the speed of fp32 and its peak RSS from 0.85x to 0.63x
-    (BENCHMARKS.md, Training). fp16 keeps them in fp32: its range is too narrow for a residual stream.
+    instead of being cast around every 4-bit layer (the norms still reduce in fp32 inside). On bench/train.py's
+    model these took bf16 training from ~1.15x to 1.3-1.5x the speed of fp32, and its peak RSS from ~0.85x to
+    ~0.63x (scratch runs, BENCHMARKS.md, Training). fp16 keeps them in fp32: its range is too narrow for a
+    residual stream.
     """
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
