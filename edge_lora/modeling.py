@@ -49,9 +49,12 @@ def compute_dtype(quant: QuantConfig):
 
 
 def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), by torch's own probes (private ones: a torch
+    without them counts as no)."""
     import torch
 
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def bnb_config(quant: QuantConfig):
