@@ -15,7 +15,8 @@ from edge_lora.data import batch_order, load_examples, pack
 from edge_lora.datacheck import check_data
 from edge_lora.distributed import Distributed
 from edge_lora.errors import UsageError
-from edge_lora.modeling import add_lora, compute_dtype, load_quantized_base, mixed_precision, resolve_model_dir
+from edge_lora.modeling import (add_lora, compute_dtype, load_quantized_base, mixed_precision, resolve_model_dir,
+                                sum_lora_in_place)
 from edge_lora.progress import progress_bar
 
 # Fields a resumed run may change: they steer logging and checkpointing, not what is computed.
@@ -128,6 +129,7 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
     torch.manual_seed(config.seed)
     model = add_lora(load_quantized_base(model_dir, config.quant), config.lora, config.gradient_checkpointing)
     autocast = mixed_precision(model, compute_dtype(config.quant))
+    sum_lora_in_place(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

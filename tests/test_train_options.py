@@ -142,3 +142,36 @@ def test_bf16_training_keeps_fp32_lora_weights_and_follows_fp32(base_dir, task_f
     assert manifest["quantization"]["compute_dtype"] == "bfloat16"
     adapter = load_file(runs["bfloat16"] / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in adapter.values())
+
+
+def test_lora_summed_in_place_computes_what_peft_does(base_dir, monkeypatch):
+    """sum_lora_in_place's forward (no clone, the LoRA term added in place) gives PEFT's loss and gradients, and
+    PEFT's own forward is not called for vanilla LoRA."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from edge_lora.modeling import add_lora, load_quantized_base, sum_lora_in_place
+
+    model = add_lora(load_quantized_base(base_dir, QuantConfig(compute_dtype="float32")), LoraConfig(dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero, which would make the LoRA term vanish
+                param.normal_(0, 0.05)
+    ids = torch.tensor([[1, 20, 21, 22, 23, 24]])
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    peft_loss, peft_grads = loss_and_grads()
+    calls = []
+    original = Linear4bit.forward
+    monkeypatch.setattr(Linear4bit, "forward", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    sum_lora_in_place(model)
+    loss, grads = loss_and_grads()
+    assert calls == []
+    assert loss == pytest.approx(peft_loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, peft_grads[name], rtol=1e-5, atol=1e-7)
