@@ -203,8 +203,9 @@ def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool = False):
 def sum_lora_in_place(model) -> None:
     """Give PEFT's 4-bit LoRA layers a leaner forward for training: the LoRA term goes into the 4-bit layer's
     output in place (`add_` with the scaling as alpha) instead of PEFT's clone, multiply and add — per layer and
-    step, two passes over the activations and two temporaries fewer. On bench/train.py 2.09-2.12x the Trainer
-    recipe's speed at 0.83-0.87x its peak RSS, against 1.91-2.08x at 0.92-0.96x (BENCHMARKS.md, Training).
+    step, two passes over the activations and two temporaries fewer. On bench/train.py (bf16) 2.08-2.29x the
+    Trainer recipe's speed at 0.82-0.85x its peak RSS, against 1.91-2.08x at 0.92-0.96x with PEFT's forward; in
+    fp32 the RSS ratio fell from 1.84 to 1.42 (BENCHMARKS.md, Training).
 
     PEFT clones because an in-place change to a view that an autograd Function returned fails in backward; such
     an output is cloned here too. DoRA and other variants, several active adapters, merged or disabled adapters
