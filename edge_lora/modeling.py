@@ -227,7 +227,7 @@ def sum_lora_in_place(model) -> None:
         delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
         if result._base is not None:
             result = result.clone()
-        if torch.result_type(result, delta) != result.dtype:  # fp16 autocast over an fp32 residual stream
+        if torch.result_type(result, delta) != result.dtype:  # a bf16/fp16 output and an fp32 term (no autocast)
             return result + delta * self.scaling[name]
         return result.add_(delta, alpha=self.scaling[name])
 
