@@ -128,13 +128,14 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
 
     torch.manual_seed(config.seed)
     model = add_lora(load_quantized_base(model_dir, config.quant), config.lora, config.gradient_checkpointing)
-    autocast = mixed_precision(model, compute_dtype(config.quant))
+    dtype = compute_dtype(config.quant)
+    autocast = mixed_precision(model, dtype)
     sum_lora_in_place(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     # fp16 activations underflow in the backward pass without a loss scale; bf16 and fp32 need none.
-    scaler = torch.amp.GradScaler(model.device.type, enabled=compute_dtype(config.quant) == torch.float16)
+    scaler = torch.amp.GradScaler(model.device.type, enabled=dtype == torch.float16)
 
     output.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_partial(output)
