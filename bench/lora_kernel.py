@@ -11,7 +11,9 @@ process, rounds in a rotating order, at each of `--threads`:
 
 - `merged`: the merged int4 builder export (`edge-int4-builder-b{N}`), the reference;
 - `adapters_fp32`: the adapters export with its adapter bound, as `edge-lora run --adapter` runs it today;
-- `adapters_fused`: the same export rewritten to LoraAdd nodes, the same adapter in fp16.
+- `adapters_fused`: the same export rewritten to LoraAdd nodes, the same adapter in fp16;
+- `fp32_none`, `fused_none`: those two graphs with no adapter bound (every branch at rank 0): what their LoRA
+  nodes cost when they have nothing to compute.
 
 It is a measurement: the kernel is not part of the edge-lora package. onnxruntime's wheels carry no C headers;
 the script takes them from Debian's libonnxruntime-dev 1.21 (API version 21, which onnxruntime 1.21 and later
@@ -44,7 +46,7 @@ KERNEL_SOURCE = HERE / "lora_kernel" / "lora_add.cc"
 DOMAIN = "ai.edge_lora"
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
-SYSTEMS = ("merged", "adapters_fp32", "adapters_fused")
+SYSTEMS = ("merged", "adapters_fp32", "adapters_fused", "fp32_none", "fused_none")
 ADAPTER_FILE = Path("adapters") / "adapter.onnx_adapter"
 
 
@@ -188,8 +190,8 @@ def system_paths(work: Path, system: str, block: int) -> tuple[Path, Path | None
     """(export dir, adapter file or None) of one system."""
     if system == "merged":
         return work / f"edge-int4-builder-b{block}", None
-    export = work / (f"edge-int4-builder-adapters-b{block}" + ("-fused" if system == "adapters_fused" else ""))
-    return export, export / ADAPTER_FILE
+    export = work / (f"edge-int4-builder-adapters-b{block}" + ("-fused" if "fused" in system else ""))
+    return export, None if system.endswith("_none") else export / ADAPTER_FILE
 
 
 def child(work: Path, args) -> None:
@@ -198,7 +200,7 @@ def child(work: Path, args) -> None:
     import onnxruntime as ort
 
     export, adapter_file = system_paths(work, args.child, args.int4_block_size)
-    kernel = kernel_path(work.parent) if args.child == "adapters_fused" else None
+    kernel = kernel_path(work.parent) if "fused" in args.child else None
     session = open_session(export, args.child_threads, kernel)
     adapter = ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters() if adapter_file else None
     rng = np.random.default_rng(args.seed)
@@ -299,6 +301,8 @@ def main() -> None:
             "fp32_vs_merged": round(medians["adapters_fp32"] / medians["merged"], 3),
             "fused_vs_merged": round(medians["adapters_fused"] / medians["merged"], 3),
             "fused_vs_fp32": round(medians["adapters_fused"] / medians["adapters_fp32"], 3),
+            "fp32_none_vs_merged": round(medians["fp32_none"] / medians["merged"], 3),
+            "fused_none_vs_merged": round(medians["fused_none"] / medians["merged"], 3),
         }
     result["loadavg_1min_min_max"] = [min(load), max(load)]
     print(json.dumps(result))
