@@ -37,7 +37,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge_lora.runtime.lora import Adapter
+from edge_lora.runtime.lora import Adapter, map_tensors
 from edge_lora.runtime.serve_http import Gate
 from edge_lora.runtime.serve_metrics import ServerMetrics
 from edge_lora.runtime.serve_models import VERSION_CHARS, ModelEntry, ModelRegistry
@@ -148,8 +148,7 @@ def fit_problems(tensors: dict, inputs: dict) -> list[str]:
 
 def validated(registry: ModelRegistry, name: str, version: str, path: Path) -> ModelEntry:
     """The entry of an uploaded version, once it is known to fit this model (see the module's docstring);
-    raises APIError 422 otherwise. Runs on a worker thread: it reads the file and runs the model once."""
-    import onnxruntime as ort
+    raises APIError 422 otherwise. Runs on a worker thread: it maps the file and runs the model once."""
 
     def refused(reason: str) -> APIError:
         live = registry.adapter(name).version
@@ -158,7 +157,7 @@ def validated(registry: ModelRegistry, name: str, version: str, path: Path) -> M
                              "trained on this base", "invalid_adapter")
 
     try:
-        tensors = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        tensors = map_tensors(path)
     except RuntimeError as e:  # onnxruntime's message ends with what was wrong, after its source location
         reason = str(e).strip().rpartition(") ")[2][:120]
         raise refused(f"onnxruntime cannot read it as an adapter ({reason})") from None
