@@ -197,12 +197,13 @@ def system_paths(work: Path, system: str, block: int) -> tuple[Path, Path | None
 def child(work: Path, args) -> None:
     """One system in this process: warm up, time `--generations`, print the decode tok/s of each as JSON."""
     import numpy as np
-    import onnxruntime as ort
+
+    from edge_lora.runtime.lora import map_tensors
 
     export, adapter_file = system_paths(work, args.child, args.int4_block_size)
     kernel = kernel_path(work.parent) if "fused" in args.child else None
     session = open_session(export, args.child_threads, kernel)
-    adapter = ort.AdapterFormat.read_adapter(str(adapter_file)).get_parameters() if adapter_file else None
+    adapter = map_tensors(adapter_file) if adapter_file else None  # as edge_lora.runtime binds an adapter
     rng = np.random.default_rng(args.seed)
     vocab = json.loads((export / "config.json").read_text())["vocab_size"]
     prompts = [rng.integers(3, vocab, args.prompt_tokens).tolist() for _ in range(args.warmup + args.generations)]
@@ -217,10 +218,11 @@ def check_numerics(work: Path, kernel: Path, block: int) -> dict:
     import onnxruntime as ort
 
     from edge_lora.runtime.fused import SharedCache
+    from edge_lora.runtime.lora import map_tensors
 
     plain, plain_file = system_paths(work, "adapters_fp32", block)
     fused, fused_file = system_paths(work, "adapters_fused", block)
-    weights = ort.AdapterFormat.read_adapter(str(plain_file)).get_parameters()
+    weights = map_tensors(plain_file)
     rounded_arrays = {name: v.numpy().astype(np.float16).astype(np.float32) for name, v in weights.items()}
     rounded = {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in rounded_arrays.items()}  # wraps, no copy
     layers, shape = kv_shape(plain)
@@ -231,7 +233,7 @@ def check_numerics(work: Path, kernel: Path, block: int) -> dict:
         session = open_session(export, 2, kernel_path)
         return SharedCache(session, layers, shape, [prompt], 1, adapter).prefill()[0]
 
-    with_fp16 = logits(fused, kernel, ort.AdapterFormat.read_adapter(str(fused_file)).get_parameters())
+    with_fp16 = logits(fused, kernel, map_tensors(fused_file))
     reference = logits(plain, None, rounded)
     nudged_arrays = {name: v * np.float32(1 + 1e-6) for name, v in rounded_arrays.items()}
     nudged = logits(plain, None, {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in nudged_arrays.items()})
