@@ -15,6 +15,10 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
   Every edge-lora export quantizes int4 in blocks of `--int4-block-size`: 64 by default, as the CPU device
   profiles do, which stores 4.5 bits a weight (fp32 scales), as Q4_0 does (fp16 scales over 32); genai's
   builder defaults to 32 (5 bits). Larger blocks run faster and round more coarsely.
+  Where the export carries a graph for edge-lora's int4 kernel (export/q4_graph.py: the x86 CPU profile lists
+  `matmul_q4`) and the kernel builds on the host, the runtime runs that graph, and so does this system.
+- `edge_lora_builder_portable`, `edge_lora_builder_adapters_portable`: the same two exports on their portable
+  graphs (`runtime.load(..., kernels=())`): onnxruntime's MatMulNBits, as genai runs.
 - `edge_lora_adapters`: the same adapter kept apart (`--flavor adapters`), active through `with_adapter` (the
   LoRA MatMuls stay fp32: the exporter leaves them out of int4 quantization).
 - `edge_lora_builder_adapters`: the same, on the builder graph (`--flavor adapters --graph builder`).
@@ -69,7 +73,8 @@ QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 ANCHOR = {"llamacpp_decode_tok_s": 197.0, "llamacpp_ttft_s": 0.14, "genai_decode_tok_s": (112.0, 125.0),
           "genai_ttft_s": 0.31, "optimum_whole_run_tok_s": 30.0}
 SYSTEMS = ("edge_lora", "edge_lora_builder", "edge_lora_adapters", "edge_lora_builder_adapters", "llamacpp", "genai",
-           "optimum")
+           "optimum", "edge_lora_builder_portable", "edge_lora_builder_adapters_portable")
+PORTABLE = "_portable"  # the same export as the system without it, run on its portable graph (kernels=())
 MIN_UNCONTENDED = 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0–3, as edge_lora.tiny's configs expect
 ADAPTER = "adapter"  # the adapter dir's name, which names the adapter in an `adapters` export
@@ -224,6 +229,7 @@ def name_artifacts(int4_block_size: int) -> None:
 
 def build_all(work: Path, systems: list[str]) -> None:
     artifact = {"llamacpp": "gguf", "optimum": "edge_lora"}  # the others' artifacts have their names
+    artifact |= {s: s.removesuffix(PORTABLE) for s in SYSTEMS if s.endswith(PORTABLE)}
     needed = ["base", "adapter", *dict.fromkeys(artifact.get(s, s) for s in systems)]
     for step in needed:
         if (work / ARTIFACTS[step]).exists():
@@ -247,7 +253,11 @@ def prompt_ids(seed: int, vocab_size: int, length: int) -> list[int]:
 def open_edge_lora(work: Path, args, system: str):
     from edge_lora import runtime
 
-    g = runtime.load(work / ARTIFACTS[system], threads=args.threads)
+    portable = system.endswith(PORTABLE)
+    system = system.removesuffix(PORTABLE)
+    g = runtime.load(work / ARTIFACTS[system], threads=args.threads, kernels=() if portable else None)
+    if not portable and system == "edge_lora_builder" and g.kernel is None:
+        print(f"{system}: no kernel graph runs here (the export predates it, or the kernel does not build)", file=sys.stderr)
     adapters = system.endswith("_adapters")
     if adapters:
         g = g.with_adapter(ADAPTER)
@@ -352,6 +362,8 @@ def serve_child(system: str, work: Path, args) -> None:
            "edge_lora_builder": lambda: open_edge_lora(work, args, "edge_lora_builder"),
            "edge_lora_adapters": lambda: open_edge_lora(work, args, "edge_lora_adapters"),
            "edge_lora_builder_adapters": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters"),
+           "edge_lora_builder_portable": lambda: open_edge_lora(work, args, "edge_lora_builder_portable"),
+           "edge_lora_builder_adapters_portable": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters_portable"),
            "llamacpp": lambda: open_llamacpp(work, args), "genai": lambda: open_genai(work, args),
            "optimum": lambda: open_optimum(work, args)}[system]()
     for i in range(args.warmup):
@@ -462,13 +474,18 @@ def onnx_bytes_per_token(model_path: Path) -> int:
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    consumers: dict[str, set] = {}
+    consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
-            consumers.setdefault(name, set()).add(node.op_type)
+            consumers.setdefault(name, []).append(node)
+
+    def read_whole(name: str) -> bool:  # by a node other than a Gather, through Reshapes (a shared embedding's)
+        return any(read_whole(node.output[0]) if node.op_type == "Reshape" else
+                   node.op_type not in ("Gather", "GatherBlockQuantized") for node in consumers.get(name, []))
+
     total = 0
     for init in graph.initializer:
-        if consumers.get(init.name, set()) - {"Gather", "GatherBlockQuantized"}:
+        if read_whole(init.name):
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
             total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
     return total
@@ -613,12 +630,16 @@ def main() -> None:
     bandwidth = read_bandwidth_gb_s(args.threads)
 
     model_mb, per_token = {}, {}
-    for system in [s for s in EXPORT_ARTIFACTS if s in systems or (s == "edge_lora" and "optimum" in systems)]:
-        export_dir = work / ARTIFACTS[system]
-        model_mb[system] = files_mb(*export_dir.glob("model.onnx*"))
+    for system in [s for s in systems if s.removesuffix(PORTABLE) in EXPORT_ARTIFACTS] + (["edge_lora"] if "optimum" in systems else []):
+        export_dir = work / ARTIFACTS[system.removesuffix(PORTABLE)]
+        # the graph that system runs: a kernel's where the export has one (and the system is not _portable)
+        kernel = json.loads((export_dir / "export.json").read_text()).get("kernels", {}).get("matmul_q4")
+        model = kernel["model_file"] if kernel and not system.endswith(PORTABLE) else "model.onnx"
+        adapters = [export_dir / e["file"] for e in kernel["adapters"].values()] if model != "model.onnx" else \
+            [p for p in (export_dir / "adapters").glob("*.onnx_adapter") if not p.name.endswith(".q4.onnx_adapter")]
+        model_mb[system] = files_mb(*export_dir.glob(model + "*"))
         # an adapters graph's LoRA initializers are empty placeholders: the active adapter's A and B are read instead
-        per_token[system] = onnx_bytes_per_token(export_dir / "model.onnx") + sum(
-            p.stat().st_size for p in (export_dir / "adapters").glob("*.onnx_adapter"))
+        per_token[system] = onnx_bytes_per_token(export_dir / model) + sum(p.stat().st_size for p in adapters)
     if "llamacpp" in systems:
         model_mb["llamacpp"] = files_mb(work / ARTIFACTS["gguf"])
     if "genai" in systems:
@@ -669,6 +690,14 @@ def main() -> None:
                                           edge.get("decode_tok_s")),
         "builder_adapter_vs_merged_decode": ratio(results.get("edge_lora_builder_adapters", {}).get("decode_tok_s"),
                                                   builder.get("decode_tok_s")),
+        "builder_vs_portable_decode": ratio(builder.get("decode_tok_s"),
+                                            results.get("edge_lora_builder_portable", {}).get("decode_tok_s")),
+        "builder_vs_portable_ttft": ratio(builder.get("ttft_s"), results.get("edge_lora_builder_portable", {}).get("ttft_s")),
+        "portable_builder_vs_genai_decode": ratio(results.get("edge_lora_builder_portable", {}).get("decode_tok_s"),
+                                                  results.get("genai", {}).get("decode_tok_s")),
+        "portable_builder_adapter_vs_merged_decode": ratio(
+            results.get("edge_lora_builder_adapters_portable", {}).get("decode_tok_s"),
+            results.get("edge_lora_builder_portable", {}).get("decode_tok_s")),
         **({"edge_lora_model_mb": round(model_mb["edge_lora"], 1)} if "edge_lora" in model_mb else {}),
         "rss_over_model_mb": over_model("edge_lora"),
         **{f"{s}_mb_read_per_token": round(b / 1e6, 1) for s, b in per_token.items()},

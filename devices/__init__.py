@@ -21,6 +21,7 @@ __all__ = [
     "DeviceProfile",
     "DeviceProfileError",
     "HostInfo",
+    "KERNELS",
     "KNOWN_PROVIDERS",
     "Provider",
     "closest",
@@ -45,6 +46,9 @@ KNOWN_PROVIDERS = (
     "DmlExecutionProvider", "RknpuExecutionProvider", "WebNNExecutionProvider", "WebGpuExecutionProvider",
     "XnnpackExecutionProvider", "CANNExecutionProvider", "AzureExecutionProvider", "CPUExecutionProvider",
 )
+
+# edge-lora's own onnxruntime kernels (edge_lora.runtime.kernels) that a profile may allow.
+KERNELS = ("matmul_q4",)
 
 _HERE = Path(__file__).parent
 
@@ -77,6 +81,9 @@ class DeviceProfile:
     """onnxruntime intra-op threads; 0 means one per physical core of the host (see resolve_threads)."""
     graph_optimization: GraphOptimization
     """onnxruntime graph optimization level."""
+    kernels: tuple[str, ...]
+    """edge-lora's own kernels this device class may run (optional, default none): an export for the profile
+    carries a graph that uses them, and the runtime takes it where the kernel builds on the host."""
     precision: Precision
     """Weight precision that `edge-lora export --device NAME` uses unless --precision is given."""
     flavor: Flavor
@@ -116,6 +123,10 @@ class DeviceProfile:
             value = getattr(self, field)
             if field == "providers":
                 value = [{"name": p.name, "options": dict(p.options)} for p in value]
+            elif field == "kernels":
+                value = list(value)
+            if key in _OPTIONAL and value == _OPTIONAL[key]:
+                continue  # left out, as a profile that does not set it leaves it out
             section, _, leaf = key.rpartition(".")
             (doc.setdefault(section, {}) if section else doc)[leaf] = value
         return doc
@@ -177,7 +188,9 @@ def load(name_or_path: str | os.PathLike) -> DeviceProfile:
     if problems:
         raise _error(path, problems, _key_lines(text))
     values = {field: _get(doc, key) for field, (key, _, _) in _SCHEMA.items()}
+    values = {field: _OPTIONAL[_SCHEMA[field][0]] if value is _MISSING else value for field, value in values.items()}
     values["providers"] = tuple(Provider(p["name"], p["options"]) for p in values["providers"])
+    values["kernels"] = tuple(values["kernels"])
     return DeviceProfile(**values, path=path)
 
 
@@ -290,6 +303,11 @@ _SCHEMA: dict[str, tuple[str, str, Callable[[object], bool]]] = {
         lambda v: _is_int(v) and v >= 0,
     ),
     "graph_optimization": ("runtime.graph_optimization", *_one_of(get_args(GraphOptimization))),
+    "kernels": (
+        "runtime.kernels",
+        f"a list of edge-lora kernels, each one of {', '.join(KERNELS)} (or [])",
+        lambda v: isinstance(v, list) and all(k in KERNELS for k in v),
+    ),
     "precision": ("export.precision", *_one_of(get_args(Precision))),
     "flavor": ("export.flavor", *_one_of(get_args(Flavor))),
     "opset": ("export.opset", "an integer from 14 to 21", lambda v: _is_int(v) and 14 <= v <= 21),
@@ -307,6 +325,7 @@ _SCHEMA: dict[str, tuple[str, str, Callable[[object], bool]]] = {
 }
 
 _MISSING = object()
+_OPTIONAL = {"runtime.kernels": []}  # keys a profile may leave out, with the value they then take
 
 
 def _get(doc: dict, key: str) -> object:
@@ -323,6 +342,8 @@ def _problems(doc: dict, path: Path) -> list[tuple[str, str]]:
     problems = []
     for key, expected, ok in _SCHEMA.values():
         value = _get(doc, key)
+        if value is _MISSING and key in _OPTIONAL:
+            continue
         if value is _MISSING:
             problems.append((key, f"{key} is missing: add it, {expected}"))
         elif not ok(value):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
+from edge_lora import devices
 from edge_lora import manifest as adapter_manifest
 from edge_lora.data import read_jsonl
 from edge_lora.errors import UsageError
@@ -59,6 +60,9 @@ class ExportOptions:
     "builder", onnxruntime-genai's model builder (Llama-family, fp32 or int4: fused attention with the KV cache in
     one shared buffer, about 14 nodes a layer, 1.9× decode); "auto", the builder where it writes the architecture
     and precision asked for, optimum's exporter otherwise (export.json records which)."""
+    kernels: tuple[str, ...] | None = None
+    """edge-lora kernels to write a graph for beside the portable one (export/q4_graph.py: "matmul_q4", for a
+    builder int4 graph in blocks of 64 with accuracy_level 4); None: those the device profile lists."""
 
     def __post_init__(self):
         problems = []
@@ -77,6 +81,9 @@ class ExportOptions:
         if self.graph == "builder" and self.precision not in BUILDER_PRECISIONS:
             problems.append(f"graph builder writes precision {' or '.join(BUILDER_PRECISIONS)}, got {self.precision!r} — "
                             "use --graph optimum for it")
+        unknown = [k for k in self.kernels or () if k not in devices.KERNELS]
+        if unknown:
+            problems.append(f"kernel {unknown[0]!r} is not one of {', '.join(devices.KERNELS)}")
         if problems:
             raise UsageError("bad export options: " + "; ".join(problems))
 
@@ -154,13 +161,23 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
             export_json["merge"] = merge_report
             if options.flavor == "adapters":
                 export_json["adapters"] = write_adapters(final, reference, names, dirs, manifests, options)
+            kernel_graphs = write_kernel_graphs(final, export_json, options)
+            if kernel_graphs:
+                export_json["kernels"] = kernel_graphs
             write_manifest(final, export_json)
             advance(1, options.precision)
             if options.validate:
                 twin, export_json["parity_reference"] = parity_reference(reference, model_dir, dirs, names, manifests[0])
-                export_json["parity"] = run_parity(final, twin, names, manifests, options, dirs[0])
+                export_json["parity"] = run_parity(final, twin, names, manifests, options, dirs[0], kernels=())
+                for kernel in kernel_graphs:  # each kernel's graph is gated like the portable one, where it runs
+                    entry = export_json["kernels"][kernel]
+                    problem = kernel_problem(kernel)
+                    entry["parity"] = {"skipped": problem} if problem else run_parity(
+                        final, twin, names, manifests, options, dirs[0], kernels=(kernel,))
                 write_manifest(final, export_json)
-                failed = {k: v for k, v in export_json["parity"].items() if not v["passed"]}
+                reports = {**export_json["parity"], **{f"{k} {name}": p for k, e in kernel_graphs.items()
+                                                       for name, p in e.get("parity", {}).items() if name != "skipped"}}
+                failed = {k: v for k, v in reports.items() if not v["passed"]}
                 if failed:
                     which, p = next(iter(failed.items()))
                     raise ParityError(
@@ -273,6 +290,28 @@ def write_adapters(export_dir: Path, reference, names: list[str], dirs: list[Pat
     return entries
 
 
+def write_kernel_graphs(export_dir: Path, export_json: dict, options: ExportOptions) -> dict:
+    """{kernel: export.json entry} for each kernel graph written beside the portable one (export/q4_graph.py)."""
+    from edge_lora.export import q4_graph
+
+    kernels = devices.load(options.device).kernels if options.kernels is None else options.kernels
+    if "matmul_q4" not in kernels or options.graph != "builder" or options.precision != "int4":
+        return {}
+    entry = q4_graph.write(export_dir, export_json.get("adapters", {}))
+    return {"matmul_q4": entry} if entry else {}
+
+
+def kernel_problem(kernel: str) -> str | None:
+    """Why this host cannot run `kernel` (None when it can): its parity is then left to the device."""
+    from edge_lora.runtime import kernels
+
+    try:
+        kernels.library(kernel)
+    except kernels.KernelUnavailable as e:
+        return f"not checked on the exporting host: {e}"
+    return None
+
+
 def describe(export_dir: Path, config, manifest: dict, adapter_dir: Path, options: ExportOptions) -> dict:
     """export.json without the parity report: graph signature, KV-cache layout, source, files."""
     import onnx
@@ -360,16 +399,19 @@ def parity_reference(reference, model_dir: Path, dirs: list[Path], names: list[s
 
 
 def run_parity(export_dir: Path, reference, names: list[str], manifests: list[dict], options: ExportOptions,
-               tokenizer_dir: Path) -> dict:
+               tokenizer_dir: Path, kernels: tuple[str, ...] = ()) -> dict:
     """Parity reports by what was checked: "merged"; or each adapter by name and "base" (no adapter active).
     Where an adapter's manifest names an eval set of prompt/completion records, its report also gives the
-    task accuracy of the ONNX model beside the reference's."""
+    task accuracy of the ONNX model beside the reference's. `kernels`: the graph for those kernels, not the
+    portable one."""
     from transformers import AutoTokenizer
 
     from edge_lora import runtime
     from edge_lora.export.parity import task_accuracy
 
-    generator = runtime.load(export_dir, device=options.device)
+    generator = runtime.load(export_dir, device=options.device, kernels=kernels)
+    if tuple(kernels) != ((generator.kernel,) if generator.kernel else ()):
+        raise RuntimeError(f"{export_dir}: asked for kernels {kernels}, the runtime took {generator.kernel}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     def report(gen, manifest: dict) -> dict:

@@ -6,6 +6,7 @@ training and export code — so that `pip install edge-lora` is enough on a devi
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from edge_lora.runtime.chat import ChatError
@@ -22,12 +23,14 @@ __all__ = ["load", "device_profile", "Generator", "Generation", "SamplingConfig"
 
 def load(export_dir: str | Path, providers: list[str] | None = None, device: str | None = None,
          threads: int | None = None, strict_providers: bool = False, verify: bool = True,
-         profile_file_prefix: str | None = None) -> Generator:
+         profile_file_prefix: str | None = None, kernels: tuple[str, ...] | list[str] | None = None) -> Generator:
     """Open an export for generation.
 
     Providers come from `providers` if given, else from the device profile (`device`, or the one the export
-    was made for, or cpu-x86-64); threads likewise (0 means one per physical core). With `profile_file_prefix`,
-    onnxruntime traces the session into a JSON file whose path starts with it (see make_session).
+    was made for, or cpu-x86-64); threads likewise (0 means one per physical core); edge-lora's own kernels
+    likewise (`kernels`, () for none): where the export carries a graph for one and it builds on this host, that
+    graph runs (`Generator.kernel` names it), else the portable one. With `profile_file_prefix`, onnxruntime
+    traces the session into a JSON file whose path starts with it (see make_session).
     """
     import psutil
 
@@ -49,19 +52,42 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
                   ort_state.NoModel, ort_state.Fail)
     # An `adapters` export's LoRA inputs and a builder graph's logits_start are overridable initializers, about which
     # onnxruntime warns once each at load (they are not constants, by design): only errors are logged for those.
+    kernel, library = choose_kernel(export, profile.kernels if kernels is None else tuple(kernels))
+    model_path = export.path / export.manifest["kernels"][kernel]["model_file"] if kernel else export.model_path
     try:
-        session = make_session(export.model_path, chosen, threads=threads,
+        session = make_session(model_path, chosen, threads=threads,
                                graph_optimization=profile.graph_optimization, profile_file_prefix=profile_file_prefix,
-                               log_severity=3 if has_overridable_initializers(export.manifest) else 2)
+                               log_severity=3 if has_overridable_initializers(export.manifest) else 2,
+                               custom_ops_library=library)
     except unloadable as e:
-        raise ExportError(f"{export.model_path} cannot be loaded by onnxruntime ({first_line(e)}) — the file is "
+        raise ExportError(f"{model_path} cannot be loaded by onnxruntime ({first_line(e)}) — the file is "
                           "missing or corrupt; re-run edge-lora export") from None
     try:
         tokenizer = TextTokenizer(export.tokenizer_path)
     except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
         raise ExportError(f"{export.tokenizer_path} cannot be read by tokenizers ({first_line(e)}) — the file is "
                           "missing or corrupt; re-run edge-lora export") from None
-    return Generator(export, session, tokenizer, load_adapters(export))
+    generator = Generator(export, session, tokenizer, load_adapters(export, kernel))
+    generator.kernel = kernel
+    return generator
+
+
+def choose_kernel(export: ExportDir, allowed: tuple[str, ...]) -> tuple[str | None, Path | None]:
+    """(kernel, its library) for the first kernel graph the export carries that `allowed` names and this host
+    builds; (None, None) for the portable graph. A host whose CPU could run the kernel but cannot build it (no
+    compiler, a failed build) gets one warning that says why: it is running slower than it could."""
+    from edge_lora.runtime import kernels as own_kernels
+
+    for kernel in export.manifest.get("kernels", {}):
+        if kernel not in allowed:
+            continue
+        try:
+            return kernel, own_kernels.library(kernel)
+        except own_kernels.KernelUnavailable as e:
+            if own_kernels.cpu_problem() is None:
+                warnings.warn(f"edge-lora's {kernel} kernel is not available ({e}); running {export.manifest['model_file']} "
+                              "on onnxruntime's kernels instead", stacklevel=3)
+    return None, None
 
 
 def has_overridable_initializers(manifest: dict) -> bool:
@@ -73,11 +99,13 @@ def first_line(error: Exception) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
-def load_adapters(export: ExportDir) -> dict:
-    """Every adapter of an `adapters` export, loaded once: {name: lora.Adapter}."""
+def load_adapters(export: ExportDir, kernel: str | None = None) -> dict:
+    """Every adapter of an `adapters` export, loaded once: {name: lora.Adapter}; with `kernel`, the files in the
+    form that kernel's graph takes."""
     from edge_lora.runtime.lora import Adapter
 
-    return {name: Adapter(export.path / entry["file"]) for name, entry in export.manifest.get("adapters", {}).items()}
+    entries = export.manifest["kernels"][kernel]["adapters"] if kernel else export.manifest.get("adapters", {})
+    return {name: Adapter(export.path / entry["file"], form=kernel) for name, entry in entries.items()}
 
 
 def device_profile(export: ExportDir, device: str | None = None):

@@ -87,6 +87,8 @@ class Generator:
         self.adapters = adapters or {}
         """Loaded adapters by name (lora.Adapter)."""
         self.adapter: str | None = None
+        self.kernel: str | None = None
+        """The edge-lora kernel whose graph the session runs (runtime.load sets it), None for the portable graph."""
         self._run_options = None  # with the active adapter, for session.run (the optimum graph)
         self._adapter_inputs: dict = {}  # the active adapter's tensors, for IOBinding (the builder graph)
 
@@ -108,7 +110,8 @@ class Generator:
         if name is not None:
             active = adapter if adapter is not None else self.adapters[name]
             if self.graph == "builder":
-                view._adapter_inputs = active.tensors
+                pairs = self.export.manifest.get("kernels", {}).get(self.kernel, {}).get("lora_inputs")
+                view._adapter_inputs = active.tensors_for(self.kernel, pairs)
             else:
                 view._run_options = ort.RunOptions()
                 view._run_options.add_active_adapter(active.lora)

@@ -24,11 +24,14 @@ class Adapter:
     """One .onnx_adapter file: `lora` for RunOptions (memory-mapped by onnxruntime), `tensors` for IOBinding
     (memory-mapped here: map_tensors)."""
 
-    def __init__(self, path: Path, tensors: dict[str, ort.OrtValue] | None = None):
+    def __init__(self, path: Path, tensors: dict[str, ort.OrtValue] | None = None, form: str | None = None):
         self.path = Path(path)
         self.lora = ort.LoraAdapter()
         self.lora.Load(str(self.path))
         self._tensors = tensors
+        self.form = form
+        """None: A and B by the portable graph's LoRA inputs; a kernel's name: the inputs of that kernel's graph."""
+        self._converted: dict[str, dict] = {}
 
     @property
     def tensors(self) -> dict[str, ort.OrtValue]:
@@ -36,6 +39,23 @@ class Adapter:
         if self._tensors is None:
             self._tensors = map_tensors(self.path)
         return self._tensors
+
+
+    def tensors_for(self, kernel: str | None, pairs: dict | None) -> dict[str, ort.OrtValue]:
+        """The tensors in the form the graph of `kernel` (None: the portable graph) takes: converted once from the
+        portable form (`pairs`: export.json's kernels.KERNEL.lora_inputs) and kept, when the file holds that."""
+        if kernel == self.form:
+            return self.tensors
+        if self.form is not None or not pairs:
+            raise ValueError(f"{self.path} holds the {self.form} graph's LoRA inputs; this graph takes "
+                             f"{kernel or 'the portable graph'}'s")
+        if kernel not in self._converted:
+            from edge_lora.runtime.kernels import lora_blobs
+
+            blobs = lora_blobs({name: value.numpy() for name, value in self.tensors.items()}, pairs)
+            self._converted[kernel] = MappedTensors(
+                {name: ort.OrtValue.ortvalue_from_numpy(blob) for name, blob in blobs.items()}, list(blobs.values()))
+        return self._converted[kernel]
 
 
 class MappedTensors(dict):

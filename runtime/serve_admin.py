@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -114,10 +115,24 @@ class AdapterStore:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def lora_inputs(session) -> dict:
-    """The graph's LoRA inputs by name (onnxruntime NodeArgs, with .type and .shape): overridable initializers,
-    which get_inputs() leaves out."""
-    return {i.name: i for i in session.get_overridable_initializers() if i.name.rpartition(".")[2] in LORA_SIDES}
+class PortableInput(NamedTuple):
+    """A LoRA input of the portable graph as export.json records it, shaped like an onnxruntime NodeArg."""
+
+    name: str
+    type: str
+    shape: list
+
+
+def lora_inputs(generator) -> dict:
+    """The LoRA inputs an uploaded adapter must fit, by name (with .type and .shape): the session's overridable
+    initializers, which get_inputs() leaves out — or, where the session runs a kernel's graph, the portable
+    graph's from export.json (uploads come in that form and are converted: lora.Adapter.tensors_for)."""
+    if generator.kernel is None:
+        return {i.name: i for i in generator.session.get_overridable_initializers()
+                if i.name.rpartition(".")[2] in LORA_SIDES}
+    types = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+    return {i["name"]: PortableInput(i["name"], types.get(i["dtype"], i["dtype"]), i["shape"])
+            for i in generator.export.manifest["inputs"] if i["name"].rpartition(".")[2] in LORA_SIDES}
 
 
 def fit_problems(tensors: dict, inputs: dict) -> list[str]:
@@ -161,7 +176,7 @@ def validated(registry: ModelRegistry, name: str, version: str, path: Path) -> M
     except RuntimeError as e:  # onnxruntime's message ends with what was wrong, after its source location
         reason = str(e).strip().rpartition(") ")[2][:120]
         raise refused(f"onnxruntime cannot read it as an adapter ({reason})") from None
-    problems = fit_problems(tensors, lora_inputs(registry.generator.session))
+    problems = fit_problems(tensors, lora_inputs(registry.generator))
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise refused("; ".join(problems[:3]) + more)

@@ -45,10 +45,13 @@ def choose_providers(requested: list[tuple[str, dict]], strict: bool = False) ->
 
 def make_session(model_path: Path, providers: list[tuple[str, dict]], threads: int = 0,
                  graph_optimization: str = "all", profile_file_prefix: str | None = None,
-                 log_severity: int = 2) -> ort.InferenceSession:
+                 log_severity: int = 2, custom_ops_library: Path | None = None) -> ort.InferenceSession:
     """With `profile_file_prefix`, onnxruntime traces every node run into a JSON file whose path starts with it;
-    session.end_profiling() closes the file and returns its path."""
+    session.end_profiling() closes the file and returns its path. `custom_ops_library`: a library of custom ops
+    the graph uses (edge_lora.runtime.kernels)."""
     options = ort.SessionOptions()
+    if custom_ops_library is not None:
+        options.register_custom_ops_library(str(custom_ops_library))
     options.log_severity_level = log_severity  # 2: warnings and errors, 3: errors only
     if profile_file_prefix is not None:
         options.enable_profiling = True

@@ -1,0 +1,157 @@
+"""A second graph beside a builder int4 export, for edge-lora's int4 kernel (runtime/kernels, MatMulQ4).
+
+The portable graph (model.onnx) runs its int4 projections as MatMulNBits, onnxruntime's MLAS kernels, and an
+`adapters` export adds each LoRA branch as MatMul → MatMul → Add beside them. model.q4.onnx is the same graph
+with every MatMulNBits that MatMulQ4 computes identically — 4 bits, blocks of 64, no zero points, int8
+activations (accuracy_level 4), N a multiple of 16 — replaced by a MatMulQ4 node whose weights are the same
+values repacked into its tiles, and with the projection's LoRA branches folded into that node: one uint8 input
+per node carries its pairs (q, k and v share the packed qkv product), and each adapter gets a second file,
+adapters/NAME.q4.onnx_adapter, with its A and B in that form: int8, a scale per rank (A per column, B per row).
+int8 LoRA weights reproduce each A·B to within 0.4% of its largest entry (measured on the reference shape's
+adapter); the parity gate checks the whole graph against the trained model like the portable one.
+
+The runtime opens model.q4.onnx when the device profile lists the kernel and it builds on the host; otherwise the
+portable graph. Both are listed in export.json with their sha256.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora.runtime.kernels import BLOCK, DOMAIN, TILE, lora_blob
+
+MODEL_FILE = "model.q4.onnx"
+ADAPTER_SUFFIX = ".q4.onnx_adapter"
+
+
+def repack(q: np.ndarray, scales: np.ndarray, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' 4-bit weight (N, K/64, 32) — byte j of a block holds k = 2j in its low nibble, 2j + 1 in its
+    high one — and its scales (N · K/64) as MatMulQ4's tiles: (N/16, K/64, 512) and (N/16, K/64, 16)
+    (runtime/kernels/matmul_q4.cc has the layout)."""
+    blocks, tiles = k // BLOCK, n // TILE
+    q = q.reshape(n, blocks, BLOCK // 2)
+    values = np.empty((n, blocks, BLOCK), dtype=np.uint8)
+    values[..., 0::2] = q & 0x0F
+    values[..., 1::2] = q >> 4
+    # (tile, column, block, group of 4 k, j) → (tile, block, group, column, j); groups g and g + 8 share a byte
+    v = values.reshape(tiles, TILE, blocks, BLOCK // 4, 4).transpose(0, 2, 3, 1, 4)
+    packed = (v[:, :, :8] | (v[:, :, 8:] << 4)).reshape(tiles, blocks, 512)
+    tiled_scales = scales.astype(np.float32).reshape(tiles, TILE, blocks).transpose(0, 2, 1)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(tiled_scales)
+
+
+def lora_input_name(weight_name: str) -> str:
+    """The graph input that carries a node's LoRA weights, named after its int4 weight."""
+    return weight_name.split(".MatMul.")[0] + ".lora"
+
+
+def qualifies(node, initializers: dict) -> bool:
+    """A MatMulNBits that MatMulQ4 computes the same way: 4 bits, blocks of 64, int8 activations, fp32 scales, no
+    zero points, bias or g_idx, K a multiple of 64 and N of 16."""
+    from onnx import TensorProto, helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    scales = initializers.get(node.input[2])
+    return (node.op_type == "MatMulNBits" and attrs.get("bits", 4) == 4 and attrs.get("block_size") == BLOCK
+            and attrs.get("accuracy_level", 0) == 4 and not any(node.input[3:]) and attrs["K"] % BLOCK == 0
+            and attrs["N"] % TILE == 0 and node.input[1] in initializers and scales is not None
+            and scales.data_type == TensorProto.FLOAT)
+
+
+def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
+    """model.q4.onnx (+ model.q4.onnx.data) beside the builder graph in `export_dir`, and each adapter's
+    .q4.onnx_adapter (`adapters`: export.json's entries); export.json's entry for it, or None when no node
+    qualifies."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_lora.export.adapters import _topological_sort
+
+    proto = onnx.load(str(export_dir / "model.onnx"))
+    graph = proto.graph
+    by_name = {node.name: node for node in graph.node}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    dropped, added, new_initializers = set(), [], []
+    pairs: dict[str, list[tuple]] = {}  # {LoRA input: [(A input, B input, K, n)] in output order}
+    left = 0
+    for node in list(graph.node):
+        if node.op_type != "MatMulNBits":
+            continue
+        if not qualifies(node, initializers):
+            left += 1
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n = attrs["K"], attrs["N"]
+        packed, scales = repack(numpy_helper.to_array(initializers[node.input[1]]),
+                                numpy_helper.to_array(initializers[node.input[2]]), k, n)
+        w_name, s_name = node.input[1] + "/q4", node.input[2] + "/q4"
+        new_initializers += [numpy_helper.from_array(packed, w_name), numpy_helper.from_array(scales, s_name)]
+        node_inputs, output = [node.input[0], w_name, s_name], node.output[0]
+        scope = node.name.rsplit("/", 1)[0]
+        add = by_name.get(f"{scope}/lora/Add")  # export/builder_graph.py's LoRA branches of this product
+        if add is not None:
+            ups = [c for c in graph.node if c.name.startswith(scope + "/") and c.name.endswith("/lora_B/MatMul")]
+            concat = by_name.get(f"{scope}/lora/Concat")
+            if concat is not None:  # q, k and v: in the Concat's order, their order in the packed output
+                order = {name: i for i, name in enumerate(concat.input)}
+                ups.sort(key=lambda c: order[c.output[0]])
+                dropped.add(concat.name)
+            lora = lora_input_name(node.input[1])
+            pairs[lora] = []
+            for up in ups:
+                down = by_name[up.name.replace("/lora_B/", "/lora_A/")]
+                if down.input[0] != node.input[0]:
+                    raise ValueError(f"{down.name} reads {down.input[0]}, not {node.name}'s input")
+                dropped |= {up.name, down.name}
+                width = initializers[up.input[1]].dims[1]  # B's default (0, n)
+                pairs[lora].append((down.input[1], up.input[1], k, width))
+            new_initializers.append(numpy_helper.from_array(lora_blob([]), lora))  # default: no adapter
+            graph.input.append(helper.make_tensor_value_info(lora, TensorProto.UINT8, [lora + "_bytes"]))
+            node_inputs.append(lora)
+            dropped.add(add.name)
+            output = add.output[0]
+        dropped.add(node.name)
+        added.append(helper.make_node("MatMulQ4", node_inputs, [output], name=node.name + "/q4", domain=DOMAIN))
+    if not added:
+        return None
+    lora_ab = {name for node_pairs in pairs.values() for pair in node_pairs for name in pair[:2]}
+    read = {name for node in graph.node if node.name not in dropped for name in node.input}
+    kept_inputs = [value for value in graph.input if value.name not in lora_ab]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    # the old int4 weights no node reads any more go (a tied head's stays: the shared embedding gathers from it)
+    kept = [t for t in graph.initializer if t.name in read and t.name not in lora_ab]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_initializers)
+    nodes = [node for node in graph.node if node.name not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes + added)
+    _topological_sort(graph)
+    proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    onnx.save(proto, str(export_dir / MODEL_FILE), save_as_external_data=True, location=MODEL_FILE + ".data")
+    entry = {"model_file": MODEL_FILE, "nodes": len(added), "matmulnbits_left": left,
+             "lora_inputs": {lora: [list(pair) for pair in node_pairs] for lora, node_pairs in pairs.items()},
+             "adapters": {}}
+    for name, adapter in adapters.items():
+        entry["adapters"][name] = {"file": write_adapter(export_dir, adapter["file"], pairs)}
+    return entry
+
+
+def write_adapter(export_dir: Path, file: str, pairs: dict[str, list[tuple]]) -> str:
+    """The q4 form of the adapter at export_dir/file (fp32 A and B by graph input) beside it; its relative path."""
+    import onnxruntime as ort
+
+    from edge_lora.runtime.kernels import lora_blobs
+
+    params = ort.AdapterFormat.read_adapter(str(export_dir / file)).get_parameters()
+    # OrtValue.ortvalue_from_numpy wraps without copying: the blobs stay alive until the file is written
+    blobs = lora_blobs({name: value.numpy() for name, value in params.items()}, pairs)
+    out = file.removesuffix(".onnx_adapter") + ADAPTER_SUFFIX
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(blob) for name, blob in blobs.items()})
+    fmt.export_adapter(str(export_dir / out))
+    return out

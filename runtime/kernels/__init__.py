@@ -1,0 +1,150 @@
+"""edge-lora's own onnxruntime kernels, compiled on the device that runs them.
+
+`matmul_q4` (matmul_q4.cc, the custom op MatMulQ4 in domain ai.edge_lora) is an int4 matmul with int8
+activations for x86-64 CPUs with AVX-512 VNNI, with an adapter's LoRA branches computed inside the same node. On
+the reference shape it decodes 1.6–1.8× faster than onnxruntime's MatMulNBits on the same weights, and an
+active adapter costs about half what the graph's separate LoRA MatMuls cost (BENCHMARKS.md, Runtime). An export
+for a device profile that lists it carries a second graph that uses it (export/q4_graph.py); `library()` builds
+the op with the host's C++ compiler once, into a cache keyed by the source, the flags and the compiler, and
+`edge_lora.runtime.load` registers it with the session. Where it cannot be built (another CPU, no compiler) the
+runtime runs the export's portable graph instead.
+
+onnxruntime's wheels carry no C headers: the op is written against the C API alone, and onnxruntime_c_api.h
+(version 21, MIT-licensed, from onnxruntime 1.21) is kept here beside it; onnxruntime 1.21 and later serve it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+MATMUL_Q4 = "matmul_q4"
+DOMAIN = "ai.edge_lora"
+TILE, BLOCK = 16, 64  # MatMulQ4's columns per tile and weights per int4 scale
+SOURCES = {MATMUL_Q4: HERE / "matmul_q4.cc"}
+HEADER = HERE / "onnxruntime_c_api.h"
+# What the op is compiled for: the instruction sets it needs, named, so that a cached library never holds code
+# for another CPU than the flags that cpu_problem() checks.
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
+         "-mf16c"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c")
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot run here; the message says why."""
+
+
+def cpu_problem(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """Why this CPU cannot run matmul_q4 (None when it can): an x86-64 CPU with AVX-512 F/BW/VL/VNNI is needed."""
+    if sys.platform != "linux":
+        return f"edge-lora builds its kernels on Linux only (this is {sys.platform})"
+    try:
+        text = cpuinfo.read_text()
+    except OSError as e:
+        return f"{cpuinfo} cannot be read ({e.strerror})"
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    missing = [flag for flag in CPU_FLAGS if flag not in flags]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def cache_dir() -> Path:
+    """$EDGE_LORA_CACHE/kernels, else $XDG_CACHE_HOME/edge-lora/kernels, else ~/.cache/edge-lora/kernels."""
+    if os.environ.get("EDGE_LORA_CACHE"):
+        return Path(os.environ["EDGE_LORA_CACHE"]) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-lora" / "kernels"
+
+
+def library(name: str = MATMUL_Q4, cache: Path | None = None) -> Path:
+    """The compiled kernel library, built on first use with $CXX (default c++); KernelUnavailable says why not."""
+    if name not in SOURCES:
+        raise KernelUnavailable(f"unknown kernel {name!r} — known: {', '.join(SOURCES)}")
+    problem = cpu_problem()
+    if problem:
+        raise KernelUnavailable(problem)
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH — install g++ or clang++, or set CXX")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256()
+    for part in (SOURCES[name].read_bytes(), HEADER.read_bytes(), " ".join(FLAGS).encode(), version.encode()):
+        key.update(hashlib.sha256(part).digest())
+    out = (cache or cache_dir()) / f"{name}-{key.hexdigest()[:16]}" / f"lib{name}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # built beside its final name and renamed into place: a process loading it never sees half a file
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        result = subprocess.run([compiler, *FLAGS, f"-I{HERE}", str(SOURCES[name]), "-o", str(built)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])
+            raise KernelUnavailable(f"{compiler} could not build {SOURCES[name].name}: {first}")
+        os.replace(built, out)
+    return out
+
+
+# ------------------------------------------------------------------ an adapter in the form MatMulQ4 takes it
+
+def quantize_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A (K, r) and B (r, n) as MatMulQ4 takes them: int8 A with a scale per column, int8 B with a scale per row
+    laid out (n/16, r, 16), and the two scales' product per rank. Also returns A's scales (for dequantize)."""
+
+    def int8(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        scale = np.abs(values).max(axis=axis, keepdims=True).astype(np.float32) / 127
+        q = np.round(values / np.where(scale == 0, 1, scale)).astype(np.int8)
+        return q, scale.reshape(-1)
+
+    (qa, sa), (qb, sb) = int8(a.astype(np.float32), 0), int8(b.astype(np.float32), 1)
+    r, n = b.shape
+    qb = qb.reshape(r, n // TILE, TILE).transpose(1, 0, 2)
+    return np.ascontiguousarray(qa), np.ascontiguousarray(qb), (sa * sb).astype(np.float32), sa
+
+
+def dequantize_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fp32 A and B that MatMulQ4 computes with for these (what quantize_pair loses, made visible)."""
+    qa, qb, scale, sa = quantize_pair(a, b)
+    r, n = b.shape
+    sb = scale / np.where(sa == 0, 1, sa)
+    return qa * sa, qb.transpose(1, 0, 2).reshape(r, n) * sb[:, None]
+
+
+def lora_blob(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """One node's LoRA input from its pairs [(A (K, r), B (r, n)), …] in output order: a 64-byte header of int32
+    (pair count, then r and n of each pair), then per pair its scales, A and B, each padded to 64 bytes. No
+    pairs: the header alone, which the op reads as no adapter."""
+    header = np.zeros(16, dtype=np.int32)
+    header[0] = len(pairs)
+    parts = []
+    for i, (a, b) in enumerate(pairs):
+        header[1 + 2 * i], header[2 + 2 * i] = b.shape
+        if b.shape[0] == 0:  # rank 0: the adapter leaves this projection alone
+            continue
+        qa, qb, scale, _ = quantize_pair(a, b)
+        for part in (scale.tobytes(), qa.tobytes(), qb.tobytes()):
+            parts.append(part + bytes(-len(part) % 64))
+    return np.frombuffer(header.tobytes() + b"".join(parts), dtype=np.uint8).copy()
+
+
+def lora_blobs(tensors: dict[str, np.ndarray], pairs: dict[str, list]) -> dict[str, np.ndarray]:
+    """An adapter's fp32 A and B ({graph input of the portable graph: array}) as the kernel graph's LoRA inputs:
+    {input: blob}, `pairs` being export.json's kernels.matmul_q4.lora_inputs ({input: [[A name, B name, K, n],
+    …]}). A projection the adapter leaves out (its file holds neither A nor B) is a pair of rank 0."""
+    blobs = {}
+    for lora, node_pairs in pairs.items():
+        arrays = []
+        for a_name, b_name, k, n in node_pairs:
+            if (a_name in tensors) != (b_name in tensors):
+                raise ValueError(f"the adapter holds {a_name if a_name in tensors else b_name} without its partner")
+            arrays.append((tensors[a_name], tensors[b_name]) if a_name in tensors else
+                          (np.zeros((k, 0), np.float32), np.zeros((0, n), np.float32)))
+        blobs[lora] = lora_blob(arrays)
+    return blobs

@@ -1,0 +1,467 @@
+// MatMulQ4: edge-lora's int4 matmul for x86-64 CPUs with AVX-512 VNNI, an onnxruntime custom op (domain
+// "ai.edge_lora"), with an adapter's LoRA branches computed inside the same node. edge_lora.runtime.kernels
+// builds it on the device; export/q4_graph.py writes the graph that uses it (BENCHMARKS.md, Runtime).
+//
+//   y = x · Wᵀ  [+ concat_g((x · A_g) · B_g)]   W: int4, zero point 8, one fp32 scale per 64 weights of a column
+//
+// Inputs: x (…, K) float; w (N/16, K/64, 512) uint8 and s (N/16, K/64, 16) float: MatMulNBits' 4-bit weights
+// (blocks of 64, no zero points) repacked into tiles of 16 columns (below); optionally the node's LoRA weights,
+// one uint8 tensor (parse_lora): one to three pairs — q, k and v share one packed product — of A_g (K, r_g) int8
+// with a scale per column and B_g (r_g, n_g) int8 with a scale per row, B's columns in tiles of 16 as W's, so
+// that a tile's share of B is one contiguous run; Σ n_g = N. Output y (…, N) float.
+//
+// Tile layout: for tile t (columns 16t … 16t+15) and block b (k = 64b … 64b+63), 512 bytes = 8 vectors of 64;
+// byte 4c + j of vector g holds column c's weight at k = 64b + 4g + j in its low nibble and at
+// k = 64b + 4(g+8) + j in its high nibble. One load, a shift and two ANDs give two vectors of 16 columns × 4
+// consecutive k, which VPDPBUSD multiplies by 4 broadcast activation bytes: no horizontal sums, no shuffles.
+// Activations are quantized per block of 64 to int8 with round-to-nearest-even, as MatMulNBits' accuracy_level 4
+// does, so the two agree to float rounding (tests/test_kernels.py).
+//
+// Written against onnxruntime's C API alone (onnxruntime_c_api.h, version 21 — onnxruntime 1.21 and later).
+#include "onnxruntime_c_api.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
+#error "MatMulQ4 needs AVX-512 F, BW and VNNI"
+#endif
+
+namespace {
+
+const OrtApi* api = nullptr;
+
+struct Error {  // a bad input: becomes an onnxruntime status with this message
+  std::string message;
+  explicit Error(std::string m) : message("MatMulQ4: " + std::move(m)) {}
+};
+
+void check(OrtStatus* status) {  // an onnxruntime call that failed: its message, as an Error
+  if (status == nullptr) return;
+  Error error(api->GetErrorMessage(status));
+  api->ReleaseStatus(status);
+  throw error;
+}
+
+std::vector<int64_t> shape_of(const OrtValue* value) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = api->GetDimensionsCount(info, &rank);
+  std::vector<int64_t> dims(rank);
+  if (status == nullptr) status = api->GetDimensions(info, dims.data(), rank);
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  check(status);
+  return dims;
+}
+
+int64_t elements(const std::vector<int64_t>& dims) {
+  int64_t count = 1;
+  for (const int64_t d : dims) count *= d;
+  return count;
+}
+
+template <typename T>
+T* data_of(const OrtValue* value) {
+  void* data = nullptr;
+  check(api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  return static_cast<T*>(data);
+}
+
+constexpr int64_t kBlock = 64, kTile = 16, kTileBytes = 512;
+constexpr int kMaxPairs = 3;
+constexpr int64_t kPrefetch = 4096;  // bytes ahead in the weight stream: measured best of 0/1k/2k/4k
+
+struct Pair {
+  const int8_t* a;     // (K, r)
+  const int8_t* b;     // (n/16, r, 16)
+  const float* scale;  // (r): A's column scale × B's row scale
+  int64_t r, n, offset;
+};
+
+struct Work {
+  int64_t m, k, n, blocks, tiles, tiles_per_task;
+  const float* x;
+  const uint8_t* w;
+  const float* s;
+  float* y;
+  const int8_t* xq;     // (M, K) int8
+  const float* xs;      // (M, blocks) activation scales
+  const int32_t* x8;    // (M, blocks) 8 · Σ of each block's int8 activations (the zero point's share)
+  const float* t;       // (M, Σ r_g) x · A_g, pair after pair
+  std::vector<Pair> pairs;
+  int64_t rank_total;
+  int64_t tile_tasks;   // decode: claims of tiles_per_task tiles
+  int64_t down_chunks;  // decode with an adapter: chunks of x · A, summed from `partial` (down_chunks, rank_total)
+  float* partial;
+  // a line each: the threads write them
+  alignas(64) std::atomic<int64_t> next_tile{0};
+  alignas(64) std::atomic<int64_t> next_down{0};
+  alignas(64) std::atomic<int64_t> done_down{0};
+};
+
+inline __m512 load16b(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+
+void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* scales, int32_t* sums8) {
+  const int64_t blocks = k / kBlock;
+  for (int64_t row = 0; row < m; ++row)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* in = x + row * k + b * kBlock;
+      __m512 mx = _mm512_setzero_ps();
+      for (int i = 0; i < kBlock; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(in + i)));
+      const float amax = _mm512_reduce_max_ps(mx), scale = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
+      __m512i sum = _mm512_setzero_si512();
+      for (int i = 0; i < kBlock; i += 16) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + i), _mm512_set1_ps(inv)));  // round to nearest even
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + row * k + b * kBlock + i), _mm512_cvtsepi32_epi8(v));
+      }
+      scales[row * blocks + b] = scale;
+      sums8[row * blocks + b] = 8 * _mm512_reduce_add_epi32(sum);
+    }
+}
+
+// out = x[k0:k1] · A[k0:k1] for each pair of one row (fp32 x, not the int8 copy: the branch keeps full precision).
+void lora_down_range(const Work& w, const float* x, int64_t k0, int64_t k1, float* out) {
+    for (const Pair& p : w.pairs) {
+      if (p.r == 16) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = k0;
+        for (; k + 4 <= k1; k += 4) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.a + (k + 128) * 16), _MM_HINT_T0);  // 2 KB ahead, a line per 4 rows
+          a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), load16b(p.a + k * 16), a0);
+          a1 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 1]), load16b(p.a + (k + 1) * 16), a1);
+          a2 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 2]), load16b(p.a + (k + 2) * 16), a2);
+          a3 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 3]), load16b(p.a + (k + 3) * 16), a3);
+        }
+        for (; k < k1; ++k) a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), load16b(p.a + k * 16), a0);
+        _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_loadu_ps(p.scale), _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
+      } else {
+        for (int64_t j = 0; j < p.r; ++j) out[j] = 0.f;
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t j = 0; j < p.r; ++j) out[j] += x[k] * p.a[k * p.r + j];
+        for (int64_t j = 0; j < p.r; ++j) out[j] *= p.scale[j];
+      }
+      out += p.r;
+    }
+}
+
+void lora_down(const Work& w, float* t) {
+  for (int64_t row = 0; row < w.m; ++row) lora_down_range(w, w.x + row * w.k, 0, w.k, t + row * w.rank_total);
+}
+
+// y[row, tile] += t[row] · B[:, tile's columns] for the pair the tile falls in.
+inline __m512 lora_up(const Work& w, const float* t, int64_t col, __m512 acc) {
+  for (const Pair& p : w.pairs) {
+    if (col >= p.offset && col < p.offset + p.n) {
+      const int8_t* b = p.b + (col - p.offset) * p.r;  // this tile's (r, 16)
+      __m512 acc1 = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 2 <= p.r; j += 2) {
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), load16b(b + j * kTile), acc);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(t[j + 1]), load16b(b + (j + 1) * kTile), acc1);
+      }
+      if (j < p.r) acc = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), load16b(b + j * kTile), acc);
+      return _mm512_add_ps(acc, acc1);
+    }
+    t += p.r;
+  }
+  return acc;
+}
+
+// One row (decode): tiles [t0, t1), with t · B added when `lora_t` (t = x · A) is given. B (r · 16 bytes a tile,
+// contiguous) is fetched a line per block kBAhead tiles ahead, in step with W's own prefetch.
+constexpr int64_t kBAhead = 2;  // 2 and 6 measured the same
+void gemv_tiles(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int32_t* xq = reinterpret_cast<const int32_t*>(w.xq);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wp = w.w + t * w.blocks * kTileBytes;
+    const float* sp = w.s + t * w.blocks * kTile;
+    const char* b_ahead = nullptr;
+    int64_t b_lines = 0;
+    const int64_t ahead = (t + kBAhead) * kTile;
+    if (lora_t)
+      for (const Pair& p : w.pairs)
+        if (ahead >= p.offset && ahead < p.offset + p.n) {
+          b_ahead = reinterpret_cast<const char*>(p.b + (ahead - p.offset) * p.r);
+          b_lines = p.r * kTile / 64;
+        }
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    for (int64_t b = 0; b < w.blocks; ++b, wp += kTileBytes, sp += kTile) {
+      for (int i = 0; i < kTileBytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch + i, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(sp + kPrefetch / kTileBytes * kTile), _MM_HINT_T0);  // the same blocks' scales
+      for (int64_t line = b; line < b_lines; line += w.blocks) _mm_prefetch(b_ahead + line * 64, _MM_HINT_T0);
+      const int32_t* xb = xq + b * (kBlock / 4);
+      __m512i d0 = _mm512_setzero_si512(), d1 = d0;
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g) {
+        const __m512i raw = _mm512_loadu_si512(wp + g * 64);
+        d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(raw, low), _mm512_set1_epi32(xb[g]));
+        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low), _mm512_set1_epi32(xb[g + 8]));
+      }
+      const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(w.x8[b]));
+      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sp), _mm512_set1_ps(w.xs[b]));
+      if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc1);
+      else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc0);
+    }
+    __m512 acc = _mm512_add_ps(acc0, acc1);
+    if (lora_t) acc = lora_up(w, lora_t, t * kTile, acc);
+    _mm512_storeu_ps(w.y + t * kTile, acc);
+  }
+}
+
+// Many rows (prefill): each block of a tile is unpacked once into 16 vectors and applied to every row;
+// the rows' running sums live in y itself.
+void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t row = 0; row < w.m; ++row) _mm512_storeu_ps(w.y + row * w.n + t * kTile, _mm512_setzero_ps());
+    const uint8_t* wp = w.w + t * w.blocks * kTileBytes;
+    const float* sp = w.s + t * w.blocks * kTile;
+    for (int64_t b = 0; b < w.blocks; ++b, wp += kTileBytes, sp += kTile) {
+      __m512i lo[8], hi[8];
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g) {
+        const __m512i raw = _mm512_loadu_si512(wp + g * 64);
+        lo[g] = _mm512_and_si512(raw, low);
+        hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+      }
+      const __m512 ws = _mm512_loadu_ps(sp);
+      for (int64_t row = 0; row < w.m; ++row) {
+        const int32_t* xb = reinterpret_cast<const int32_t*>(w.xq + row * w.k) + b * (kBlock / 4);
+        __m512i d0 = _mm512_setzero_si512(), d1 = d0;
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; ++g) {
+          d0 = _mm512_dpbusd_epi32(d0, lo[g], _mm512_set1_epi32(xb[g]));
+          d1 = _mm512_dpbusd_epi32(d1, hi[g], _mm512_set1_epi32(xb[g + 8]));
+        }
+        const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(w.x8[row * w.blocks + b]));
+        float* out = w.y + row * w.n + t * kTile;
+        const __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(w.xs[row * w.blocks + b]));
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, _mm512_loadu_ps(out)));
+      }
+    }
+    if (w.rank_total)
+      for (int64_t row = 0; row < w.m; ++row) {
+        float* out = w.y + row * w.n + t * kTile;
+        _mm512_storeu_ps(out, lora_up(w, w.t + row * w.rank_total, t * kTile, _mm512_loadu_ps(out)));
+      }
+  }
+}
+
+constexpr int64_t kDownRows = 64;  // rows of A (every pair) per chunk of x · A
+
+// Decode. With an adapter, every invocation first claims chunks of x · A (rows of A in every pair) and computes
+// them into `partial`, then waits until every chunk is done — only for chunks that running threads have claimed,
+// so it cannot wait forever — and sums them into t (with one chunk, K <= 64, each thread computes t itself). Then it claims chunks of tiles from the node's counter, each
+// tile's int4 product with t · B added. Invocations beyond the threads that exist find nothing left and return.
+void run_decode(void* data, size_t) {
+  auto* w = static_cast<Work*>(data);
+  alignas(64) float t[3 * 256] = {};
+  const float* lora_t = nullptr;
+  const bool own_t = w->down_chunks == 1;  // nothing to share: each thread computes t itself, and none waits
+  if (w->down_chunks > 1) {
+    for (int64_t c; (c = w->next_down.fetch_add(1)) < w->down_chunks;) {
+      lora_down_range(*w, w->x, c * kDownRows, std::min(w->k, (c + 1) * kDownRows), w->partial + c * w->rank_total);
+      w->done_down.fetch_add(1, std::memory_order_release);
+    }
+    while (w->done_down.load(std::memory_order_acquire) < w->down_chunks) _mm_pause();
+    for (int64_t c = 0; c < w->down_chunks; ++c)
+      for (int64_t j = 0; j < w->rank_total; ++j) t[j] += w->partial[c * w->rank_total + j];
+    lora_t = t;
+  }
+  for (int64_t task; (task = w->next_tile.fetch_add(1)) < w->tile_tasks;) {
+    if (own_t && lora_t == nullptr) {
+      lora_down_range(*w, w->x, 0, w->k, t);
+      lora_t = t;
+    }
+    const int64_t t0 = task * w->tiles_per_task;
+    gemv_tiles(*w, lora_t, t0, std::min(w->tiles, t0 + w->tiles_per_task));
+  }
+}
+
+void run_prefill(void* data, size_t task) {
+  const auto* w = static_cast<const Work*>(data);
+  gemm_tiles(*w, static_cast<int64_t>(task), static_cast<int64_t>(task) + 1);
+}
+
+// The LoRA input: one uint8 tensor per node (one input where three per pair cost onnxruntime a shape query
+// each, every token). A 64-byte header of int32 — pair count P (0–3), then r and n of each pair — and for each
+// pair its scale (r float32), A (K × r int8) and B (n/16 × r × 16 int8), each section starting on 64 bytes.
+// P = 0 (the graph's default) is no adapter; a pair of rank 0 (a projection the adapter leaves alone) has no sections.
+inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+void parse_lora(const uint8_t* blob, size_t bytes, Work& w) {
+  int32_t header[16];
+  if (bytes < sizeof header) throw Error("the LoRA input is shorter than its 64-byte header");
+  std::memcpy(header, blob, sizeof header);
+  if (header[0] < 0 || header[0] > kMaxPairs) throw Error("the LoRA input holds 0 to 3 pairs");
+  int64_t at = sizeof header, offset = 0;
+  for (int i = 0; i < header[0]; ++i) {
+    const int64_t r = header[1 + 2 * i], n = header[2 + 2 * i];
+    if (r < 0 || r > 256 || n < kTile || n % kTile) throw Error("a LoRA pair needs 0 <= r <= 256 and n a multiple of 16");
+    Pair p{};
+    p.r = r;
+    p.n = n;
+    p.offset = offset;
+    p.scale = reinterpret_cast<const float*>(blob + at);
+    at += align64(r * 4);
+    p.a = reinterpret_cast<const int8_t*>(blob + at);
+    at += align64(w.k * r);
+    p.b = reinterpret_cast<const int8_t*>(blob + at);
+    at += align64(n * r);
+    offset += n;
+    w.pairs.push_back(p);
+  }
+  if (at != static_cast<int64_t>(bytes) || (header[0] && offset != w.n))
+    throw Error("the LoRA input's size or widths do not match its header and the node");
+}
+
+void compute(OrtKernelContext* context) {
+  size_t inputs = 0;
+  check(api->KernelContext_GetInputCount(context, &inputs));
+  const OrtValue *x = nullptr, *wq = nullptr, *ws = nullptr, *lora = nullptr;
+  check(api->KernelContext_GetInput(context, 0, &x));
+  check(api->KernelContext_GetInput(context, 1, &wq));
+  check(api->KernelContext_GetInput(context, 2, &ws));
+  if (inputs > 3) check(api->KernelContext_GetInput(context, 3, &lora));
+  std::vector<int64_t> shape = shape_of(x);
+  const std::vector<int64_t> w_shape = shape_of(wq), s_shape = shape_of(ws);
+  if (shape.empty()) throw Error("x must have at least one axis");
+  const int64_t k = shape.back();
+  if (w_shape.size() != 3 || w_shape[2] != kTileBytes || w_shape[1] * kBlock != k)
+    throw Error("w must be (N/16, K/64, 512) for x's K = " + std::to_string(k));
+  if (s_shape != std::vector<int64_t>{w_shape[0], w_shape[1], kTile}) throw Error("s must be (N/16, K/64, 16), as w");
+  Work w{};
+  w.k = k;
+  w.blocks = k / kBlock;
+  w.tiles = w_shape[0];
+  w.n = w.tiles * kTile;
+  w.m = k ? elements(shape) / k : 0;
+  shape.back() = w.n;
+  OrtValue* y = nullptr;
+  check(api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &y));
+  w.x = data_of<const float>(x);
+  w.w = data_of<const uint8_t>(wq);
+  w.s = data_of<const float>(ws);
+  w.y = data_of<float>(y);
+  if (w.m == 0) return;
+  if (lora) parse_lora(data_of<const uint8_t>(lora), static_cast<size_t>(elements(shape_of(lora))), w);
+
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xs, t;
+  thread_local std::vector<int32_t> x8;
+  xq.resize(w.m * k);
+  xs.resize(w.m * w.blocks);
+  x8.resize(w.m * w.blocks);
+  quantize_rows(w.x, w.m, k, xq.data(), xs.data(), x8.data());
+  w.xq = xq.data();
+  w.xs = xs.data();
+  w.x8 = x8.data();
+  for (const Pair& p : w.pairs) w.rank_total += p.r;
+  if (w.rank_total > kMaxPairs * 256) throw Error("more than 768 LoRA ranks in one node");
+  if (w.m > 1) {  // prefill: x · A for every row first (one thread), then every tile is its own task
+    if (w.rank_total) {
+      t.resize(w.m * w.rank_total);
+      lora_down(w, t.data());
+      w.t = t.data();
+    }
+    check(api->KernelContext_ParallelFor(context, run_prefill, static_cast<size_t>(w.tiles), 0, &w));
+    return;
+  }
+  // Decode: claims of ~64 KB of weights. Each claim is an atomic add on a line the threads share; at 8 KB a claim
+  // the claims cost more than they balance (a chain of the reference shape's 151 products: 3.8 ms a token at
+  // 8 KB, 2.2–2.3 ms at 64 and 128 KB, 2.6 ms at 256 KB; 2 threads).
+  w.tiles_per_task = std::max<int64_t>(1, 65536 / (w.blocks * kTileBytes));
+  w.tile_tasks = (w.tiles + w.tiles_per_task - 1) / w.tiles_per_task;
+  if (w.rank_total) {
+    w.down_chunks = (k + kDownRows - 1) / kDownRows;
+    t.resize(w.down_chunks * w.rank_total);
+    w.partial = t.data();
+  }
+  // more invocations than an edge CPU has threads: the surplus find nothing to claim and return
+  check(api->KernelContext_ParallelFor(context, run_decode, 8, 0, &w));
+}
+
+// --------------------------------------------------------------------------------------- the op, for onnxruntime
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** kernel) {
+  *kernel = nullptr;  // no state: everything a run needs comes from its inputs
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL kernel_compute(void*, OrtKernelContext* context) {
+  try {
+    compute(context);
+  } catch (const Error& e) {
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, e.message.c_str());
+  } catch (const std::bad_alloc&) {
+    return api->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory");
+  }
+  return nullptr;
+}
+
+void ORT_API_CALL kernel_destroy(void*) {}
+const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "MatMulQ4"; }
+const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
+size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 4; }
+size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
+ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
+  return i == 0 || i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+}
+ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp*, size_t i) {
+  return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtMemType ORT_API_CALL input_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int ORT_API_CALL one(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL last_version(const OrtCustomOp*) { return INT_MAX; }
+
+OrtCustomOp make_op() {
+  OrtCustomOp op{};
+  op.version = ORT_API_VERSION;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_provider;
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type;
+  op.GetOutputTypeCount = output_count;
+  op.KernelDestroy = kernel_destroy;
+  op.GetInputCharacteristic = input_characteristic;
+  op.GetOutputCharacteristic = output_characteristic;
+  op.GetInputMemoryType = input_memory;
+  op.GetVariadicInputMinArity = one;
+  op.GetVariadicInputHomogeneity = one;
+  op.GetVariadicOutputMinArity = one;
+  op.GetVariadicOutputHomogeneity = one;
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = kernel_compute;
+  op.GetStartVersion = one;
+  op.GetEndVersion = last_version;
+  return op;
+}
+
+}  // namespace
+
+// onnxruntime calls this when a session registers the library (SessionOptions.register_custom_ops_library).
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // an onnxruntime older than the header: it logs the mismatch; no op here
+  static OrtCustomOp op = make_op();
+  static OrtCustomOpDomain* domain = nullptr;  // must outlive every session that uses it: never released
+  if (domain == nullptr) {
+    if (OrtStatus* status = api->CreateCustomOpDomain("ai.edge_lora", &domain)) return status;
+    if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;
+  }
+  return api->AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,220 @@
+"""edge-lora's int4 kernel (runtime/kernels, MatMulQ4): built on this host, equal to onnxruntime's MatMulNBits on
+the same weights, its graph written by the export (export/q4_graph.py) and taken by the runtime."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_lora.runtime import kernels
+
+pytestmark = pytest.mark.skipif(kernels.cpu_problem() is not None, reason=f"MatMulQ4 cannot run here: {kernels.cpu_problem()}")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    return kernels.library(cache=tmp_path_factory.mktemp("kernels"))
+
+
+def int4_weights(rng, k: int, n: int):
+    """MatMulNBits' (N, K/64, 32) nibbles and (N · K/64) scales, and the fp32 matrix (K, N) they stand for."""
+    q = rng.integers(0, 256, (n, k // 64, 32), dtype=np.uint8)
+    scales = rng.random(n * (k // 64), dtype=np.float32) * 0.02 + 0.001
+    values = np.empty((n, k // 64, 64), dtype=np.float32)
+    values[..., 0::2], values[..., 1::2] = q & 15, q >> 4
+    return q, scales, ((values - 8) * scales.reshape(n, -1, 1)).reshape(n, k).T
+
+
+def session(library, node, initializers, k: int, lora: bool = False):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])]
+    if lora:
+        inputs.append(helper.make_tensor_value_info("lora", TensorProto.UINT8, ["bytes"]))
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(kernels.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def pair_of_sessions(library, rng, k: int, n: int, lora: bool = False):
+    """MatMulNBits (accuracy_level 4) and MatMulQ4 on the same random int4 weights; and the fp32 matrix."""
+    from edge_lora.export.q4_graph import repack
+
+    q, scales, w = int4_weights(rng, k, n)
+    mlas = session(library, helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n,
+                                             bits=4, block_size=64, accuracy_level=4),
+                   [numpy_helper.from_array(q, "w"), numpy_helper.from_array(scales, "s")], k)
+    packed, tiled = repack(q, scales, k, n)
+    own = session(library, helper.make_node("MatMulQ4", ["x", "w", "s"] + (["lora"] if lora else []), ["y"],
+                                            domain=kernels.DOMAIN),
+                  [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(tiled, "s")], k, lora)
+    return mlas, own, w
+
+
+@pytest.mark.parametrize("rows", [1, 5])  # decode's path and prefill's
+@pytest.mark.parametrize("k,n", [(64, 16), (192, 96), (128, 1040)])
+def test_matmul_q4_equals_matmulnbits(library, rows, k, n):
+    rng = np.random.default_rng(k + n + rows)
+    mlas, own, w = pair_of_sessions(library, rng, k, n)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    expected, got = mlas.run(None, {"x": x})[0], own.run(None, {"x": x})[0]
+    scale = np.abs(expected).max()
+    # both quantize x per 64 to int8 the same way: they differ by float summation order only
+    assert np.abs(got - expected).max() <= 1e-5 * scale
+    assert np.abs(got - x @ w).max() > 1e-4 * scale  # and both differ from fp32 (the int8 activations): a real check
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_lora_branches_inside_the_node(library, rows):
+    """Three pairs in one node as q, k and v share one: ranks 16, 0 (an unadapted projection) and 8."""
+    from edge_lora.runtime.kernels import dequantize_pair, lora_blob
+
+    rng = np.random.default_rng(rows)
+    k, widths, ranks = 128, (64, 32, 48), (16, 0, 8)
+    mlas, own, _ = pair_of_sessions(library, rng, k, sum(widths), lora=True)
+    pairs = [(rng.standard_normal((k, r), dtype=np.float32), rng.standard_normal((r, n), dtype=np.float32) * 0.1)
+             for r, n in zip(ranks, widths)]
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    delta = np.concatenate([x @ a @ b if a.shape[1] else np.zeros((rows, b.shape[1]), np.float32)
+                            for a, b in (dequantize_pair(a, b) if a.shape[1] else (a, b) for a, b in pairs)], axis=1)
+    base = mlas.run(None, {"x": x})[0]
+    got = own.run(None, {"x": x, "lora": lora_blob(pairs)})[0]
+    np.testing.assert_allclose(got, base + delta, rtol=0, atol=1e-4 * np.abs(base + delta).max())
+    exact = np.concatenate([x @ a @ b for a, b in pairs], axis=1)
+    # int8 A and B: within 1% of the branch's largest value (0.4% a pair measured on the reference shape)
+    assert np.abs(delta - exact).max() <= 0.01 * np.abs(exact).max()
+    # the header alone is no adapter
+    np.testing.assert_allclose(own.run(None, {"x": x, "lora": lora_blob([])})[0], base, rtol=0, atol=1e-5 * np.abs(base).max())
+
+
+def test_a_malformed_lora_input_is_refused_by_name(library):
+    from edge_lora.runtime.kernels import lora_blob
+
+    rng = np.random.default_rng(0)
+    _, own, _ = pair_of_sessions(library, rng, 64, 32, lora=True)
+    blob = lora_blob([(np.ones((64, 4), np.float32), np.ones((4, 32), np.float32))])
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(Exception, match="MatMulQ4: the LoRA input's size"):
+        own.run(None, {"x": x, "lora": blob[:-64]})
+    wrong_width = lora_blob([(np.ones((64, 4), np.float32), np.ones((4, 16), np.float32))])
+    with pytest.raises(Exception, match="MatMulQ4: the LoRA input's size or widths"):
+        own.run(None, {"x": x, "lora": wrong_width})
+
+
+def test_the_library_is_built_once_and_a_missing_compiler_says_so(tmp_path, monkeypatch):
+    first = kernels.library(cache=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert kernels.library(cache=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(kernels.KernelUnavailable, match="no C\\+\\+ compiler 'no-such-compiler'"):
+        kernels.library(cache=tmp_path / "other")
+
+
+def test_cpu_without_vnni_is_named(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n")
+    assert kernels.cpu_problem(cpuinfo) == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni"
+
+
+# ------------------------------------------------------------------------------------ the export and the runtime
+
+@pytest.fixture(scope="module")
+def upper_adapter(base_dir, tmp_path_factory):
+    """A second adapter on the shared base: rank 8 on q, v and down only (so k, o, gate and up are rank 0)."""
+    from edge_lora.config import LoraConfig, TrainConfig
+    from edge_lora.trainer import train
+
+    work = tmp_path_factory.mktemp("upper")
+    data = work / "upper.jsonl"
+    data.write_text("".join(json.dumps({"prompt": w + ":", "completion": w.upper()}) + "\n"
+                            for w in ("abc", "hello", "lora", "edge", "qwerty", "dates", "onnx", "runtime") * 4))
+    config = TrainConfig(model=str(base_dir), data=str(data), output=str(work / "upper"), max_steps=20, batch_size=8,
+                         learning_rate=1e-2, lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")))
+    return train(config, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def q4_export(adapter_dir, upper_adapter, tmp_path_factory, library):
+    """Both adapters beside one builder int4 graph in blocks of 64, for the x86 profile (which lists matmul_q4).
+    Not gated: on this 64-wide model one block of 64 spans a whole row, and int4 in blocks that coarse flips
+    greedy near-ties (the portable graph's own agreement falls below the gate's 90%, merged or not). What is
+    checked here is that the kernel graph computes what the portable graph does."""
+    from edge_lora.export import ExportOptions, export
+
+    return export([adapter_dir, upper_adapter], tmp_path_factory.mktemp("q4") / "export",
+                  ExportOptions(precision="int4", flavor="adapters", graph="builder", int4_block_size=64,
+                                device="cpu-x86-64", validate=False), show_progress=False)
+
+
+def test_export_writes_the_kernel_graph(q4_export, adapter_dir, upper_adapter):
+    manifest = json.loads((q4_export / "export.json").read_text())
+    entry = manifest["kernels"]["matmul_q4"]
+    assert entry["model_file"] == "model.q4.onnx" and entry["matmulnbits_left"] == 0
+    assert entry["nodes"] == 2 * 5 + 1  # q/k/v, o, gate, up, down per layer, and the head
+    assert set(entry["adapters"]) == {adapter_dir.name, upper_adapter.name}
+    assert {"model.q4.onnx", "model.q4.onnx.data", f"adapters/{adapter_dir.name}.q4.onnx_adapter"} <= set(manifest["files"])
+    assert len(entry["lora_inputs"]) == 2 * 5  # one per adapted product: q/k/v packed, o, gate, up, down
+
+
+def test_runtime_takes_the_kernel_graph_and_decodes_as_the_portable_one(q4_export, adapter_dir, upper_adapter):
+    from edge_lora import runtime
+    from edge_lora.runtime.lora import Adapter
+
+    fast, portable = runtime.load(q4_export), runtime.load(q4_export, kernels=())
+    assert (fast.kernel, portable.kernel) == ("matmul_q4", None)
+    config = runtime.SamplingConfig(max_new_tokens=12)
+    prompt = "hello:"
+    ids = fast.tokenizer.encode(prompt)
+    base = portable.with_adapter(None).logits(ids)
+    for name in (adapter_dir.name, upper_adapter.name, None):
+        a, b = fast.with_adapter(name), portable.with_adapter(name)
+        assert a.generate(prompt, config).token_ids == b.generate(prompt, config).token_ids, name
+        # int8 A and B against fp32: a small share of what the adapter does (both graphs round activations to int8
+        # per 64, so a nudge can flip a rounding and move a logit by a quantum; none without an adapter)
+        effect = np.abs(b.logits(ids) - base).max()
+        assert np.abs(a.logits(ids) - b.logits(ids)).max() <= (0.1 * effect if name else 1e-4), name
+    # an adapter in the portable form (as serve's uploads come) is converted for the kernel graph, once
+    upload = Adapter(q4_export / "adapters" / f"{upper_adapter.name}.onnx_adapter")
+    converted = fast.with_adapter("upload", adapter=upload)
+    ids = fast.tokenizer.encode(prompt)
+    np.testing.assert_array_equal(converted.logits(ids), fast.with_adapter(upper_adapter.name).logits(ids))
+    assert fast.with_adapter("upload", adapter=upload)._adapter_inputs is converted._adapter_inputs
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(q4_export, tmp_path, monkeypatch):
+    from edge_lora import runtime
+
+    monkeypatch.setenv("EDGE_LORA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.warns(UserWarning, match="matmul_q4 kernel is not available .*no C\\+\\+ compiler.*running model.onnx"):
+        generator = runtime.load(q4_export)
+    assert generator.kernel is None
+
+
+def test_uploads_in_the_portable_form_fit_a_kernel_graph(q4_export, upper_adapter):
+    """serve's hot-swap checks an upload against the portable graph's LoRA inputs (export.json), then converts it."""
+    from edge_lora import runtime
+    from edge_lora.runtime.lora import map_tensors
+    from edge_lora.runtime.serve_admin import fit_problems, lora_inputs
+
+    fast = runtime.load(q4_export)
+    upload = map_tensors(q4_export / "adapters" / f"{upper_adapter.name}.onnx_adapter")
+    assert fit_problems(upload, lora_inputs(fast)) == []
+    own_form = map_tensors(q4_export / "adapters" / f"{upper_adapter.name}.q4.onnx_adapter")
+    assert any("is not a LoRA input of this model" in p for p in fit_problems(own_form, lora_inputs(fast)))
+
+
+def test_a_profile_names_only_known_kernels(tmp_path):
+    from edge_lora import devices
+
+    text = (devices._HERE / "cpu-x86-64.toml").read_text().replace('kernels = ["matmul_q4"]', 'kernels = ["matmul_q8"]')
+    path = tmp_path / "cpu-x86-64.toml"
+    path.write_text(text)
+    with pytest.raises(devices.DeviceProfileError, match=r"runtime.kernels = \[\"matmul_q8\"\]: expected a list of edge-lora kernels, each one of matmul_q4"):
+        devices.load(path)
+    assert devices.load("arm64-a76").kernels == ()  # optional: a profile that leaves it out runs no kernel
