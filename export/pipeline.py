@@ -62,7 +62,7 @@ class ExportOptions:
     and precision asked for, optimum's exporter otherwise (export.json records which)."""
     kernels: tuple[str, ...] | None = None
     """edge-lora kernels to write a graph for beside the portable one (export/q4_graph.py: "matmul_q4", for a
-    builder int4 graph in blocks of 64 with accuracy_level 4); None: those the device profile lists."""
+    builder int4 graph in blocks of 32 or 64 with accuracy_level 4); None: those the device profile lists."""
 
     def __post_init__(self):
         problems = []

@@ -2,7 +2,7 @@
 
 The portable graph (model.onnx) runs its int4 projections as MatMulNBits, onnxruntime's MLAS kernels, and an
 `adapters` export adds each LoRA branch as MatMul → MatMul → Add beside them. model.q4.onnx is the same graph
-with every MatMulNBits that MatMulQ4 computes identically — 4 bits, blocks of 64, no zero points, int8
+with every MatMulNBits that MatMulQ4 computes identically — 4 bits, blocks of 32 or 64, no zero points, int8
 activations (accuracy_level 4), N a multiple of 16 — replaced by a MatMulQ4 node whose weights are the same
 values repacked into its tiles, and with the projection's LoRA branches folded into that node: one uint8 input
 per node carries its pairs (q, k and v share the packed qkv product), and each adapter gets a second file,
@@ -20,24 +20,24 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.runtime.kernels import BLOCK, DOMAIN, TILE, lora_blob
+from edge_lora.runtime.kernels import BLOCKS, DOMAIN, TILE, lora_blob
 
 MODEL_FILE = "model.q4.onnx"
 ADAPTER_SUFFIX = ".q4.onnx_adapter"
 
 
-def repack(q: np.ndarray, scales: np.ndarray, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits' 4-bit weight (N, K/64, 32) — byte j of a block holds k = 2j in its low nibble, 2j + 1 in its
-    high one — and its scales (N · K/64) as MatMulQ4's tiles: (N/16, K/64, 512) and (N/16, K/64, 16)
-    (runtime/kernels/matmul_q4.cc has the layout)."""
-    blocks, tiles = k // BLOCK, n // TILE
-    q = q.reshape(n, blocks, BLOCK // 2)
-    values = np.empty((n, blocks, BLOCK), dtype=np.uint8)
+def repack(q: np.ndarray, scales: np.ndarray, k: int, n: int, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' 4-bit weight (N, K/block, block/2) — byte j of a block holds k = 2j in its low nibble, 2j + 1
+    in its high one — and its scales (N · K/block) as MatMulQ4's tiles: (N/16, K/block, 8 · block) and
+    (N/16, K/block, 16) (runtime/kernels/matmul_q4.cc has the layout)."""
+    blocks, tiles, vectors = k // block, n // TILE, block // 8
+    q = q.reshape(n, blocks, block // 2)
+    values = np.empty((n, blocks, block), dtype=np.uint8)
     values[..., 0::2] = q & 0x0F
     values[..., 1::2] = q >> 4
-    # (tile, column, block, group of 4 k, j) → (tile, block, group, column, j); groups g and g + 8 share a byte
-    v = values.reshape(tiles, TILE, blocks, BLOCK // 4, 4).transpose(0, 2, 3, 1, 4)
-    packed = (v[:, :, :8] | (v[:, :, 8:] << 4)).reshape(tiles, blocks, 512)
+    # (tile, column, block, group of 4 k, j) → (tile, block, group, column, j); groups g and g + block/8 share a byte
+    v = values.reshape(tiles, TILE, blocks, block // 4, 4).transpose(0, 2, 3, 1, 4)
+    packed = (v[:, :, :vectors] | (v[:, :, vectors:] << 4)).reshape(tiles, blocks, 8 * block)
     tiled_scales = scales.astype(np.float32).reshape(tiles, TILE, blocks).transpose(0, 2, 1)
     return np.ascontiguousarray(packed), np.ascontiguousarray(tiled_scales)
 
@@ -48,14 +48,15 @@ def lora_input_name(weight_name: str) -> str:
 
 
 def qualifies(node, initializers: dict) -> bool:
-    """A MatMulNBits that MatMulQ4 computes the same way: 4 bits, blocks of 64, int8 activations, fp32 scales, no
-    zero points, bias or g_idx, K a multiple of 64 and N of 16."""
+    """A MatMulNBits that MatMulQ4 computes the same way: 4 bits, blocks of 32 or 64, int8 activations, fp32
+    scales, no zero points, bias or g_idx, K a multiple of the block and N of 16."""
     from onnx import TensorProto, helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     scales = initializers.get(node.input[2])
-    return (node.op_type == "MatMulNBits" and attrs.get("bits", 4) == 4 and attrs.get("block_size") == BLOCK
-            and attrs.get("accuracy_level", 0) == 4 and not any(node.input[3:]) and attrs["K"] % BLOCK == 0
+    block = attrs.get("block_size")
+    return (node.op_type == "MatMulNBits" and attrs.get("bits", 4) == 4 and block in BLOCKS
+            and attrs.get("accuracy_level", 0) == 4 and not any(node.input[3:]) and attrs["K"] % block == 0
             and attrs["N"] % TILE == 0 and node.input[1] in initializers and scales is not None
             and scales.data_type == TensorProto.FLOAT)
 
@@ -85,7 +86,7 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         k, n = attrs["K"], attrs["N"]
         packed, scales = repack(numpy_helper.to_array(initializers[node.input[1]]),
-                                numpy_helper.to_array(initializers[node.input[2]]), k, n)
+                                numpy_helper.to_array(initializers[node.input[2]]), k, n, attrs["block_size"])
         w_name, s_name = node.input[1] + "/q4", node.input[2] + "/q4"
         new_initializers += [numpy_helper.from_array(packed, w_name), numpy_helper.from_array(scales, s_name)]
         node_inputs, output = [node.input[0], w_name, s_name], node.output[0]

@@ -60,6 +60,17 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
     nodes = onnx.load(str(builder_int4 / "model.onnx"), load_external_data=False).graph.node
     assert {n.op_type for n in nodes} >= {"MatMulNBits", "GroupQueryAttention"} and "MatMul" not in {n.op_type for n in nodes}
     assert {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"} == {32}
+    # the profile lists edge-lora's int4 kernel: its graph is written beside model.onnx and gated the same way
+    # where the exporting host runs it (runtime/kernels: AVX-512 VNNI and a C++ compiler)
+    from edge_lora.runtime import kernels
+
+    kernel = manifest["kernels"]["matmul_q4"]
+    assert kernel["model_file"] in manifest["files"] and kernel["matmulnbits_left"] == 0
+    if kernels.cpu_problem() is None:
+        report = kernel["parity"]["merged"]
+        assert report["passed"] and abs(report["greedy_agreement"] - parity["greedy_agreement"]) <= 0.1
+    else:
+        assert "not checked on the exporting host" in kernel["parity"]["skipped"]
 
 
 @pytest.mark.parametrize(("model_type", "options", "graph"), [

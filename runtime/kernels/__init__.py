@@ -28,7 +28,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 MATMUL_Q4 = "matmul_q4"
 DOMAIN = "ai.edge_lora"
-TILE, BLOCK = 16, 64  # MatMulQ4's columns per tile and weights per int4 scale
+TILE = 16  # MatMulQ4's columns per tile
+BLOCKS = (32, 64)  # the int4 block sizes (weights per scale) it takes
 SOURCES = {MATMUL_Q4: HERE / "matmul_q4.cc"}
 HEADER = HERE / "onnxruntime_c_api.h"
 # What the op is compiled for: the instruction sets it needs, named, so that a cached library never holds code

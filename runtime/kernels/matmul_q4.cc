@@ -2,19 +2,19 @@
 // "ai.edge_lora"), with an adapter's LoRA branches computed inside the same node. edge_lora.runtime.kernels
 // builds it on the device; export/q4_graph.py writes the graph that uses it (BENCHMARKS.md, Runtime).
 //
-//   y = x · Wᵀ  [+ concat_g((x · A_g) · B_g)]   W: int4, zero point 8, one fp32 scale per 64 weights of a column
+//   y = x · Wᵀ  [+ concat_g((x · A_g) · B_g)]   W: int4, zero point 8, one fp32 scale per block of a column
 //
-// Inputs: x (…, K) float; w (N/16, K/64, 512) uint8 and s (N/16, K/64, 16) float: MatMulNBits' 4-bit weights
-// (blocks of 64, no zero points) repacked into tiles of 16 columns (below); optionally the node's LoRA weights,
-// one uint8 tensor (parse_lora): one to three pairs — q, k and v share one packed product — of A_g (K, r_g) int8
-// with a scale per column and B_g (r_g, n_g) int8 with a scale per row, B's columns in tiles of 16 as W's, so
-// that a tile's share of B is one contiguous run; Σ n_g = N. Output y (…, N) float.
+// Inputs: x (…, K) float; w (N/16, K/B, 8·B) uint8 and s (N/16, K/B, 16) float: MatMulNBits' 4-bit weights
+// (blocks of B = 32 or 64, no zero points) repacked into tiles of 16 columns (below); optionally the node's LoRA
+// weights, one uint8 tensor (parse_lora): one to three pairs — q, k and v share one packed product — of A_g
+// (K, r_g) int8 with a scale per column and B_g (r_g, n_g) int8 with a scale per row, B's columns in tiles of 16
+// as W's, so that a tile's share of B is one contiguous run; Σ n_g = N. Output y (…, N) float.
 //
-// Tile layout: for tile t (columns 16t … 16t+15) and block b (k = 64b … 64b+63), 512 bytes = 8 vectors of 64;
-// byte 4c + j of vector g holds column c's weight at k = 64b + 4g + j in its low nibble and at
-// k = 64b + 4(g+8) + j in its high nibble. One load, a shift and two ANDs give two vectors of 16 columns × 4
+// Tile layout: for tile t (columns 16t … 16t+15) and block b (k = Bb … Bb+B-1), 8·B bytes = G = B/8 vectors of
+// 64; byte 4c + j of vector g holds column c's weight at k = Bb + 4g + j in its low nibble and at
+// k = Bb + 4(g+G) + j in its high nibble. One load, a shift and two ANDs give two vectors of 16 columns × 4
 // consecutive k, which VPDPBUSD multiplies by 4 broadcast activation bytes: no horizontal sums, no shuffles.
-// Activations are quantized per block of 64 to int8 with round-to-nearest-even, as MatMulNBits' accuracy_level 4
+// Activations are quantized per block to int8 with round-to-nearest-even, as MatMulNBits' accuracy_level 4
 // does, so the two agree to float rounding (tests/test_kernels.py).
 //
 // Written against onnxruntime's C API alone (onnxruntime_c_api.h, version 21 — onnxruntime 1.21 and later).
@@ -76,7 +76,7 @@ T* data_of(const OrtValue* value) {
   return static_cast<T*>(data);
 }
 
-constexpr int64_t kBlock = 64, kTile = 16, kTileBytes = 512;
+constexpr int64_t kTile = 16;  // columns per tile
 constexpr int kMaxPairs = 3;
 constexpr int64_t kPrefetch = 4096;  // bytes ahead in the weight stream: measured best of 0/1k/2k/4k
 
@@ -88,7 +88,8 @@ struct Pair {
 };
 
 struct Work {
-  int64_t m, k, n, blocks, tiles, tiles_per_task;
+  int64_t m, k, n, block, blocks, tiles, tiles_per_task;
+  int64_t tile_bytes;   // one block of one tile: 16 columns × block weights, 4 bits each (8 · block)
   const float* x;
   const uint8_t* w;
   const float* s;
@@ -110,19 +111,19 @@ struct Work {
 
 inline __m512 load16b(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
 
-void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* scales, int32_t* sums8) {
-  const int64_t blocks = k / kBlock;
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t block, int8_t* q, float* scales, int32_t* sums8) {
+  const int64_t blocks = k / block;
   for (int64_t row = 0; row < m; ++row)
     for (int64_t b = 0; b < blocks; ++b) {
-      const float* in = x + row * k + b * kBlock;
+      const float* in = x + row * k + b * block;
       __m512 mx = _mm512_setzero_ps();
-      for (int i = 0; i < kBlock; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(in + i)));
+      for (int i = 0; i < block; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(in + i)));
       const float amax = _mm512_reduce_max_ps(mx), scale = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
       __m512i sum = _mm512_setzero_si512();
-      for (int i = 0; i < kBlock; i += 16) {
+      for (int i = 0; i < block; i += 16) {
         const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + i), _mm512_set1_ps(inv)));  // round to nearest even
         sum = _mm512_add_epi32(sum, v);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + row * k + b * kBlock + i), _mm512_cvtsepi32_epi8(v));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + row * k + b * block + i), _mm512_cvtsepi32_epi8(v));
       }
       scales[row * blocks + b] = scale;
       sums8[row * blocks + b] = 8 * _mm512_reduce_add_epi32(sum);
@@ -180,11 +181,12 @@ inline __m512 lora_up(const Work& w, const float* t, int64_t col, __m512 acc) {
 // One row (decode): tiles [t0, t1), with t · B added when `lora_t` (t = x · A) is given. B (r · 16 bytes a tile,
 // contiguous) is fetched a line per block kBAhead tiles ahead, in step with W's own prefetch.
 constexpr int64_t kBAhead = 2;  // 2 and 6 measured the same
-void gemv_tiles(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
+template <int G>  // vectors of 64 bytes per tile and block: 8 for blocks of 64, 4 for blocks of 32
+void gemv_tiles_g(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   const int32_t* xq = reinterpret_cast<const int32_t*>(w.xq);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wp = w.w + t * w.blocks * kTileBytes;
+    const uint8_t* wp = w.w + t * w.blocks * (64 * G);
     const float* sp = w.s + t * w.blocks * kTile;
     const char* b_ahead = nullptr;
     int64_t b_lines = 0;
@@ -196,17 +198,17 @@ void gemv_tiles(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
           b_lines = p.r * kTile / 64;
         }
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    for (int64_t b = 0; b < w.blocks; ++b, wp += kTileBytes, sp += kTile) {
-      for (int i = 0; i < kTileBytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch + i, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(sp + kPrefetch / kTileBytes * kTile), _MM_HINT_T0);  // the same blocks' scales
+    for (int64_t b = 0; b < w.blocks; ++b, wp += 64 * G, sp += kTile) {
+      for (int i = 0; i < 64 * G; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch + i, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(sp + kPrefetch / (64 * G) * kTile), _MM_HINT_T0);  // the same blocks' scales
       for (int64_t line = b; line < b_lines; line += w.blocks) _mm_prefetch(b_ahead + line * 64, _MM_HINT_T0);
-      const int32_t* xb = xq + b * (kBlock / 4);
+      const int32_t* xb = xq + b * (2 * G);
       __m512i d0 = _mm512_setzero_si512(), d1 = d0;
 #pragma GCC unroll 8
-      for (int g = 0; g < 8; ++g) {
+      for (int g = 0; g < G; ++g) {
         const __m512i raw = _mm512_loadu_si512(wp + g * 64);
         d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(raw, low), _mm512_set1_epi32(xb[g]));
-        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low), _mm512_set1_epi32(xb[g + 8]));
+        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low), _mm512_set1_epi32(xb[g + G]));
       }
       const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(w.x8[b]));
       const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sp), _mm512_set1_ps(w.xs[b]));
@@ -219,30 +221,36 @@ void gemv_tiles(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
   }
 }
 
+void gemv_tiles(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
+  if (w.block == 64) gemv_tiles_g<8>(w, lora_t, t0, t1);
+  else gemv_tiles_g<4>(w, lora_t, t0, t1);
+}
+
 // Many rows (prefill): each block of a tile is unpacked once into 16 vectors and applied to every row;
 // the rows' running sums live in y itself.
-void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
+template <int G>
+void gemm_tiles_g(const Work& w, int64_t t0, int64_t t1) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t row = 0; row < w.m; ++row) _mm512_storeu_ps(w.y + row * w.n + t * kTile, _mm512_setzero_ps());
-    const uint8_t* wp = w.w + t * w.blocks * kTileBytes;
+    const uint8_t* wp = w.w + t * w.blocks * (64 * G);
     const float* sp = w.s + t * w.blocks * kTile;
-    for (int64_t b = 0; b < w.blocks; ++b, wp += kTileBytes, sp += kTile) {
-      __m512i lo[8], hi[8];
+    for (int64_t b = 0; b < w.blocks; ++b, wp += 64 * G, sp += kTile) {
+      __m512i lo[G], hi[G];
 #pragma GCC unroll 8
-      for (int g = 0; g < 8; ++g) {
+      for (int g = 0; g < G; ++g) {
         const __m512i raw = _mm512_loadu_si512(wp + g * 64);
         lo[g] = _mm512_and_si512(raw, low);
         hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
       }
       const __m512 ws = _mm512_loadu_ps(sp);
       for (int64_t row = 0; row < w.m; ++row) {
-        const int32_t* xb = reinterpret_cast<const int32_t*>(w.xq + row * w.k) + b * (kBlock / 4);
+        const int32_t* xb = reinterpret_cast<const int32_t*>(w.xq + row * w.k) + b * (2 * G);
         __m512i d0 = _mm512_setzero_si512(), d1 = d0;
 #pragma GCC unroll 8
-        for (int g = 0; g < 8; ++g) {
+        for (int g = 0; g < G; ++g) {
           d0 = _mm512_dpbusd_epi32(d0, lo[g], _mm512_set1_epi32(xb[g]));
-          d1 = _mm512_dpbusd_epi32(d1, hi[g], _mm512_set1_epi32(xb[g + 8]));
+          d1 = _mm512_dpbusd_epi32(d1, hi[g], _mm512_set1_epi32(xb[g + G]));
         }
         const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(w.x8[row * w.blocks + b]));
         float* out = w.y + row * w.n + t * kTile;
@@ -256,6 +264,11 @@ void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
         _mm512_storeu_ps(out, lora_up(w, w.t + row * w.rank_total, t * kTile, _mm512_loadu_ps(out)));
       }
   }
+}
+
+void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
+  if (w.block == 64) gemm_tiles_g<8>(w, t0, t1);
+  else gemm_tiles_g<4>(w, t0, t1);
 }
 
 constexpr int64_t kDownRows = 64;  // rows of A (every pair) per chunk of x · A
@@ -338,12 +351,15 @@ void compute(OrtKernelContext* context) {
   const std::vector<int64_t> w_shape = shape_of(wq), s_shape = shape_of(ws);
   if (shape.empty()) throw Error("x must have at least one axis");
   const int64_t k = shape.back();
-  if (w_shape.size() != 3 || w_shape[2] != kTileBytes || w_shape[1] * kBlock != k)
-    throw Error("w must be (N/16, K/64, 512) for x's K = " + std::to_string(k));
-  if (s_shape != std::vector<int64_t>{w_shape[0], w_shape[1], kTile}) throw Error("s must be (N/16, K/64, 16), as w");
+  // w's last axis says the block: 512 bytes a tile-block for blocks of 64, 256 for blocks of 32
+  if (w_shape.size() != 3 || (w_shape[2] != 512 && w_shape[2] != 256) || w_shape[1] * (w_shape[2] / 8) != k)
+    throw Error("w must be (N/16, K/block, 8 · block), block 32 or 64, for x's K = " + std::to_string(k));
+  if (s_shape != std::vector<int64_t>{w_shape[0], w_shape[1], kTile}) throw Error("s must be (N/16, K/block, 16), as w");
   Work w{};
   w.k = k;
-  w.blocks = k / kBlock;
+  w.block = w_shape[2] / 8;
+  w.tile_bytes = w_shape[2];
+  w.blocks = k / w.block;
   w.tiles = w_shape[0];
   w.n = w.tiles * kTile;
   w.m = k ? elements(shape) / k : 0;
@@ -363,7 +379,7 @@ void compute(OrtKernelContext* context) {
   xq.resize(w.m * k);
   xs.resize(w.m * w.blocks);
   x8.resize(w.m * w.blocks);
-  quantize_rows(w.x, w.m, k, xq.data(), xs.data(), x8.data());
+  quantize_rows(w.x, w.m, k, w.block, xq.data(), xs.data(), x8.data());
   w.xq = xq.data();
   w.xs = xs.data();
   w.x8 = x8.data();
@@ -381,7 +397,7 @@ void compute(OrtKernelContext* context) {
   // Decode: claims of ~64 KB of weights. Each claim is an atomic add on a line the threads share; at 8 KB a claim
   // the claims cost more than they balance (a chain of the reference shape's 151 products: 3.8 ms a token at
   // 8 KB, 2.2–2.3 ms at 64 and 128 KB, 2.6 ms at 256 KB; 2 threads).
-  w.tiles_per_task = std::max<int64_t>(1, 65536 / (w.blocks * kTileBytes));
+  w.tiles_per_task = std::max<int64_t>(1, 65536 / (w.blocks * w.tile_bytes));
   w.tile_tasks = (w.tiles + w.tiles_per_task - 1) / w.tiles_per_task;
   if (w.rank_total) {
     w.down_chunks = (k + kDownRows - 1) / kDownRows;
