@@ -53,6 +53,21 @@ def adapter_dir(workdir, base_dir, task_files) -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_adapter(base_dir, tmp_path_factory):
+    """Another adapter on the same base: other data, other targets, other rank (8, on q, v and down only)."""
+    from edge_lora.config import LoraConfig, TrainConfig
+    from edge_lora.trainer import train
+
+    work = tmp_path_factory.mktemp("second")
+    data = work / "upper.jsonl"
+    data.write_text("".join(json.dumps({"prompt": w + ":", "completion": w.upper()}) + "\n"
+                            for w in ("abc", "hello", "lora", "edge", "qwerty", "dates", "onnx", "runtime") * 4))
+    config = TrainConfig(model=str(base_dir), data=str(data), output=str(work / "upper"), max_steps=40, batch_size=8,
+                         learning_rate=1e-2, lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")))
+    return train(config, show_progress=False)
+
+
+@pytest.fixture(scope="session")
 def export_fp32(workdir, adapter_dir) -> Path:
     """The default export: graph auto, which is the builder's for this Llama."""
     from edge_lora.export import ExportOptions, export

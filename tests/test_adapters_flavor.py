@@ -10,21 +10,6 @@ import pytest
 from edge_lora.errors import UsageError
 
 
-@pytest.fixture(scope="module")
-def second_adapter(base_dir, tmp_path_factory):
-    """Another adapter on the same base: other data, other targets, other rank."""
-    from edge_lora.config import LoraConfig, TrainConfig
-    from edge_lora.trainer import train
-
-    work = tmp_path_factory.mktemp("second")
-    data = work / "upper.jsonl"
-    data.write_text("".join(json.dumps({"prompt": w + ":", "completion": w.upper()}) + "\n"
-                            for w in ("abc", "hello", "lora", "edge", "qwerty", "dates", "onnx", "runtime") * 4))
-    config = TrainConfig(model=str(base_dir), data=str(data), output=str(work / "upper"), max_steps=40, batch_size=8,
-                         learning_rate=1e-2, lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")))
-    return train(config, show_progress=False)
-
-
 @pytest.fixture(scope="module", params=["optimum", "builder"])
 def shared_export(adapter_dir, second_adapter, tmp_path_factory, request):
     """Both adapters beside one fp32 base graph: optimum's, and the builder's (q, k and v packed in one MatMul,

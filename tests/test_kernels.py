@@ -125,45 +125,30 @@ def test_cpu_without_vnni_is_named(tmp_path):
 # ------------------------------------------------------------------------------------ the export and the runtime
 
 @pytest.fixture(scope="module")
-def upper_adapter(base_dir, tmp_path_factory):
-    """A second adapter on the shared base: rank 8 on q, v and down only (so k, o, gate and up are rank 0)."""
-    from edge_lora.config import LoraConfig, TrainConfig
-    from edge_lora.trainer import train
-
-    work = tmp_path_factory.mktemp("upper")
-    data = work / "upper.jsonl"
-    data.write_text("".join(json.dumps({"prompt": w + ":", "completion": w.upper()}) + "\n"
-                            for w in ("abc", "hello", "lora", "edge", "qwerty", "dates", "onnx", "runtime") * 4))
-    config = TrainConfig(model=str(base_dir), data=str(data), output=str(work / "upper"), max_steps=20, batch_size=8,
-                         learning_rate=1e-2, lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")))
-    return train(config, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def q4_export(adapter_dir, upper_adapter, tmp_path_factory, library):
+def q4_export(adapter_dir, second_adapter, tmp_path_factory, library):
     """Both adapters beside one builder int4 graph in blocks of 64, for the x86 profile (which lists matmul_q4).
     Not gated: this model's rows are 64 wide, and int4 in blocks that coarse flips greedy near-ties of these
-    adapters (the portable graph's own agreement falls below the gate's 90%; so does the 20-step "upper" adapter's
-    at blocks of 32). The gate on the kernel's graph is checked on the CPU profile's merged export
+    adapters (the portable graph's own agreement falls below the gate's 90%; so does the second adapter's at blocks
+    of 32). The gate on the kernel's graph is checked on the CPU profile's merged export
     (tests/test_builder_graph.py); here, that the kernel's graph computes what the portable graph does."""
     from edge_lora.export import ExportOptions, export
 
-    return export([adapter_dir, upper_adapter], tmp_path_factory.mktemp("q4") / "export",
+    return export([adapter_dir, second_adapter], tmp_path_factory.mktemp("q4") / "export",
                   ExportOptions(precision="int4", flavor="adapters", graph="builder", int4_block_size=64,
                                 device="cpu-x86-64", validate=False), show_progress=False)
 
 
-def test_export_writes_the_kernel_graph(q4_export, adapter_dir, upper_adapter):
+def test_export_writes_the_kernel_graph(q4_export, adapter_dir, second_adapter):
     manifest = json.loads((q4_export / "export.json").read_text())
     entry = manifest["kernels"]["matmul_q4"]
     assert entry["model_file"] == "model.q4.onnx" and entry["matmulnbits_left"] == 0
     assert entry["nodes"] == 2 * 5 + 1  # q/k/v, o, gate, up, down per layer, and the head
-    assert set(entry["adapters"]) == {adapter_dir.name, upper_adapter.name}
+    assert set(entry["adapters"]) == {adapter_dir.name, second_adapter.name}
     assert {"model.q4.onnx", "model.q4.onnx.data", f"adapters/{adapter_dir.name}.q4.onnx_adapter"} <= set(manifest["files"])
     assert len(entry["lora_inputs"]) == 2 * 5  # one per adapted product: q/k/v packed, o, gate, up, down
 
 
-def test_runtime_takes_the_kernel_graph_and_decodes_as_the_portable_one(q4_export, adapter_dir, upper_adapter):
+def test_runtime_takes_the_kernel_graph_and_decodes_as_the_portable_one(q4_export, adapter_dir, second_adapter):
     from edge_lora import runtime
     from edge_lora.runtime.lora import Adapter
 
@@ -173,7 +158,7 @@ def test_runtime_takes_the_kernel_graph_and_decodes_as_the_portable_one(q4_expor
     prompt = "hello:"
     ids = fast.tokenizer.encode(prompt)
     base = portable.with_adapter(None).logits(ids)
-    for name in (adapter_dir.name, upper_adapter.name, None):
+    for name in (adapter_dir.name, second_adapter.name, None):
         a, b = fast.with_adapter(name), portable.with_adapter(name)
         assert a.generate(prompt, config).token_ids == b.generate(prompt, config).token_ids, name
         # int8 A and B against fp32: a small share of what the adapter does (both graphs round activations to int8
@@ -181,10 +166,10 @@ def test_runtime_takes_the_kernel_graph_and_decodes_as_the_portable_one(q4_expor
         effect = np.abs(b.logits(ids) - base).max()
         assert np.abs(a.logits(ids) - b.logits(ids)).max() <= (0.1 * effect if name else 1e-4), name
     # an adapter in the portable form (as serve's uploads come) is converted for the kernel graph, once
-    upload = Adapter(q4_export / "adapters" / f"{upper_adapter.name}.onnx_adapter")
+    upload = Adapter(q4_export / "adapters" / f"{second_adapter.name}.onnx_adapter")
     converted = fast.with_adapter("upload", adapter=upload)
     ids = fast.tokenizer.encode(prompt)
-    np.testing.assert_array_equal(converted.logits(ids), fast.with_adapter(upper_adapter.name).logits(ids))
+    np.testing.assert_array_equal(converted.logits(ids), fast.with_adapter(second_adapter.name).logits(ids))
     assert fast.with_adapter("upload", adapter=upload)._adapter_inputs is converted._adapter_inputs
 
 
@@ -198,16 +183,16 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(q4_export, tm
     assert generator.kernel is None
 
 
-def test_uploads_in_the_portable_form_fit_a_kernel_graph(q4_export, upper_adapter):
+def test_uploads_in_the_portable_form_fit_a_kernel_graph(q4_export, second_adapter):
     """serve's hot-swap checks an upload against the portable graph's LoRA inputs (export.json), then converts it."""
     from edge_lora import runtime
     from edge_lora.runtime.lora import map_tensors
     from edge_lora.runtime.serve_admin import fit_problems, lora_inputs
 
     fast = runtime.load(q4_export)
-    upload = map_tensors(q4_export / "adapters" / f"{upper_adapter.name}.onnx_adapter")
+    upload = map_tensors(q4_export / "adapters" / f"{second_adapter.name}.onnx_adapter")
     assert fit_problems(upload, lora_inputs(fast)) == []
-    own_form = map_tensors(q4_export / "adapters" / f"{upper_adapter.name}.q4.onnx_adapter")
+    own_form = map_tensors(q4_export / "adapters" / f"{second_adapter.name}.q4.onnx_adapter")
     assert any("is not a LoRA input of this model" in p for p in fit_problems(own_form, lora_inputs(fast)))
 
 
