@@ -132,9 +132,11 @@ def train(config_file, rank, compute_dtype, resume, quiet, **options):
 @click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity gate (not recommended).")
+@click.option("--no-kernels", is_flag=True,
+              help="Write the portable graph alone, without a graph for edge-lora's own int4 kernel (the x86 profile's).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_block_size, int4_accuracy_level, int4_head,
-           graph, base, force, overwrite, no_validate, quiet):
+           graph, base, force, overwrite, no_validate, no_kernels, quiet):
     """Merge an adapter (or keep several apart), export ONNX with KV cache, quantize, and check parity with
     the trained model.
 
@@ -146,6 +148,8 @@ def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_blo
     from edge_lora import devices
 
     options = {"merge_into": merge_into, "validate": not no_validate, "int4_head": int4_head}
+    if no_kernels:
+        options["kernels"] = ()
     if device:
         profile = devices.load(device)
         options |= {"precision": profile.precision, "flavor": profile.flavor, "opset": profile.opset,
@@ -193,8 +197,10 @@ def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_blo
 @click.option("--strict-providers", is_flag=True,
               help="Refuse a provider this onnxruntime build lacks instead of falling back to the next one.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (0: one per physical core).")
+@click.option("--no-kernels", is_flag=True,
+              help="Run the export's portable graph even where edge-lora's own int4 kernel would run.")
 def run(export_dir, prompt, chat, system, adapter, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
-        truncate, seed, stream, device, providers, strict_providers, threads):
+        truncate, seed, stream, device, providers, strict_providers, threads, no_kernels):
     """Generate from an export on the torch-free runtime (onnxruntime).
 
     \b
@@ -211,7 +217,8 @@ def run(export_dir, prompt, chat, system, adapter, max_new_tokens, temperature, 
                                       top_p=top_p, seed=seed, repetition_penalty=repetition_penalty, stop=stop,
                                       truncate=truncate)
     generator = runtime.load(export_dir, providers=providers.split(",") if providers else None, device=device,
-                             threads=threads, strict_providers=strict_providers).with_adapter(adapter)
+                             threads=threads, strict_providers=strict_providers,
+                             kernels=() if no_kernels else None).with_adapter(adapter)
     if chat:
         chat_loop(generator, sampling, prompt, system, stream)
     else:

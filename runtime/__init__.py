@@ -52,7 +52,10 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
                   ort_state.NoModel, ort_state.Fail)
     # An `adapters` export's LoRA inputs and a builder graph's logits_start are overridable initializers, about which
     # onnxruntime warns once each at load (they are not constants, by design): only errors are logged for those.
-    kernel, library = choose_kernel(export, profile.kernels if kernels is None else tuple(kernels))
+    allowed = profile.kernels if kernels is None else tuple(kernels)
+    if chosen[0][0] != "CPUExecutionProvider":
+        allowed = ()  # the kernels are CPU ops: beside an accelerator's nodes they would only add copies
+    kernel, library = choose_kernel(export, allowed)
     model_path = export.path / export.manifest["kernels"][kernel]["model_file"] if kernel else export.model_path
     try:
         session = make_session(model_path, chosen, threads=threads,

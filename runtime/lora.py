@@ -40,15 +40,16 @@ class Adapter:
             self._tensors = map_tensors(self.path)
         return self._tensors
 
-
     def tensors_for(self, kernel: str | None, pairs: dict | None) -> dict[str, ort.OrtValue]:
         """The tensors in the form the graph of `kernel` (None: the portable graph) takes: converted once from the
         portable form (`pairs`: export.json's kernels.KERNEL.lora_inputs) and kept, when the file holds that."""
         if kernel == self.form:
             return self.tensors
-        if self.form is not None or not pairs:
-            raise ValueError(f"{self.path} holds the {self.form} graph's LoRA inputs; this graph takes "
-                             f"{kernel or 'the portable graph'}'s")
+        if self.form is not None:
+            graph = "the portable graph" if kernel is None else f"the {kernel} graph"
+            raise ValueError(f"{self.path} holds the {self.form} graph's LoRA inputs; this session runs {graph}")
+        if not pairs:
+            raise ValueError(f"this export's {kernel} graph has no LoRA inputs: it is not an `adapters` export")
         if kernel not in self._converted:
             from edge_lora.runtime.kernels import lora_blobs
 

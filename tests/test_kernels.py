@@ -205,3 +205,19 @@ def test_a_profile_names_only_known_kernels(tmp_path):
     with pytest.raises(devices.DeviceProfileError, match=r"runtime.kernels = \[\"matmul_q8\"\]: expected a list of edge-lora kernels, each one of matmul_q4"):
         devices.load(path)
     assert devices.load("arm64-a76").kernels == ()  # optional: a profile that leaves it out runs no kernel
+
+
+def test_no_kernels_flags(q4_export, adapter_dir, tmp_path):
+    """`edge-lora run --no-kernels` runs model.onnx and answers as the kernel graph does; `edge-lora export
+    --no-kernels` writes no kernel graph."""
+    from test_cli import edge_lora
+
+    args = ["run", q4_export, "--adapter", adapter_dir.name, "--prompt", "hello:", "--max-new-tokens", "8"]
+    fast, portable = edge_lora(*args), edge_lora(*args, "--no-kernels")
+    assert fast.returncode == portable.returncode == 0, portable.stderr
+    assert fast.stdout == portable.stdout and fast.stdout.strip()
+    done = edge_lora("export", adapter_dir, "--output", tmp_path / "plain", "--device", "cpu-x86-64",
+                     "--no-kernels", "--no-validate", "--quiet")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "plain" / "export.json").read_text())
+    assert "kernels" not in manifest and "model.q4.onnx" not in manifest["files"]
