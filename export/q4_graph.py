@@ -4,8 +4,9 @@ The portable graph (model.onnx) runs its int4 projections as MatMulNBits, onnxru
 `adapters` export adds each LoRA branch as MatMul → MatMul → Add beside them. model.q4.onnx is the same graph
 with every MatMulNBits that MatMulQ4 computes identically — 4 bits, blocks of 32 or 64, no zero points, int8
 activations (accuracy_level 4), N a multiple of 16 — replaced by a MatMulQ4 node whose weights are the same
-values repacked into its tiles, and with the projection's LoRA branches folded into that node: one uint8 input
-per node carries its pairs (q, k and v share the packed qkv product), and each adapter gets a second file,
+values repacked into its tiles, and with the projection's LoRA branches folded into that node: one uint8 input,
+`lora`, carries every node's pairs (q, k and v share the packed qkv product; each node finds its slot by its
+lora_slot attribute, in the order the nodes run), and each adapter gets a second file,
 adapters/NAME.q4.onnx_adapter, with its A and B in that form: int8, a scale per rank (A per column, B per row).
 int8 LoRA weights reproduce each A·B to within 0.4% of its largest entry (measured on the reference shape's
 adapter); the parity gate checks the whole graph against the trained model like the portable one.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.runtime.kernels import BLOCKS, DOMAIN, TILE, lora_blob
+from edge_lora.runtime.kernels import BLOCKS, DOMAIN, LORA_INPUT, TILE, lora_blob, lora_table
 
 MODEL_FILE = "model.q4.onnx"
 ADAPTER_SUFFIX = ".q4.onnx_adapter"
@@ -40,11 +41,6 @@ def repack(q: np.ndarray, scales: np.ndarray, k: int, n: int, block: int = 64) -
     packed = (v[:, :, :vectors] | (v[:, :, vectors:] << 4)).reshape(tiles, blocks, 8 * block)
     tiled_scales = scales.astype(np.float32).reshape(tiles, TILE, blocks).transpose(0, 2, 1)
     return np.ascontiguousarray(packed), np.ascontiguousarray(tiled_scales)
-
-
-def lora_input_name(weight_name: str) -> str:
-    """The graph input that carries a node's LoRA weights, named after its int4 weight."""
-    return weight_name.split(".MatMul.")[0] + ".lora"
 
 
 def qualifies(node, initializers: dict) -> bool:
@@ -75,7 +71,7 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     by_name = {node.name: node for node in graph.node}
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     dropped, added, new_initializers = set(), [], []
-    pairs: dict[str, list[tuple]] = {}  # {LoRA input: [(A input, B input, K, n)] in output order}
+    pairs: dict[str, list[tuple]] = {}  # {MatMulQ4 node: [(A input, B input, K, n)] in output order}
     left = 0
     for node in list(graph.node):
         if node.op_type != "MatMulNBits":
@@ -99,22 +95,21 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
                 order = {name: i for i, name in enumerate(concat.input)}
                 ups.sort(key=lambda c: order[c.output[0]])
                 dropped.add(concat.name)
-            lora = lora_input_name(node.input[1])
-            pairs[lora] = []
+            node_pairs = []
             for up in ups:
                 down = by_name[up.name.replace("/lora_B/", "/lora_A/")]
                 if down.input[0] != node.input[0]:
                     raise ValueError(f"{down.name} reads {down.input[0]}, not {node.name}'s input")
                 dropped |= {up.name, down.name}
                 width = initializers[up.input[1]].dims[1]  # B's default (0, n)
-                pairs[lora].append((down.input[1], up.input[1], k, width))
-            new_initializers.append(numpy_helper.from_array(lora_blob([]), lora))  # default: no adapter
-            graph.input.append(helper.make_tensor_value_info(lora, TensorProto.UINT8, [lora + "_bytes"]))
-            node_inputs.append(lora)
+                node_pairs.append((down.input[1], up.input[1], k, width))
+            node_inputs.append(LORA_INPUT)
             dropped.add(add.name)
             output = add.output[0]
         dropped.add(node.name)
         added.append(helper.make_node("MatMulQ4", node_inputs, [output], name=node.name + "/q4", domain=DOMAIN))
+        if add is not None:
+            pairs[added[-1].name] = node_pairs
     if not added:
         return None
     lora_ab = {name for node_pairs in pairs.values() for pair in node_pairs for name in pair[:2]}
@@ -126,21 +121,28 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     kept = [t for t in graph.initializer if t.name in read and t.name not in lora_ab]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_initializers)
+    if pairs:  # one LoRA input for all nodes; by default a table of empty blobs, no adapter
+        empty = lora_table([lora_blob([]) for _ in pairs])
+        graph.initializer.append(numpy_helper.from_array(empty, LORA_INPUT))
+        graph.input.append(helper.make_tensor_value_info(LORA_INPUT, TensorProto.UINT8, ["lora_bytes"]))
     nodes = [node for node in graph.node if node.name not in dropped]
     del graph.node[:]
     graph.node.extend(nodes + added)
     _topological_sort(graph)
+    # the nodes' slots in the order they run: each node prefetches the next one's weights
+    slots = [[list(pair) for pair in pairs[node.name]] for node in graph.node if node.name in pairs]
+    for slot, node in enumerate(node for node in graph.node if node.name in pairs):
+        node.attribute.append(helper.make_attribute("lora_slot", slot))
     proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     onnx.save(proto, str(export_dir / MODEL_FILE), save_as_external_data=True, location=MODEL_FILE + ".data")
-    entry = {"model_file": MODEL_FILE, "nodes": len(added), "matmulnbits_left": left,
-             "lora_inputs": {lora: [list(pair) for pair in node_pairs] for lora, node_pairs in pairs.items()},
+    entry = {"model_file": MODEL_FILE, "nodes": len(added), "matmulnbits_left": left, "lora_slots": slots,
              "adapters": {}}
     for name, adapter in adapters.items():
-        entry["adapters"][name] = {"file": write_adapter(export_dir, adapter["file"], pairs)}
+        entry["adapters"][name] = {"file": write_adapter(export_dir, adapter["file"], slots)}
     return entry
 
 
-def write_adapter(export_dir: Path, file: str, pairs: dict[str, list[tuple]]) -> str:
+def write_adapter(export_dir: Path, file: str, slots: list[list]) -> str:
     """The q4 form of the adapter at export_dir/file (fp32 A and B by graph input) beside it; its relative path."""
     import onnxruntime as ort
 
@@ -148,7 +150,7 @@ def write_adapter(export_dir: Path, file: str, pairs: dict[str, list[tuple]]) ->
 
     params = ort.AdapterFormat.read_adapter(str(export_dir / file)).get_parameters()
     # OrtValue.ortvalue_from_numpy wraps without copying: the blobs stay alive until the file is written
-    blobs = lora_blobs({name: value.numpy() for name, value in params.items()}, pairs)
+    blobs = lora_blobs({name: value.numpy() for name, value in params.items()}, slots)
     out = file.removesuffix(".onnx_adapter") + ADAPTER_SUFFIX
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)

@@ -110,7 +110,7 @@ class Generator:
         if name is not None:
             active = adapter if adapter is not None else self.adapters[name]
             if self.graph == "builder":
-                pairs = self.export.manifest.get("kernels", {}).get(self.kernel, {}).get("lora_inputs")
+                pairs = self.export.manifest.get("kernels", {}).get(self.kernel, {}).get("lora_slots")
                 view._adapter_inputs = active.tensors_for(self.kernel, pairs)
             else:
                 view._run_options = ort.RunOptions()

@@ -42,7 +42,7 @@ class Adapter:
 
     def tensors_for(self, kernel: str | None, pairs: dict | None) -> dict[str, ort.OrtValue]:
         """The tensors in the form the graph of `kernel` (None: the portable graph) takes: converted once from the
-        portable form (`pairs`: export.json's kernels.KERNEL.lora_inputs) and kept, when the file holds that."""
+        portable form (`pairs`: export.json's kernels.KERNEL.lora_slots) and kept, when the file holds that."""
         if kernel == self.form:
             return self.tensors
         if self.form is not None:

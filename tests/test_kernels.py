@@ -51,7 +51,7 @@ def pair_of_sessions(library, rng, k: int, n: int, lora: bool = False, block: in
                    [numpy_helper.from_array(q, "w"), numpy_helper.from_array(scales, "s")], k)
     packed, tiled = repack(q, scales, k, n, block)
     own = session(library, helper.make_node("MatMulQ4", ["x", "w", "s"] + (["lora"] if lora else []), ["y"],
-                                            domain=kernels.DOMAIN),
+                                            domain=kernels.DOMAIN, **({"lora_slot": 0} if lora else {})),
                   [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(tiled, "s")], k, lora)
     return mlas, own, w
 
@@ -73,7 +73,7 @@ def test_matmul_q4_equals_matmulnbits(library, rows, k, n, block):
 @pytest.mark.parametrize("rows", [1, 4])
 def test_lora_branches_inside_the_node(library, rows):
     """Three pairs in one node as q, k and v share one: ranks 16, 0 (an unadapted projection) and 8."""
-    from edge_lora.runtime.kernels import dequantize_pair, lora_blob
+    from edge_lora.runtime.kernels import dequantize_pair, lora_blob, lora_table
 
     rng = np.random.default_rng(rows)
     k, widths, ranks = 128, (64, 32, 48), (16, 0, 8)
@@ -84,27 +84,30 @@ def test_lora_branches_inside_the_node(library, rows):
     delta = np.concatenate([x @ a @ b if a.shape[1] else np.zeros((rows, b.shape[1]), np.float32)
                             for a, b in (dequantize_pair(a, b) if a.shape[1] else (a, b) for a, b in pairs)], axis=1)
     base = mlas.run(None, {"x": x})[0]
-    got = own.run(None, {"x": x, "lora": lora_blob(pairs)})[0]
+    got = own.run(None, {"x": x, "lora": lora_table([lora_blob(pairs)])})[0]
     np.testing.assert_allclose(got, base + delta, rtol=0, atol=1e-4 * np.abs(base + delta).max())
     exact = np.concatenate([x @ a @ b for a, b in pairs], axis=1)
     # int8 A and B: within 1% of the branch's largest value (0.4% a pair measured on the reference shape)
     assert np.abs(delta - exact).max() <= 0.01 * np.abs(exact).max()
     # the header alone is no adapter
-    np.testing.assert_allclose(own.run(None, {"x": x, "lora": lora_blob([])})[0], base, rtol=0, atol=1e-5 * np.abs(base).max())
+    np.testing.assert_allclose(own.run(None, {"x": x, "lora": lora_table([lora_blob([])])})[0], base, rtol=0,
+                               atol=1e-5 * np.abs(base).max())
 
 
 def test_a_malformed_lora_input_is_refused_by_name(library):
-    from edge_lora.runtime.kernels import lora_blob
+    from edge_lora.runtime.kernels import lora_blob, lora_table
 
     rng = np.random.default_rng(0)
     _, own, _ = pair_of_sessions(library, rng, 64, 32, lora=True)
     blob = lora_blob([(np.ones((64, 4), np.float32), np.ones((4, 32), np.float32))])
     x = np.ones((1, 64), np.float32)
     with pytest.raises(Exception, match="MatMulQ4: the LoRA input's size"):
-        own.run(None, {"x": x, "lora": blob[:-64]})
+        own.run(None, {"x": x, "lora": lora_table([blob[:-64]])})
     wrong_width = lora_blob([(np.ones((64, 4), np.float32), np.ones((4, 16), np.float32))])
     with pytest.raises(Exception, match="MatMulQ4: the LoRA input's size or widths"):
-        own.run(None, {"x": x, "lora": wrong_width})
+        own.run(None, {"x": x, "lora": lora_table([wrong_width])})
+    with pytest.raises(Exception, match="MatMulQ4: the LoRA input's table does not fit it"):
+        own.run(None, {"x": x, "lora": lora_table([blob])[:16]})
 
 
 def test_the_library_is_built_once_and_a_missing_compiler_says_so(tmp_path, monkeypatch):
@@ -145,7 +148,7 @@ def test_export_writes_the_kernel_graph(q4_export, adapter_dir, second_adapter):
     assert entry["nodes"] == 2 * 5 + 1  # q/k/v, o, gate, up, down per layer, and the head
     assert set(entry["adapters"]) == {adapter_dir.name, second_adapter.name}
     assert {"model.q4.onnx", "model.q4.onnx.data", f"adapters/{adapter_dir.name}.q4.onnx_adapter"} <= set(manifest["files"])
-    assert len(entry["lora_inputs"]) == 2 * 5  # one per adapted product: q/k/v packed, o, gate, up, down
+    assert len(entry["lora_slots"]) == 2 * 5  # one per adapted product: q/k/v packed, o, gate, up, down
 
 
 def test_runtime_takes_the_kernel_graph_and_decodes_as_the_portable_one(q4_export, adapter_dir, second_adapter):

@@ -135,17 +135,37 @@ def lora_blob(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     return np.frombuffer(header.tobytes() + b"".join(parts), dtype=np.uint8).copy()
 
 
-def lora_blobs(tensors: dict[str, np.ndarray], pairs: dict[str, list]) -> dict[str, np.ndarray]:
-    """An adapter's fp32 A and B ({graph input of the portable graph: array}) as the kernel graph's LoRA inputs:
-    {input: blob}, `pairs` being export.json's kernels.matmul_q4.lora_inputs ({input: [[A name, B name, K, n],
-    …]}). A projection the adapter leaves out (its file holds neither A nor B) is a pair of rank 0."""
-    blobs = {}
-    for lora, node_pairs in pairs.items():
+LORA_INPUT = "lora"  # the kernel graph's one LoRA input
+
+
+def lora_table(blobs: list[np.ndarray]) -> np.ndarray:
+    """The kernel graph's LoRA input from its nodes' blobs in slot order: int64 count and count + 1 byte offsets,
+    padded to 64 bytes, then each blob on a 64-byte boundary (matmul_q4.cc, find_slot)."""
+    head = 8 * (len(blobs) + 2)
+    head += -head % 64
+    offsets, at = [], head
+    for blob in blobs:
+        offsets.append(at)
+        at += len(blob) + (-len(blob) % 64)
+    out = np.zeros(at, dtype=np.uint8)
+    out[:8 * (len(blobs) + 2)] = np.frombuffer(np.array([len(blobs), *offsets, at], dtype=np.int64).tobytes(), np.uint8)
+    for offset, blob in zip(offsets, blobs):
+        out[offset:offset + len(blob)] = blob
+    return out
+
+
+def lora_blobs(tensors: dict[str, np.ndarray], slots: list[list]) -> dict[str, np.ndarray]:
+    """An adapter's fp32 A and B ({graph input of the portable graph: array}) as the kernel graph's LoRA input
+    ({"lora": table}), `slots` being export.json's kernels.matmul_q4.lora_slots ([[[A name, B name, K, n], …] for
+    each node, in slot order]). A projection the adapter leaves out (its file holds neither A nor B) is a pair
+    of rank 0."""
+    blobs = []
+    for node_pairs in slots:
         arrays = []
         for a_name, b_name, k, n in node_pairs:
             if (a_name in tensors) != (b_name in tensors):
                 raise ValueError(f"the adapter holds {a_name if a_name in tensors else b_name} without its partner")
             arrays.append((tensors[a_name], tensors[b_name]) if a_name in tensors else
                           (np.zeros((k, 0), np.float32), np.zeros((0, n), np.float32)))
-        blobs[lora] = lora_blob(arrays)
-    return blobs
+        blobs.append(lora_blob(arrays))
+    return {LORA_INPUT: lora_table(blobs)}

@@ -6,7 +6,7 @@
 //
 // Inputs: x (…, K) float; w (N/16, K/B, 8·B) uint8 and s (N/16, K/B, 16) float: MatMulNBits' 4-bit weights
 // (blocks of B = 32 or 64, no zero points) repacked into tiles of 16 columns (below); optionally the node's LoRA
-// weights, one uint8 tensor (parse_lora): one to three pairs — q, k and v share one packed product — of A_g
+// weights, its slot of the graph's one LoRA input (find_slot, parse_lora): one to three pairs — q, k and v share one packed product — of A_g
 // (K, r_g) int8 with a scale per column and B_g (r_g, n_g) int8 with a scale per row, B's columns in tiles of 16
 // as W's, so that a tile's share of B is one contiguous run; Σ n_g = N. Output y (…, N) float.
 //
@@ -89,6 +89,8 @@ struct Pair {
 
 struct Work {
   int64_t m, k, n, block, blocks, tiles, tiles_per_task;
+  const uint8_t* next_lora;  // the next node's LoRA blob (decode prefetches it), and its size
+  int64_t next_lora_bytes;
   int64_t tile_bytes;   // one block of one tile: 16 columns × block weights, 4 bits each (8 · block)
   const float* x;
   const uint8_t* w;
@@ -292,7 +294,12 @@ void run_decode(void* data, size_t) {
       for (int64_t j = 0; j < w->rank_total; ++j) t[j] += w->partial[c * w->rank_total + j];
     lora_t = t;
   }
+  bool ahead = w->next_lora != nullptr;
   for (int64_t task; (task = w->next_tile.fetch_add(1)) < w->tile_tasks;) {
+    if (ahead) {  // once per thread: the next node's LoRA weights into this core's L2
+      for (int64_t at = 0; at < w->next_lora_bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(w->next_lora) + at, _MM_HINT_T1);
+      ahead = false;
+    }
     if (own_t && lora_t == nullptr) {
       lora_down_range(*w, w->x, 0, w->k, t);
       lora_t = t;
@@ -307,8 +314,8 @@ void run_prefill(void* data, size_t task) {
   gemm_tiles(*w, static_cast<int64_t>(task), static_cast<int64_t>(task) + 1);
 }
 
-// The LoRA input: one uint8 tensor per node (one input where three per pair cost onnxruntime a shape query
-// each, every token). A 64-byte header of int32 — pair count P (0–3), then r and n of each pair — and for each
+// A node's LoRA blob (its slot of the LoRA input, below; one blob where three inputs a pair cost onnxruntime a
+// shape query each, every token). A 64-byte header of int32 — pair count P (0–3), then r and n of each pair — and for each
 // pair its scale (r float32), A (K × r int8) and B (n/16 × r × 16 int8), each section starting on 64 bytes.
 // P = 0 (the graph's default) is no adapter; a pair of rank 0 (a projection the adapter leaves alone) has no sections.
 inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -339,7 +346,32 @@ void parse_lora(const uint8_t* blob, size_t bytes, Work& w) {
     throw Error("the LoRA input's size or widths do not match its header and the node");
 }
 
-void compute(OrtKernelContext* context) {
+// The graph's LoRA input is one uint8 tensor for every node (one input where one a node cost onnxruntime 2% of a
+// token to bind): a table — int64 count, then count + 1 byte offsets, padded to 64 bytes — of the nodes'
+// blobs in the order the nodes run, each node finding its own by its attribute lora_slot. The next node's blob
+// follows: a node asks for it to come into L2 while its own int4 weights stream, so that the next x · A does not
+// start on lines a token cold.
+struct Slot {
+  const uint8_t* blob = nullptr;
+  int64_t bytes = 0;
+};
+
+std::pair<Slot, Slot> find_slot(const uint8_t* table, int64_t bytes, int64_t slot) {
+  int64_t count = 0;
+  if (bytes < 16) throw Error("the LoRA input is shorter than its table");
+  std::memcpy(&count, table, 8);
+  if (count < 1 || 8 * (count + 2) > bytes) throw Error("the LoRA input's table does not fit it");
+  if (slot < 0 || slot >= count) throw Error("lora_slot " + std::to_string(slot) + " is not in the LoRA input's table of " + std::to_string(count));
+  int64_t offsets[3] = {};
+  std::memcpy(offsets, table + 8 * (slot + 1), 8 * std::min<int64_t>(3, count + 1 - slot));
+  if (offsets[0] < 8 * (count + 2) || offsets[1] < offsets[0] || offsets[1] > bytes)
+    throw Error("the LoRA input's table points outside it");
+  Slot own{table + offsets[0], offsets[1] - offsets[0]}, next{};
+  if (slot + 1 < count && offsets[2] >= offsets[1] && offsets[2] <= bytes) next = {table + offsets[1], offsets[2] - offsets[1]};
+  return {own, next};
+}
+
+void compute(OrtKernelContext* context, int64_t slot) {
   size_t inputs = 0;
   check(api->KernelContext_GetInputCount(context, &inputs));
   const OrtValue *x = nullptr, *wq = nullptr, *ws = nullptr, *lora = nullptr;
@@ -371,7 +403,13 @@ void compute(OrtKernelContext* context) {
   w.s = data_of<const float>(ws);
   w.y = data_of<float>(y);
   if (w.m == 0) return;
-  if (lora) parse_lora(data_of<const uint8_t>(lora), static_cast<size_t>(elements(shape_of(lora))), w);
+  if (lora) {
+    if (slot < 0) throw Error("a node with a LoRA input needs its lora_slot attribute");
+    const auto [own, next] = find_slot(data_of<const uint8_t>(lora), elements(shape_of(lora)), slot);
+    parse_lora(own.blob, static_cast<size_t>(own.bytes), w);
+    w.next_lora = next.blob;
+    w.next_lora_bytes = next.bytes;
+  }
 
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xs, t;
@@ -410,14 +448,26 @@ void compute(OrtKernelContext* context) {
 
 // --------------------------------------------------------------------------------------- the op, for onnxruntime
 
-OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** kernel) {
-  *kernel = nullptr;  // no state: everything a run needs comes from its inputs
+struct Kernel {
+  int64_t slot = -1;  // the node's place in the LoRA input's table (-1: a node without LoRA input)
+};
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  auto* state = new (std::nothrow) Kernel;
+  if (state == nullptr) return api->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory");
+  int64_t slot = -1;
+  if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "lora_slot", &slot)) {
+    api->ReleaseStatus(status);  // no such attribute: a node without LoRA input
+  } else {
+    state->slot = slot;
+  }
+  *kernel = state;
   return nullptr;
 }
 
-OrtStatus* ORT_API_CALL kernel_compute(void*, OrtKernelContext* context) {
+OrtStatus* ORT_API_CALL kernel_compute(void* kernel, OrtKernelContext* context) {
   try {
-    compute(context);
+    compute(context, static_cast<Kernel*>(kernel)->slot);
   } catch (const Error& e) {
     return api->CreateStatus(ORT_INVALID_ARGUMENT, e.message.c_str());
   } catch (const std::bad_alloc&) {
@@ -426,7 +476,7 @@ OrtStatus* ORT_API_CALL kernel_compute(void*, OrtKernelContext* context) {
   return nullptr;
 }
 
-void ORT_API_CALL kernel_destroy(void*) {}
+void ORT_API_CALL kernel_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "MatMulQ4"; }
 const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 4; }
