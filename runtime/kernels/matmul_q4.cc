@@ -111,7 +111,9 @@ struct Work {
   alignas(64) std::atomic<int64_t> done_down{0};
 };
 
-inline __m512 load16b(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+inline __m512 load16b(const int8_t* p) {  // 16 int8 → 16 floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t block, int8_t* q, float* scales, int32_t* sums8) {
   const int64_t blocks = k / block;
@@ -277,8 +279,9 @@ constexpr int64_t kDownRows = 64;  // rows of A (every pair) per chunk of x · A
 
 // Decode. With an adapter, every invocation first claims chunks of x · A (rows of A in every pair) and computes
 // them into `partial`, then waits until every chunk is done — only for chunks that running threads have claimed,
-// so it cannot wait forever — and sums them into t (with one chunk, K <= 64, each thread computes t itself). Then it claims chunks of tiles from the node's counter, each
-// tile's int4 product with t · B added. Invocations beyond the threads that exist find nothing left and return.
+// so it cannot wait forever — and sums them into t (with one chunk, K <= 64, each thread computes t itself).
+// Then it claims chunks of tiles from the node's counter, each tile's int4 product with t · B added.
+// Invocations beyond the threads that exist find nothing left and return.
 void run_decode(void* data, size_t) {
   auto* w = static_cast<Work*>(data);
   alignas(64) float t[3 * 256] = {};
@@ -297,7 +300,8 @@ void run_decode(void* data, size_t) {
   bool ahead = w->next_lora != nullptr;
   for (int64_t task; (task = w->next_tile.fetch_add(1)) < w->tile_tasks;) {
     if (ahead) {  // once per thread: the next node's LoRA weights into this core's L2
-      for (int64_t at = 0; at < w->next_lora_bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(w->next_lora) + at, _MM_HINT_T1);
+      for (int64_t at = 0; at < w->next_lora_bytes; at += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w->next_lora) + at, _MM_HINT_T1);
       ahead = false;
     }
     if (own_t && lora_t == nullptr) {
@@ -315,9 +319,9 @@ void run_prefill(void* data, size_t task) {
 }
 
 // A node's LoRA blob (its slot of the LoRA input, below; one blob where three inputs a pair cost onnxruntime a
-// shape query each, every token). A 64-byte header of int32 — pair count P (0–3), then r and n of each pair — and for each
-// pair its scale (r float32), A (K × r int8) and B (n/16 × r × 16 int8), each section starting on 64 bytes.
-// P = 0 (the graph's default) is no adapter; a pair of rank 0 (a projection the adapter leaves alone) has no sections.
+// shape query each, every token). A 64-byte header of int32 — pair count P (0–3), then r and n of each pair —
+// and for each pair its scale (r float32), A (K × r int8) and B (n/16 × r × 16 int8), each section starting on
+// 64 bytes. P = 0 is no adapter; a pair of rank 0 (a projection the adapter leaves alone) has no sections.
 inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 void parse_lora(const uint8_t* blob, size_t bytes, Work& w) {
@@ -361,7 +365,8 @@ std::pair<Slot, Slot> find_slot(const uint8_t* table, int64_t bytes, int64_t slo
   if (bytes < 16) throw Error("the LoRA input is shorter than its table");
   std::memcpy(&count, table, 8);
   if (count < 1 || 8 * (count + 2) > bytes) throw Error("the LoRA input's table does not fit it");
-  if (slot < 0 || slot >= count) throw Error("lora_slot " + std::to_string(slot) + " is not in the LoRA input's table of " + std::to_string(count));
+  if (slot < 0 || slot >= count)
+    throw Error("lora_slot " + std::to_string(slot) + " is not in the LoRA input's table of " + std::to_string(count));
   int64_t offsets[3] = {};
   std::memcpy(offsets, table + 8 * (slot + 1), 8 * std::min<int64_t>(3, count + 1 - slot));
   if (offsets[0] < 8 * (count + 2) || offsets[1] < offsets[0] || offsets[1] > bytes)
