@@ -110,8 +110,8 @@ class Generator:
         if name is not None:
             active = adapter if adapter is not None else self.adapters[name]
             if self.graph == "builder":
-                pairs = self.export.manifest.get("kernels", {}).get(self.kernel, {}).get("lora_slots")
-                view._adapter_inputs = active.tensors_for(self.kernel, pairs)
+                slots = self.export.manifest.get("kernels", {}).get(self.kernel, {}).get("lora_slots")
+                view._adapter_inputs = active.tensors_for(self.kernel, slots)
             else:
                 view._run_options = ort.RunOptions()
                 view._run_options.add_active_adapter(active.lora)

@@ -40,20 +40,20 @@ class Adapter:
             self._tensors = map_tensors(self.path)
         return self._tensors
 
-    def tensors_for(self, kernel: str | None, pairs: dict | None) -> dict[str, ort.OrtValue]:
+    def tensors_for(self, kernel: str | None, slots: list | None) -> dict[str, ort.OrtValue]:
         """The tensors in the form the graph of `kernel` (None: the portable graph) takes: converted once from the
-        portable form (`pairs`: export.json's kernels.KERNEL.lora_slots) and kept, when the file holds that."""
+        portable form (`slots`: export.json's kernels.KERNEL.lora_slots) and kept, when the file holds that."""
         if kernel == self.form:
             return self.tensors
         if self.form is not None:
             graph = "the portable graph" if kernel is None else f"the {kernel} graph"
             raise ValueError(f"{self.path} holds the {self.form} graph's LoRA inputs; this session runs {graph}")
-        if not pairs:
+        if not slots:
             raise ValueError(f"this export's {kernel} graph has no LoRA inputs: it is not an `adapters` export")
         if kernel not in self._converted:
             from edge_lora.runtime.kernels import lora_blobs
 
-            blobs = lora_blobs({name: value.numpy() for name, value in self.tensors.items()}, pairs)
+            blobs = lora_blobs({name: value.numpy() for name, value in self.tensors.items()}, slots)
             self._converted[kernel] = MappedTensors(
                 {name: ort.OrtValue.ortvalue_from_numpy(blob) for name, blob in blobs.items()}, list(blobs.values()))
         return self._converted[kernel]

@@ -70,10 +70,20 @@ def test_matmul_q4_equals_matmulnbits(library, rows, k, n, block):
     assert np.abs(got - x @ w).max() > 1e-4 * scale  # and both differ from fp32 (the int8 activations): a real check
 
 
+def dequantize_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fp32 A and B that MatMulQ4 computes with for these (what kernels.quantize_pair loses, made visible)."""
+    from edge_lora.runtime.kernels import quantize_pair
+
+    qa, qb, scale, sa = quantize_pair(a, b)
+    r, n = b.shape
+    sb = scale / np.where(sa == 0, 1, sa)
+    return qa * sa, qb.transpose(1, 0, 2).reshape(r, n) * sb[:, None]
+
+
 @pytest.mark.parametrize("rows", [1, 4])
 def test_lora_branches_inside_the_node(library, rows):
     """Three pairs in one node as q, k and v share one: ranks 16, 0 (an unadapted projection) and 8."""
-    from edge_lora.runtime.kernels import dequantize_pair, lora_blob, lora_table
+    from edge_lora.runtime.kernels import lora_blob, lora_table
 
     rng = np.random.default_rng(rows)
     k, widths, ranks = 128, (64, 32, 48), (16, 0, 8)

@@ -16,6 +16,7 @@ onnxruntime's wheels carry no C headers: the op is written against the C API alo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -64,6 +65,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-lora" / "kernels"
 
 
+@functools.lru_cache(maxsize=None)
+def compiler_version(compiler: str) -> str:
+    """`compiler --version`, part of a library's cache key: asked once a process, not at every load."""
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+
+
 def library(name: str = MATMUL_Q4, cache: Path | None = None) -> Path:
     """The compiled kernel library, built on first use with $CXX (default c++); KernelUnavailable says why not."""
     if name not in SOURCES:
@@ -74,7 +81,7 @@ def library(name: str = MATMUL_Q4, cache: Path | None = None) -> Path:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH — install g++ or clang++, or set CXX")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    version = compiler_version(compiler)
     key = hashlib.sha256()
     for part in (SOURCES[name].read_bytes(), HEADER.read_bytes(), " ".join(FLAGS).encode(), version.encode()):
         key.update(hashlib.sha256(part).digest())
@@ -98,7 +105,7 @@ def library(name: str = MATMUL_Q4, cache: Path | None = None) -> Path:
 
 def quantize_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A (K, r) and B (r, n) as MatMulQ4 takes them: int8 A with a scale per column, int8 B with a scale per row
-    laid out (n/16, r, 16), and the two scales' product per rank. Also returns A's scales (for dequantize)."""
+    laid out (n/16, r, 16), the two scales' product per rank, and A's scales."""
 
     def int8(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
         scale = np.abs(values).max(axis=axis, keepdims=True).astype(np.float32) / 127
@@ -109,14 +116,6 @@ def quantize_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     r, n = b.shape
     qb = qb.reshape(r, n // TILE, TILE).transpose(1, 0, 2)
     return np.ascontiguousarray(qa), np.ascontiguousarray(qb), (sa * sb).astype(np.float32), sa
-
-
-def dequantize_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The fp32 A and B that MatMulQ4 computes with for these (what quantize_pair loses, made visible)."""
-    qa, qb, scale, sa = quantize_pair(a, b)
-    r, n = b.shape
-    sb = scale / np.where(sa == 0, 1, sa)
-    return qa * sa, qb.transpose(1, 0, 2).reshape(r, n) * sb[:, None]
 
 
 def lora_blob(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
