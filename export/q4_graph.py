@@ -129,7 +129,7 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     del graph.node[:]
     graph.node.extend(nodes + added)
     _topological_sort(graph)
-    # the nodes' slots in the order they run: each node prefetches the next one's weights
+    # the nodes' slots in the order they run, so that the LoRA input is read front to back
     slots = [[list(pair) for pair in pairs[node.name]] for node in graph.node if node.name in pairs]
     for slot, node in enumerate(node for node in graph.node if node.name in pairs):
         node.attribute.append(helper.make_attribute("lora_slot", slot))

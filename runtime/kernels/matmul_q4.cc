@@ -89,8 +89,6 @@ struct Pair {
 
 struct Work {
   int64_t m, k, n, block, blocks, tiles, tiles_per_task;
-  const uint8_t* next_lora;  // the next node's LoRA blob (decode prefetches it), and its size
-  int64_t next_lora_bytes;
   int64_t tile_bytes;   // one block of one tile: 16 columns × block weights, 4 bits each (8 · block)
   const float* x;
   const uint8_t* w;
@@ -103,12 +101,7 @@ struct Work {
   std::vector<Pair> pairs;
   int64_t rank_total;
   int64_t tile_tasks;   // decode: claims of tiles_per_task tiles
-  int64_t down_chunks;  // decode with an adapter: chunks of x · A, summed from `partial` (down_chunks, rank_total)
-  float* partial;
-  // a line each: the threads write them
-  alignas(64) std::atomic<int64_t> next_tile{0};
-  alignas(64) std::atomic<int64_t> next_down{0};
-  alignas(64) std::atomic<int64_t> done_down{0};
+  alignas(64) std::atomic<int64_t> next_tile{0};  // a line of its own: the threads write it
 };
 
 inline __m512 load16b(const int8_t* p) {  // 16 int8 → 16 floats
@@ -275,36 +268,16 @@ void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
   else gemm_tiles_g<4>(w, t0, t1);
 }
 
-constexpr int64_t kDownRows = 64;  // rows of A (every pair) per chunk of x · A
-
-// Decode. With an adapter, every invocation first claims chunks of x · A (rows of A in every pair) and computes
-// them into `partial`, then waits until every chunk is done — only for chunks that running threads have claimed,
-// so it cannot wait forever — and sums them into t (with one chunk, K <= 64, each thread computes t itself).
-// Then it claims chunks of tiles from the node's counter, each tile's int4 product with t · B added.
-// Invocations beyond the threads that exist find nothing left and return.
+// Decode: each invocation claims chunks of tiles from the node's counter, each tile's int4 product with t · B
+// added. With an adapter, an invocation that claims a tile first computes t = x · A itself, whole: each thread
+// reads all of A (9–28 KB a node at the reference shape) rather than share the work and wait for the others at
+// a barrier, which measured slower (BENCHMARKS.md, Runtime). Invocations beyond the threads that exist find nothing left and return.
 void run_decode(void* data, size_t) {
   auto* w = static_cast<Work*>(data);
-  alignas(64) float t[3 * 256] = {};
+  alignas(64) float t[3 * 256];
   const float* lora_t = nullptr;
-  const bool own_t = w->down_chunks == 1;  // nothing to share: each thread computes t itself, and none waits
-  if (w->down_chunks > 1) {
-    for (int64_t c; (c = w->next_down.fetch_add(1)) < w->down_chunks;) {
-      lora_down_range(*w, w->x, c * kDownRows, std::min(w->k, (c + 1) * kDownRows), w->partial + c * w->rank_total);
-      w->done_down.fetch_add(1, std::memory_order_release);
-    }
-    while (w->done_down.load(std::memory_order_acquire) < w->down_chunks) _mm_pause();
-    for (int64_t c = 0; c < w->down_chunks; ++c)
-      for (int64_t j = 0; j < w->rank_total; ++j) t[j] += w->partial[c * w->rank_total + j];
-    lora_t = t;
-  }
-  bool ahead = w->next_lora != nullptr;
   for (int64_t task; (task = w->next_tile.fetch_add(1)) < w->tile_tasks;) {
-    if (ahead) {  // once per thread: the next node's LoRA weights into this core's L2
-      for (int64_t at = 0; at < w->next_lora_bytes; at += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(w->next_lora) + at, _MM_HINT_T1);
-      ahead = false;
-    }
-    if (own_t && lora_t == nullptr) {
+    if (w->rank_total && lora_t == nullptr) {
       lora_down_range(*w, w->x, 0, w->k, t);
       lora_t = t;
     }
@@ -352,28 +325,26 @@ void parse_lora(const uint8_t* blob, size_t bytes, Work& w) {
 
 // The graph's LoRA input is one uint8 tensor for every node (one input where one a node cost onnxruntime 2% of a
 // token to bind): a table — int64 count, then count + 1 byte offsets, padded to 64 bytes — of the nodes'
-// blobs in the order the nodes run, each node finding its own by its attribute lora_slot. The next node's blob
-// follows: a node asks for it to come into L2 while its own int4 weights stream, so that the next x · A does not
-// start on lines a token cold.
+// blobs in the order the nodes run, each node finding its own by its attribute lora_slot. (Each node asking
+// for the next node's blob to come into L2 while its own weights streamed measured slower once t was computed
+// by every thread; BENCHMARKS.md, Runtime.)
 struct Slot {
   const uint8_t* blob = nullptr;
   int64_t bytes = 0;
 };
 
-std::pair<Slot, Slot> find_slot(const uint8_t* table, int64_t bytes, int64_t slot) {
+Slot find_slot(const uint8_t* table, int64_t bytes, int64_t slot) {
   int64_t count = 0;
   if (bytes < 16) throw Error("the LoRA input is shorter than its table");
   std::memcpy(&count, table, 8);
   if (count < 1 || 8 * (count + 2) > bytes) throw Error("the LoRA input's table does not fit it");
   if (slot < 0 || slot >= count)
     throw Error("lora_slot " + std::to_string(slot) + " is not in the LoRA input's table of " + std::to_string(count));
-  int64_t offsets[3] = {};
-  std::memcpy(offsets, table + 8 * (slot + 1), 8 * std::min<int64_t>(3, count + 1 - slot));
+  int64_t offsets[2] = {};
+  std::memcpy(offsets, table + 8 * (slot + 1), sizeof offsets);
   if (offsets[0] < 8 * (count + 2) || offsets[1] < offsets[0] || offsets[1] > bytes)
     throw Error("the LoRA input's table points outside it");
-  Slot own{table + offsets[0], offsets[1] - offsets[0]}, next{};
-  if (slot + 1 < count && offsets[2] >= offsets[1] && offsets[2] <= bytes) next = {table + offsets[1], offsets[2] - offsets[1]};
-  return {own, next};
+  return {table + offsets[0], offsets[1] - offsets[0]};
 }
 
 void compute(OrtKernelContext* context, int64_t slot) {
@@ -410,10 +381,8 @@ void compute(OrtKernelContext* context, int64_t slot) {
   if (w.m == 0) return;
   if (lora) {
     if (slot < 0) throw Error("a node with a LoRA input needs its lora_slot attribute");
-    const auto [own, next] = find_slot(data_of<const uint8_t>(lora), elements(shape_of(lora)), slot);
+    const Slot own = find_slot(data_of<const uint8_t>(lora), elements(shape_of(lora)), slot);
     parse_lora(own.blob, static_cast<size_t>(own.bytes), w);
-    w.next_lora = next.blob;
-    w.next_lora_bytes = next.bytes;
   }
 
   thread_local std::vector<int8_t> xq;
@@ -442,11 +411,6 @@ void compute(OrtKernelContext* context, int64_t slot) {
   // 8 KB, 2.2–2.3 ms at 64 and 128 KB, 2.6 ms at 256 KB; 2 threads).
   w.tiles_per_task = std::max<int64_t>(1, 65536 / (w.blocks * w.tile_bytes));
   w.tile_tasks = (w.tiles + w.tiles_per_task - 1) / w.tiles_per_task;
-  if (w.rank_total) {
-    w.down_chunks = (k + kDownRows - 1) / kDownRows;
-    t.resize(w.down_chunks * w.rank_total);
-    w.partial = t.data();
-  }
   // more invocations than an edge CPU has threads: the surplus find nothing to claim and return
   check(api->KernelContext_ParallelFor(context, run_decode, 8, 0, &w));
 }
