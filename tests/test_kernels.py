@@ -104,6 +104,25 @@ def test_lora_branches_inside_the_node(library, rows):
                                atol=1e-5 * np.abs(base).max())
 
 
+def test_decode_with_lora_gives_the_same_bits_run_after_run(library):
+    """Decode: the first thread to arrive computes x · A while the other starts on its tiles and adds t · B to
+    them once t is ready, so a tile takes either path from run to run; both must give the same bits."""
+    from edge_lora.runtime.kernels import lora_blob, lora_table
+
+    rng = np.random.default_rng(7)
+    k, widths = 1536, (1536, 768, 768)  # x · A long enough that the second thread often starts without t
+    mlas, own, _ = pair_of_sessions(library, rng, k, sum(widths), lora=True)
+    pairs = [(rng.standard_normal((k, 16), dtype=np.float32), rng.standard_normal((16, n), dtype=np.float32) * 0.1)
+             for n in widths]
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    feed = {"x": x, "lora": lora_table([lora_blob(pairs)])}
+    first = own.run(None, feed)[0]
+    delta = np.concatenate([x @ a @ b for a, b in (dequantize_pair(a, b) for a, b in pairs)], axis=1)
+    np.testing.assert_allclose(first, mlas.run(None, {"x": x})[0] + delta, rtol=0, atol=1e-4 * np.abs(first).max())
+    for _ in range(30):
+        np.testing.assert_array_equal(own.run(None, feed)[0], first)
+
+
 def test_a_malformed_lora_input_is_refused_by_name(library):
     from edge_lora.runtime.kernels import lora_blob, lora_table
 

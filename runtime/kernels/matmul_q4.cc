@@ -101,7 +101,11 @@ struct Work {
   std::vector<Pair> pairs;
   int64_t rank_total;
   int64_t tile_tasks;   // decode: claims of tiles_per_task tiles
-  alignas(64) std::atomic<int64_t> next_tile{0};  // a line of its own: the threads write it
+  // decode, lines of their own: the threads write them
+  alignas(64) std::atomic<int64_t> next_tile{0};
+  alignas(64) std::atomic<int> t_claimed{0};  // with an adapter: t = x · A, computed once, by the first to arrive
+  std::atomic<int> t_ready{0};
+  alignas(64) float t_decode[3 * 256];
 };
 
 inline __m512 load16b(const int8_t* p) {  // 16 int8 → 16 floats
@@ -269,20 +273,46 @@ void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
 }
 
 // Decode: each invocation claims chunks of tiles from the node's counter, each tile's int4 product with t · B
-// added. With an adapter, an invocation that claims a tile first computes t = x · A itself, whole: each thread
-// reads all of A (9–28 KB a node at the reference shape) rather than share the work and wait for the others at
-// a barrier, which measured slower (BENCHMARKS.md, Runtime). Invocations beyond the threads that exist find nothing left and return.
+// added. Invocations beyond the threads that exist find nothing left and return.
+//
+// With an adapter, the first invocation to arrive computes t = x · A (all of A: 9–28 KB a node at the reference
+// shape) and publishes it; the others start on their tiles at once and add t · B to the tiles they claimed
+// before t was ready once it is. Decode reads weights as fast as a core can, so the cost of LoRA is its bytes
+// per thread: A read by one thread, not each, and no barrier (BENCHMARKS.md, Runtime, measures both).
+constexpr int kMaxDeferred = 64;  // claims a thread may finish before t is ready; past that it waits for t
+
+void add_lora_up(const Work& w, const float* t, int64_t t0, int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile)
+    _mm512_storeu_ps(w.y + tile * kTile, lora_up(w, t, tile * kTile, _mm512_loadu_ps(w.y + tile * kTile)));
+}
+
 void run_decode(void* data, size_t) {
   auto* w = static_cast<Work*>(data);
-  alignas(64) float t[3 * 256];
   const float* lora_t = nullptr;
+  if (w->rank_total && w->t_claimed.exchange(1, std::memory_order_acq_rel) == 0) {
+    lora_down_range(*w, w->x, 0, w->k, w->t_decode);
+    w->t_ready.store(1, std::memory_order_release);
+    lora_t = w->t_decode;
+  }
+  int64_t deferred[kMaxDeferred];  // claims done without t · B
+  int n_deferred = 0;
+  auto wait_for_t = [w] {
+    while (!w->t_ready.load(std::memory_order_acquire)) _mm_pause();  // the thread computing it is running
+    return w->t_decode;
+  };
   for (int64_t task; (task = w->next_tile.fetch_add(1)) < w->tile_tasks;) {
-    if (w->rank_total && lora_t == nullptr) {
-      lora_down_range(*w, w->x, 0, w->k, t);
-      lora_t = t;
+    const int64_t t0 = task * w->tiles_per_task, t1 = std::min(w->tiles, t0 + w->tiles_per_task);
+    if (w->rank_total && lora_t == nullptr && (n_deferred == kMaxDeferred || w->t_ready.load(std::memory_order_acquire)))
+      lora_t = wait_for_t();
+    gemv_tiles(*w, lora_t, t0, t1);
+    if (w->rank_total && lora_t == nullptr) deferred[n_deferred++] = task;
+  }
+  if (n_deferred) {
+    lora_t = wait_for_t();
+    for (int i = 0; i < n_deferred; ++i) {
+      const int64_t t0 = deferred[i] * w->tiles_per_task;
+      add_lora_up(*w, lora_t, t0, std::min(w->tiles, t0 + w->tiles_per_task));
     }
-    const int64_t t0 = task * w->tiles_per_task;
-    gemv_tiles(*w, lora_t, t0, std::min(w->tiles, t0 + w->tiles_per_task));
   }
 }
 
