@@ -76,10 +76,11 @@ class SharedCache:
         return logits[:, 0] if last_only else logits[np.arange(len(self.lengths)), self.lengths - 1]
 
     def step(self, tokens: list[int], n: int) -> np.ndarray:
-        """Run the n-th new token of each row (n from 0); logits (batch, vocab) after it."""
+        """Run the n-th new token of each row (n from 0); logits (batch, vocab) after it, a view of the buffer the
+        next step writes (a copy measured about 1% of a token at the reference shape)."""
         self.mask[np.arange(len(self.lengths)), self.lengths + n] = 1
         self._run(np.array(tokens, dtype=np.int64)[:, None], self.mask[:, :self.width + n + 1], self.logits, -1)
-        return self.logits[:, 0].copy()
+        return self.logits[:, 0]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, start: int) -> None:
         # Contiguous arrays are bound where they lie; the sliced mask is copied (batch × positions int64, small).
