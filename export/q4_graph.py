@@ -2,9 +2,10 @@
 
 The portable graph (model.onnx) runs its int4 projections as MatMulNBits, onnxruntime's MLAS kernels, and an
 `adapters` export adds each LoRA branch as MatMul → MatMul → Add beside them. model.q4.onnx is the same graph
-with every MatMulNBits that MatMulQ4 computes identically — 4 bits, blocks of 32 or 64, no zero points, int8
+with every MatMulNBits that MatMulQ4 computes the same way — 4 bits, blocks of 32 or 64, no zero points, int8
 activations (accuracy_level 4), N a multiple of 16 — replaced by a MatMulQ4 node whose weights are the same
-values repacked into its tiles, and with the projection's LoRA branches folded into that node: one uint8 input,
+values repacked into its tiles, their scales rounded to float16 (a relative 2^-12 at most, against int4's
+steps of the whole scale), and with the projection's LoRA branches folded into that node: one uint8 input,
 `lora`, carries every node's pairs (q, k and v share the packed qkv product; each node finds its slot by its
 lora_slot attribute, in the order the nodes run), and each adapter gets a second file,
 adapters/NAME.q4.onnx_adapter, with its A and B in that form: int8, a scale per rank (A per column, B per row).
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.runtime.kernels import BLOCKS, DOMAIN, LORA_INPUT, TILE, lora_blob, lora_table
+from edge_lora.runtime.kernels import BLOCKS, DOMAIN, FORMATS, LORA_INPUT, MATMUL_Q4, TILE, lora_blob, lora_table
 
 MODEL_FILE = "model.q4.onnx"
 ADAPTER_SUFFIX = ".q4.onnx_adapter"
@@ -30,7 +31,7 @@ ADAPTER_SUFFIX = ".q4.onnx_adapter"
 def repack(q: np.ndarray, scales: np.ndarray, k: int, n: int, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits' 4-bit weight (N, K/block, block/2) — byte j of a block holds k = 2j in its low nibble, 2j + 1
     in its high one — and its scales (N · K/block) as MatMulQ4's tiles: (N/16, K/block, 8 · block) and
-    (N/16, K/block, 16) (runtime/kernels/matmul_q4.cc has the layout)."""
+    (N/16, K/block, 16) float16 (runtime/kernels/matmul_q4.cc has the layout)."""
     blocks, tiles, vectors = k // block, n // TILE, block // 8
     q = q.reshape(n, blocks, block // 2)
     values = np.empty((n, blocks, block), dtype=np.uint8)
@@ -39,14 +40,14 @@ def repack(q: np.ndarray, scales: np.ndarray, k: int, n: int, block: int = 64) -
     # (tile, column, block, group of 4 k, j) → (tile, block, group, column, j); groups g and g + block/8 share a byte
     v = values.reshape(tiles, TILE, blocks, block // 4, 4).transpose(0, 2, 3, 1, 4)
     packed = (v[:, :, :vectors] | (v[:, :, vectors:] << 4)).reshape(tiles, blocks, 8 * block)
-    tiled_scales = scales.astype(np.float32).reshape(tiles, TILE, blocks).transpose(0, 2, 1)
+    tiled_scales = scales.astype(np.float16).reshape(tiles, TILE, blocks).transpose(0, 2, 1)
     return np.ascontiguousarray(packed), np.ascontiguousarray(tiled_scales)
 
 
 def qualifies(node, initializers: dict) -> bool:
     """A MatMulNBits that MatMulQ4 computes the same way: 4 bits, blocks of 32 or 64, int8 activations, fp32
-    scales, no zero points, bias or g_idx, K a multiple of the block and N of 16."""
-    from onnx import TensorProto, helper
+    scales within float16's range, no zero points, bias or g_idx, K a multiple of the block and N of 16."""
+    from onnx import TensorProto, helper, numpy_helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     scales = initializers.get(node.input[2])
@@ -54,7 +55,8 @@ def qualifies(node, initializers: dict) -> bool:
     return (node.op_type == "MatMulNBits" and attrs.get("bits", 4) == 4 and block in BLOCKS
             and attrs.get("accuracy_level", 0) == 4 and not any(node.input[3:]) and attrs["K"] % block == 0
             and attrs["N"] % TILE == 0 and node.input[1] in initializers and scales is not None
-            and scales.data_type == TensorProto.FLOAT)
+            and scales.data_type == TensorProto.FLOAT
+            and float(np.abs(numpy_helper.to_array(scales)).max(initial=0)) <= float(np.finfo(np.float16).max))
 
 
 def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
@@ -135,8 +137,8 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
         node.attribute.append(helper.make_attribute("lora_slot", slot))
     proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     onnx.save(proto, str(export_dir / MODEL_FILE), save_as_external_data=True, location=MODEL_FILE + ".data")
-    entry = {"model_file": MODEL_FILE, "nodes": len(added), "matmulnbits_left": left, "lora_slots": slots,
-             "adapters": {}}
+    entry = {"model_file": MODEL_FILE, "format": FORMATS[MATMUL_Q4], "nodes": len(added), "matmulnbits_left": left,
+             "lora_slots": slots, "adapters": {}}
     for name, adapter in adapters.items():
         entry["adapters"][name] = {"file": write_adapter(export_dir, adapter["file"], slots)}
     return entry

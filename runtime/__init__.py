@@ -78,11 +78,17 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
 def choose_kernel(export: ExportDir, allowed: tuple[str, ...]) -> tuple[str | None, Path | None]:
     """(kernel, its library) for the first kernel graph the export carries that `allowed` names and this host
     builds; (None, None) for the portable graph. A host whose CPU could run the kernel but cannot build it (no
-    compiler, a failed build) gets one warning that says why: it is running slower than it could."""
+    compiler, a failed build), and a kernel graph in a format this runtime's kernel does not take (an older
+    export), get one warning that says why: it is running slower than it could."""
     from edge_lora.runtime import kernels as own_kernels
 
-    for kernel in export.manifest.get("kernels", {}):
+    for kernel, entry in export.manifest.get("kernels", {}).items():
         if kernel not in allowed:
+            continue
+        if entry.get("format", 1) != own_kernels.FORMATS.get(kernel):
+            warnings.warn(f"{entry['model_file']} is in {kernel} format {entry.get('format', 1)}, this runtime's kernel "
+                          f"takes format {own_kernels.FORMATS.get(kernel)}: running {export.manifest['model_file']} on "
+                          "onnxruntime's kernels instead — re-run edge-lora export to use the kernel", stacklevel=3)
             continue
         try:
             return kernel, own_kernels.library(kernel)

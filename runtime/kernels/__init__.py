@@ -33,6 +33,9 @@ DOMAIN = "ai.edge_lora"
 TILE = 16  # MatMulQ4's columns per tile
 BLOCKS = (32, 64)  # the int4 block sizes (weights per scale) it takes
 SOURCES = {MATMUL_Q4: HERE / "matmul_q4.cc"}
+# The graph format each kernel takes, recorded in export.json beside its graph: a graph in another format (an
+# older export) runs as the portable graph. matmul_q4 2: float16 scales (1 had fp32 ones, and no "format" key).
+FORMATS = {MATMUL_Q4: 2}
 HEADER = HERE / "onnxruntime_c_api.h"
 # What the op is compiled for: the instruction sets it needs, named, so that a cached library never holds code
 # for another CPU than the flags that cpu_problem() checks.
