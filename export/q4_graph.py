@@ -4,7 +4,7 @@ The portable graph (model.onnx) runs its int4 projections as MatMulNBits, onnxru
 `adapters` export adds each LoRA branch as MatMul → MatMul → Add beside them. model.q4.onnx is the same graph
 with every MatMulNBits that MatMulQ4 computes the same way — 4 bits, blocks of 32 or 64, no zero points, int8
 activations (accuracy_level 4), N a multiple of 16 — replaced by a MatMulQ4 node whose weights are the same
-values repacked into its tiles, their scales rounded to float16 (a relative 2^-12 at most, against int4's
+values repacked into its tiles, their scales rounded to float16 (a relative 2^-11 at most, against int4's
 steps of the whole scale), and with the projection's LoRA branches folded into that node: one uint8 input,
 `lora`, carries every node's pairs (q, k and v share the packed qkv product; each node finds its slot by its
 lora_slot attribute, in the order the nodes run), and each adapter gets a second file,

@@ -2,13 +2,13 @@
 
 `matmul_q4` (matmul_q4.cc, the custom op MatMulQ4 in domain ai.edge_lora) is an int4 matmul with int8
 activations for x86-64 CPUs with AVX-512 VNNI, with an adapter's LoRA branches computed inside the same node. On
-the reference shape, 2 threads, on a quiet host it decodes 1.44–1.60× faster than onnxruntime's MatMulNBits on the
-same weights (1.56–1.63× onnxruntime-genai; 1.19–1.33× and 1.10–1.29× when other tenants slowed the host), and an active adapter costs a token about 0.7 ms where the graph's separate LoRA
-MatMuls cost 3.7 (BENCHMARKS.md, Runtime). An export
-for a device profile that lists it carries a second graph that uses it (export/q4_graph.py); `library()` builds
-the op with the host's C++ compiler once, into a cache keyed by the source, the flags and the compiler, and
-`edge_lora.runtime.load` registers it with the session. Where it cannot be built (another CPU, no compiler) the
-runtime runs the export's portable graph instead.
+the reference shape, 2 threads, on a quiet host it decodes 1.6–1.8× faster than onnxruntime's MatMulNBits on the
+same weights (1.7–1.9× onnxruntime-genai; about 1.4× both when other tenants slowed the host), and an active adapter
+costs a token 0.4–0.7 ms where the portable graph's separate LoRA MatMuls cost about 3.3 (BENCHMARKS.md,
+Runtime). An export for a device profile that lists it carries a second graph that uses it (export/q4_graph.py);
+`library()` builds the op with the host's C++ compiler once, into a cache keyed by the source, the flags and the
+compiler, and `edge_lora.runtime.load` registers it with the session. Where it cannot be built (another CPU, no
+compiler) the runtime runs the export's portable graph instead.
 
 onnxruntime's wheels carry no C headers: the op is written against the C API alone, and onnxruntime_c_api.h
 (version 21, MIT-licensed, from onnxruntime 1.21) is kept here beside it; onnxruntime 1.21 and later serve it.
