@@ -100,7 +100,7 @@ struct Work {
   const int8_t* xq;     // (M, K) int8
   const float* xs;      // (M, blocks) activation scales
   const int32_t* x8;    // (M, blocks) 8 · Σ of each block's int8 activations (the zero point's share)
-  const float* t;       // (M, Σ r_g) x · A_g, pair after pair
+  float* t;             // (M, Σ r_g) x · A_g, pair after pair (decode: written by the first thread to arrive)
   std::vector<Pair> pairs;
   int64_t rank_total;
   int64_t tile_tasks;   // decode: claims of tiles_per_task tiles
@@ -108,7 +108,6 @@ struct Work {
   alignas(64) std::atomic<int64_t> next_tile{0};
   alignas(64) std::atomic<int> t_claimed{0};  // with an adapter: t = x · A, computed once, by the first to arrive
   std::atomic<int> t_ready{0};
-  alignas(64) float t_decode[3 * 256];
 };
 
 inline __m512 load16h(const uint16_t* p) {  // 16 float16 → 16 floats
@@ -284,8 +283,8 @@ void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
 //
 // With an adapter, the first invocation to arrive computes t = x · A (all of A: 9–28 KB a node at the reference
 // shape) and publishes it; the others start on their tiles at once and add t · B to the tiles they claimed
-// before t was ready once it is. Decode reads weights as fast as a core can, so the cost of LoRA is its bytes
-// per thread: A read by one thread, not each, and no barrier (BENCHMARKS.md, Runtime, measures both).
+// before t was ready once it is: A is read by one thread, not each, and no thread waits at a barrier
+// (BENCHMARKS.md, Runtime, measures both against this).
 constexpr int kMaxDeferred = 64;  // claims a thread may finish before t is ready; past that it waits for t
 
 void add_lora_up(const Work& w, const float* t, int64_t t0, int64_t t1) {
@@ -297,15 +296,15 @@ void run_decode(void* data, size_t) {
   auto* w = static_cast<Work*>(data);
   const float* lora_t = nullptr;
   if (w->rank_total && w->t_claimed.exchange(1, std::memory_order_acq_rel) == 0) {
-    lora_down_range(*w, w->x, 0, w->k, w->t_decode);
+    lora_down_range(*w, w->x, 0, w->k, w->t);
     w->t_ready.store(1, std::memory_order_release);
-    lora_t = w->t_decode;
+    lora_t = w->t;
   }
   int64_t deferred[kMaxDeferred];  // claims done without t · B
   int n_deferred = 0;
   auto wait_for_t = [w] {
     while (!w->t_ready.load(std::memory_order_acquire)) _mm_pause();  // the thread computing it is running
-    return w->t_decode;
+    return w->t;
   };
   for (int64_t task; (task = w->next_tile.fetch_add(1)) < w->tile_tasks;) {
     const int64_t t0 = task * w->tiles_per_task, t1 = std::min(w->tiles, t0 + w->tiles_per_task);
@@ -363,9 +362,9 @@ void parse_lora(const uint8_t* blob, size_t bytes, Work& w) {
 
 // The graph's LoRA input is one uint8 tensor for every node (one input where one a node cost onnxruntime 2% of a
 // token to bind): a table — int64 count, then count + 1 byte offsets, padded to 64 bytes — of the nodes'
-// blobs in the order the nodes run, each node finding its own by its attribute lora_slot. (Each node asking
-// for the next node's blob to come into L2 while its own weights streamed measured slower once t was computed
-// by every thread; BENCHMARKS.md, Runtime.)
+// blobs in the order the nodes run, each node finding its own by its attribute lora_slot. (Asking for the next
+// node's blob, or its A, to come into L2 during a node's own work measured slower or within noise; BENCHMARKS.md,
+// Runtime.)
 struct Slot {
   const uint8_t* blob = nullptr;
   int64_t bytes = 0;
@@ -435,12 +434,12 @@ void compute(OrtKernelContext* context, int64_t slot) {
   w.x8 = x8.data();
   for (const Pair& p : w.pairs) w.rank_total += p.r;
   if (w.rank_total > kMaxPairs * 256) throw Error("more than 768 LoRA ranks in one node");
+  if (w.rank_total) {
+    t.resize(w.m * w.rank_total);
+    w.t = t.data();
+  }
   if (w.m > 1) {  // prefill: x · A for every row first (one thread), then every tile is its own task
-    if (w.rank_total) {
-      t.resize(w.m * w.rank_total);
-      lora_down(w, t.data());
-      w.t = t.data();
-    }
+    if (w.rank_total) lora_down(w, w.t);
     check(api->KernelContext_ParallelFor(context, run_prefill, static_cast<size_t>(w.tiles), 0, &w));
     return;
   }
