@@ -469,26 +469,11 @@ def read_bandwidth_gb_s(threads: int, mb_per_thread: int = 512, repeats: int = 5
 
 
 def onnx_bytes_per_token(model_path: Path) -> int:
-    """Bytes of the initializers a decode step reads: all but those only a Gather reads (one row per token)."""
-    import numpy as np
-    import onnx
+    """Bytes of the initializers a decode step reads, as edge-lora's profiler counts them (runtime/weights.py):
+    one row of a table only a Gather reads (through Reshapes: a shared embedding's), all of every other."""
+    from edge_lora.runtime.weights import read_graph_weights
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def read_whole(name: str) -> bool:  # by a node other than a Gather, through Reshapes (a shared embedding's)
-        return any(read_whole(node.output[0]) if node.op_type == "Reshape" else
-                   node.op_type not in ("Gather", "GatherBlockQuantized") for node in consumers.get(name, []))
-
-    total = 0
-    for init in graph.initializer:
-        if read_whole(init.name):
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-            total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
-    return total
+    return read_graph_weights(model_path).bytes_per_token
 
 
 def gguf_bytes_per_token(path: Path, src: Path) -> int:

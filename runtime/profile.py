@@ -225,20 +225,31 @@ def _describe(export: ExportDir) -> dict:
 
 
 def _describe_fully(export: ExportDir, adapters: list[str]) -> dict:
-    """The export as the report lists it: what _describe says, plus its flavor and byte counts."""
+    """The export as the report lists it: what _describe says, plus its flavor and byte counts — of the portable
+    graph, and under "kernel_graphs" of each graph an edge-lora kernel runs (the one a row ran is its model_file)."""
+    kernel_graphs = {kernel: _graph_bytes(export, entry["model_file"], {name: entry["adapters"][name]["file"]
+                                                                          for name in adapters})
+                     for kernel, entry in export.manifest.get("kernels", {}).items()}
+    portable = _graph_bytes(export, export.manifest["model_file"],
+                            {name: export.manifest["adapters"][name]["file"] for name in adapters})
+    return _describe(export) | {"flavor": export.manifest["flavor"], **portable, "kernel_graphs": kernel_graphs}
+
+
+def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, str]) -> dict:
+    """One graph's files (the graph and its external data), weights and per-token reads, and its adapters'."""
     try:
-        weights = read_graph_weights(export.model_path)
+        weights = read_graph_weights(export.path / model_file)
     except ValueError as err:
         raise runtime.ExportError(f"{err} — re-run edge-lora export") from None
     adapter_bytes = {}
-    for name in adapters:
+    for name, file in adapter_files.items():
         # Read with onnxruntime's own reader of its adapter format: every tensor of it is fed to the graph.
-        parameters = ort.AdapterFormat.read_adapter(str(export.path / export.manifest["adapters"][name]["file"]))
+        parameters = ort.AdapterFormat.read_adapter(str(export.path / file))
         adapter_bytes[name] = sum(value.tensor_size_in_bytes() for value in parameters.get_parameters().values())
-    return _describe(export) | {
-        "flavor": export.manifest["flavor"],
-        "model_bytes": sum((export.path / name).stat().st_size
-                           for name in export.manifest["files"] if name.endswith(MODEL_FILE_SUFFIXES)),
+    return {
+        "model_file": model_file,
+        "model_bytes": sum((export.path / name).stat().st_size for name in export.manifest["files"]
+                           if name.startswith(model_file) and name.endswith(MODEL_FILE_SUFFIXES)),
         "weight_bytes": weights.total_bytes,
         "weight_bytes_per_token": weights.bytes_per_token,
         "adapter_bytes": adapter_bytes,
@@ -264,9 +275,9 @@ def _configuration(sweep: _Sweep, export: ExportDir, description: dict, adapter:
     # the session puts first (choose_providers; the CPU provider where none is).
     shown = provider or next((p.name for p in sweep.device_profile.providers if p.name in available),
                              "CPUExecutionProvider")
-    row = {"status": "ok", "reason": None, "export": _describe(export), "adapter": adapter, "provider": shown,
-           "session_providers": [], "threads": threads, "prompt_len": prompt_len, "new_tokens": settings.new_tokens,
-           "samples": [], "summary": None, "trace": None}
+    row = {"status": "ok", "reason": None, "export": _describe(export), "model_file": None, "adapter": adapter,
+           "provider": shown, "session_providers": [], "threads": threads, "prompt_len": prompt_len,
+           "new_tokens": settings.new_tokens, "samples": [], "summary": None, "trace": None}
     if provider is not None and provider not in available:
         return row | {"status": "unavailable",
                       "reason": f"{provider} is not in this onnxruntime {ort.__version__} build; "
@@ -281,18 +292,21 @@ def _configuration(sweep: _Sweep, export: ExportDir, description: dict, adapter:
         "warmup_runs": settings.warmup_runs, "min_runs": settings.min_runs, "min_seconds": settings.min_seconds,
         "trace_prefix": trace_prefix,
     })
+    graph = next((g for g in description["kernel_graphs"].values() if g["model_file"] == result["model_file"]),
+                 description)  # the graph the worker's session ran
     facts = Facts(
         load_s=result["load_s"],
         rss_before_load_mb=result["rss_before_load_bytes"] / 2**20,
         peak_rss_mb=result["peak_rss_bytes"] / 2**20,
-        model_bytes=description["model_bytes"],
-        weight_bytes_per_token=description["weight_bytes_per_token"],
-        adapter_bytes_per_token=description["adapter_bytes"].get(adapter, 0),
+        model_bytes=graph["model_bytes"],
+        weight_bytes_per_token=graph["weight_bytes_per_token"],
+        adapter_bytes_per_token=graph["adapter_bytes"].get(adapter, 0),
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(export, prompt_len, settings.new_tokens),
         bandwidth_gbs=sweep.bandwidth_gbs,
         bandwidth_source=sweep.bandwidth_source,
     )
-    return row | {"session_providers": result["session_providers"], "samples": result["samples"],
+    return row | {"model_file": result["model_file"], "session_providers": result["session_providers"],
+                  "samples": result["samples"],
                   "summary": summarize(result["samples"], prompt_len, settings.new_tokens, facts),
                   "trace": result["trace"]}
 

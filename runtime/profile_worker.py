@@ -39,13 +39,15 @@ def measure(job: dict) -> dict:
                              verify=False).with_adapter(job["adapter"])
     load_s = (time.perf_counter_ns() - start) / 1e9
     session_providers = generator.session.get_providers()
+    manifest = generator.export.manifest
+    model_file = manifest["kernels"][generator.kernel]["model_file"] if generator.kernel else manifest["model_file"]
     samples = timed_runs(generator, job)
     peak_rss = peak_rss_bytes()  # before the trace, whose session is not part of this configuration
     trace = None
     if job["trace_prefix"] is not None:
         del generator  # freed before the traced session is built: one model in memory at a time
         trace = traced_run(job, providers, Path(job["trace_prefix"]))
-    return {"load_s": load_s, "session_providers": session_providers, "samples": samples,
+    return {"load_s": load_s, "model_file": model_file, "session_providers": session_providers, "samples": samples,
             "rss_before_load_bytes": rss_before_load, "peak_rss_bytes": peak_rss, "trace": trace}
 
 

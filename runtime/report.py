@@ -138,9 +138,12 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
 
 def render_markdown(report: dict, plots: dict[str, Path]) -> str:
     host, settings = report["host"], report["settings"]
-    exports = "".join(f"- {e['precision']} {e['flavor']} export {e['digest'][:12]}, {e['model_bytes']:,} model bytes, "
-                      f"{e['weight_bytes_per_token']:,} weight bytes read per token"
-                      f"{''.join(f', adapter {n} {b:,} bytes' for n, b in e['adapter_bytes'].items())}: {e['path']}\n"
+    def graph(g: dict) -> str:
+        return (f"{g['model_file']} {g['model_bytes']:,} model bytes, {g['weight_bytes_per_token']:,} weight bytes "
+                f"read per token{''.join(f', adapter {n} {b:,} bytes' for n, b in g['adapter_bytes'].items())}")
+
+    exports = "".join(f"- {e['precision']} {e['flavor']} export {e['digest'][:12]}: {graph(e)}"
+                      f"{''.join(f'; for {k}: {graph(g)}' for k, g in e['kernel_graphs'].items())} ({e['path']})\n"
                       for e in report["exports"])
     parts = [
         f"# Profile of {len(report['exports'])} export(s)\n\n{exports}\n"

@@ -24,6 +24,9 @@ _ELEMENT_BITS = {
 # an embedding lookup reads one row per token, not the whole table. GatherBlockQuantized (com.microsoft) also
 # gathers the rows of its scales and zero points.
 _ROW_READERS = {"Gather": ((0,), "axis"), "GatherBlockQuantized": ((0, 2, 3), "gather_axis")}
+# Ops whose output (input 0's data, another shape) is read the way the output's own readers read it: a shared
+# embedding reaches its lookup through a Reshape of the head's int4 weight.
+_SHAPE_ONLY = {"Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,8 @@ def read_graph_weights(model_path: str | Path) -> GraphWeights:
     if Path(model_path).stat().st_size == 0:
         raise ValueError(problem)
     weights: list[Weight] = []
-    uses: dict[str, list[bool]] = {}  # name -> for each use, whether it reads one row per token
+    # name -> for each use, whether it reads one row per token, or (a shape-only op's input) the output it becomes
+    uses: dict[str, list[bool | str]] = {}
     # Mapped, not read: a graph with inline weights can be gigabytes, of which only the small fields are parsed.
     with open(model_path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         view = memoryview(data)
@@ -87,14 +91,19 @@ def read_graph_weights(model_path: str | Path) -> GraphWeights:
     if not valid:
         raise ValueError(problem)
     names = {w.name for w in weights}
+
+    def row_read(name: str, seen: frozenset = frozenset()) -> bool:  # every use a row read, through shape-only ops
+        return bool(uses.get(name)) and name not in seen and all(
+            row_read(use, seen | {name}) if isinstance(use, str) else use for use in uses[name])
+
     return GraphWeights(
         weights=tuple(weights),
-        row_read=frozenset(n for n in names if uses.get(n) and all(uses[n])),
+        row_read=frozenset(n for n in names if row_read(n)),
         unused=frozenset(n for n in names if not uses.get(n)),
     )
 
 
-def _walk_graph(graph: memoryview, weights: list[Weight], uses: dict[str, list[bool]]) -> None:
+def _walk_graph(graph: memoryview, weights: list[Weight], uses: dict[str, list[bool | str]]) -> None:
     for field, value in _fields(graph):
         if field == 5:  # GraphProto.initializer
             weights.append(_tensor(value))
@@ -102,7 +111,7 @@ def _walk_graph(graph: memoryview, weights: list[Weight], uses: dict[str, list[b
             _walk_node(value, weights, uses)
 
 
-def _walk_node(node: memoryview, weights: list[Weight], uses: dict[str, list[bool]]) -> None:
+def _walk_node(node: memoryview, weights: list[Weight], uses: dict[str, list[bool | str]]) -> None:
     inputs, outputs, op_type, attributes = [], [], "", []
     for field, value in _fields(node):
         if field == 1:
@@ -130,7 +139,8 @@ def _walk_node(node: memoryview, weights: list[Weight], uses: dict[str, list[boo
             axis = number
     for position, name in enumerate(inputs):
         if name:
-            uses.setdefault(name, []).append(position in row_inputs and axis == 0)
+            through = op_type in _SHAPE_ONLY and position == 0 and outputs
+            uses.setdefault(name, []).append(outputs[0] if through else position in row_inputs and axis == 0)
 
 
 def _tensor(tensor: memoryview) -> Weight:

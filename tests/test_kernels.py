@@ -230,6 +230,36 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(q4_export, tm
     assert generator.kernel is None
 
 
+def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
+    """`edge-lora profile` on a kernel export: each row names model.q4.onnx and counts its files and reads (float16
+    scales, the head's original int4 weight read one row a token by the embedding), and the kernel form of the
+    adapter; the export lists both graphs."""
+    from edge_lora.runtime.profile import ProfileSettings, profile
+    from edge_lora.runtime.weights import read_graph_weights
+
+    settings = ProfileSettings(threads=(2,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
+                               min_seconds=0.0, adapters=(adapter_dir.name,))
+    report = profile(q4_export, settings)
+    export = report["exports"][0]
+    kernel = export["kernel_graphs"]["matmul_q4"]
+    assert (export["model_file"], kernel["model_file"]) == ("model.onnx", "model.q4.onnx")
+    files = json.loads((q4_export / "export.json").read_text())["files"]
+    assert kernel["model_bytes"] == sum((q4_export / f).stat().st_size for f in files if f.startswith("model.q4.onnx"))
+    assert export["model_bytes"] == sum((q4_export / f).stat().st_size for f in files if f.startswith("model.onnx"))
+    assert kernel["weight_bytes_per_token"] == read_graph_weights(q4_export / "model.q4.onnx").bytes_per_token
+    assert kernel["weight_bytes_per_token"] < kernel["weight_bytes"]  # the embedding's table, a row a token
+    assert kernel["adapter_bytes"][adapter_dir.name] != export["adapter_bytes"][adapter_dir.name]
+    for row in report["configurations"]:
+        assert row["status"] == "ok" and row["model_file"] == "model.q4.onnx"
+        summary = row["summary"]
+        assert (summary["model_bytes"], summary["weight_bytes_per_token"]) == (kernel["model_bytes"],
+                                                                                kernel["weight_bytes_per_token"])
+        assert summary["adapter_bytes_per_token"] == kernel["adapter_bytes"].get(row["adapter"], 0)
+    from edge_lora.runtime.report import render_markdown
+
+    assert f"; for matmul_q4: model.q4.onnx {kernel['model_bytes']:,} model bytes" in render_markdown(report, {})
+
+
 def test_a_kernel_graph_in_an_older_format_runs_as_the_portable_graph(q4_export, tmp_path):
     """An export whose kernel graph predates float16 scales (no "format" in its entry) warns and runs model.onnx."""
     import shutil

@@ -176,8 +176,8 @@ def test_report_describes_host_device_exports_and_settings(report, export_dir, i
     assert report["device_profile"]["name"] == "cpu-x86-64"
     assert report["exports"] == [
         {"path": str(path.resolve()), "precision": precision, "digest": open_export(path).digest(), "flavor": "merged",
-         "model_bytes": (path / "model.onnx").stat().st_size, **onnx_weight_bytes(path / "model.onnx"),
-         "adapter_bytes": {}}
+         "model_file": "model.onnx", "model_bytes": (path / "model.onnx").stat().st_size,
+         **onnx_weight_bytes(path / "model.onnx"), "adapter_bytes": {}, "kernel_graphs": {}}
         for path, precision in ((export_dir, "fp32"), (int8_export_dir, "int8"))
     ]
     assert report["settings"]["prompt_lens"] == (8, 16) and report["settings"]["providers"] == (CPU, CUDA)
@@ -194,9 +194,10 @@ def test_sweep_covers_exports_providers_threads_and_prompt_lengths(report):
         assert c["export"] == {k: exports[c["export"]["precision"]][k] for k in ("path", "precision", "digest")}
         assert c["new_tokens"] == SETTINGS.new_tokens and c["trace"] is None
         if c["provider"] == CPU:
-            assert (c["status"], c["reason"], c["session_providers"]) == ("ok", None, [CPU])
+            assert (c["status"], c["reason"], c["session_providers"], c["model_file"]) == ("ok", None, [CPU], "model.onnx")
         else:
             assert c["status"] == "unavailable" and (c["samples"], c["summary"], c["session_providers"]) == ([], None, [])
+            assert c["model_file"] is None
             assert c["reason"].startswith(f"{CUDA} is not in this onnxruntime") and CPU in c["reason"]
 
 
@@ -310,6 +311,26 @@ def test_weight_bytes_are_read_from_the_graph_as_onnx_reads_them(graph_variants,
         assert weights.bytes_per_token < read_graph_weights(graph_variants["fp32"]).bytes_per_token / 4
     if variant == "external":
         assert graph_variants[variant].stat().st_size < 100_000 < weights.total_bytes
+
+
+def test_a_table_reached_through_a_reshape_is_read_a_row_per_token(tmp_path):
+    """A shared embedding reaches its lookup through a Reshape of the head's weight (the kernel graph keeps the
+    original for the Gather, the head reads a repacked copy): one row a token, unless a matmul reads it too."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.ones((100, 4, 2), np.float32), "table")
+    shape = numpy_helper.from_array(np.array([100, 8], np.int64), "shape")
+    gather = [helper.make_node("Reshape", ["table", "shape"], ["flat"]), helper.make_node("Gather", ["flat", "ids"], ["y"])]
+    for also_matmul in (False, True):
+        nodes = gather + ([helper.make_node("MatMul", ["y", "flat_t"], ["z"]),
+                           helper.make_node("Transpose", ["flat"], ["flat_t"])] if also_matmul else [])
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                                  [helper.make_tensor_value_info("z" if also_matmul else "y", TensorProto.FLOAT, None)],
+                                  [table, shape])
+        onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+        weights = read_graph_weights(tmp_path / "m.onnx")
+        assert weights.bytes_per_token == (100 * 32 + 16 if also_matmul else 32 + 16), also_matmul
 
 
 def test_a_file_that_is_not_onnx_raises_saying_so(export_dir, tmp_path):
