@@ -25,8 +25,9 @@ _ELEMENT_BITS = {
 # gathers the rows of its scales and zero points.
 _ROW_READERS = {"Gather": ((0,), "axis"), "GatherBlockQuantized": ((0, 2, 3), "gather_axis")}
 # Ops whose output (input 0's data, another shape) is read the way the output's own readers read it: a shared
-# embedding reaches its lookup through a Reshape of the head's int4 weight.
-_SHAPE_ONLY = {"Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+# embedding reaches its lookup through a Reshape of the head's int4 weight, one that keeps its rows (its first
+# dimension), which is what a row of the original then counts.
+_SHAPE_ONLY = {"Reshape"}
 
 
 @dataclasses.dataclass(frozen=True)
