@@ -162,8 +162,13 @@ void lora_down_range(const Work& w, const float* x, int64_t k0, int64_t k1, floa
     }
 }
 
-void lora_down(const Work& w, float* t) {
-  for (int64_t row = 0; row < w.m; ++row) lora_down_range(w, w.x + row * w.k, 0, w.k, t + row * w.rank_total);
+constexpr int64_t kDownRows = 16;  // prefill: rows of x per task of x · A
+
+void run_lora_down(void* data, size_t task) {  // prefill: t = x · A for rows [16 task, 16 task + 16)
+  const auto* w = static_cast<const Work*>(data);
+  const int64_t end = std::min(w->m, (static_cast<int64_t>(task) + 1) * kDownRows);
+  for (int64_t row = static_cast<int64_t>(task) * kDownRows; row < end; ++row)
+    lora_down_range(*w, w->x + row * w->k, 0, w->k, w->t + row * w->rank_total);
 }
 
 // y[row, tile] += t[row] · B[:, tile's columns] for the pair the tile falls in.
@@ -438,8 +443,9 @@ void compute(OrtKernelContext* context, int64_t slot) {
     t.resize(w.m * w.rank_total);
     w.t = t.data();
   }
-  if (w.m > 1) {  // prefill: x · A for every row first (one thread), then every tile is its own task
-    if (w.rank_total) lora_down(w, w.t);
+  if (w.m > 1) {  // prefill: x · A for every row first, then every tile is its own task
+    const auto down_tasks = static_cast<size_t>((w.m + kDownRows - 1) / kDownRows);
+    if (w.rank_total) check(api->KernelContext_ParallelFor(context, run_lora_down, down_tasks, 0, &w));
     check(api->KernelContext_ParallelFor(context, run_prefill, static_cast<size_t>(w.tiles), 0, &w));
     return;
   }
