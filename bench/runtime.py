@@ -618,10 +618,11 @@ def main() -> None:
     for system in [s for s in systems if s.removesuffix(PORTABLE) in EXPORT_ARTIFACTS] + (["edge_lora"] if "optimum" in systems else []):
         export_dir = work / ARTIFACTS[system.removesuffix(PORTABLE)]
         # the graph that system runs: a kernel's where the export has one (and the system is not _portable)
-        kernel = json.loads((export_dir / "export.json").read_text()).get("kernels", {}).get("matmul_q4")
-        model = kernel["model_file"] if kernel and not system.endswith(PORTABLE) else "model.onnx"
-        adapters = [export_dir / e["file"] for e in kernel["adapters"].values()] if model != "model.onnx" else \
-            [p for p in (export_dir / "adapters").glob("*.onnx_adapter") if not p.name.endswith(".q4.onnx_adapter")]
+        manifest = json.loads((export_dir / "export.json").read_text())
+        graph = manifest.get("kernels", {}).get("matmul_q4") if not system.endswith(PORTABLE) else None
+        graph = graph or manifest
+        model = graph["model_file"]
+        adapters = [export_dir / e["file"] for e in graph.get("adapters", {}).values()]
         model_mb[system] = files_mb(*export_dir.glob(model + "*"))
         # an adapters graph's LoRA initializers are empty placeholders: the active adapter's A and B are read instead
         per_token[system] = onnx_bytes_per_token(export_dir / model) + sum(p.stat().st_size for p in adapters)

@@ -56,7 +56,7 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
     if chosen[0][0] != "CPUExecutionProvider":
         allowed = ()  # the kernels are CPU ops: beside an accelerator's nodes they would only add copies
     kernel, library = choose_kernel(export, allowed)
-    model_path = export.path / export.manifest["kernels"][kernel]["model_file"] if kernel else export.model_path
+    model_path = export.path / export.graph_file(kernel)
     try:
         session = make_session(model_path, chosen, threads=threads,
                                graph_optimization=profile.graph_optimization, profile_file_prefix=profile_file_prefix,

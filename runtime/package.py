@@ -31,6 +31,10 @@ class ExportDir:
     def model_path(self) -> Path:
         return self.path / self.manifest["model_file"]
 
+    def graph_file(self, kernel: str | None = None) -> str:
+        """The model file a session runs: the portable graph's (None), or that of `kernel`'s graph."""
+        return self.manifest["kernels"][kernel]["model_file"] if kernel else self.manifest["model_file"]
+
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"

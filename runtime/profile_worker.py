@@ -39,8 +39,7 @@ def measure(job: dict) -> dict:
                              verify=False).with_adapter(job["adapter"])
     load_s = (time.perf_counter_ns() - start) / 1e9
     session_providers = generator.session.get_providers()
-    manifest = generator.export.manifest
-    model_file = manifest["kernels"][generator.kernel]["model_file"] if generator.kernel else manifest["model_file"]
+    model_file = generator.export.graph_file(generator.kernel)
     samples = timed_runs(generator, job)
     peak_rss = peak_rss_bytes()  # before the trace, whose session is not part of this configuration
     trace = None
