@@ -71,6 +71,32 @@ def test_matmul_q4_equals_matmulnbits(library, rows, k, n, block):
     assert np.abs(got - x @ w).max() > 1e-4 * scale  # and both differ from fp32 (the int8 activations): a real check
 
 
+def test_weights_fed_as_inputs_are_checked_at_every_run(library):
+    """The op reads w's and s's shapes once when they are initializers (as in every export); fed as graph inputs
+    they are read at every run instead: the same product, and a wrong shape refused with its message."""
+    from edge_lora.export.q4_graph import repack
+
+    rng = np.random.default_rng(7)
+    k, n = 128, 48
+    q, scales, _ = int4_weights(rng, k, n)
+    packed, tiled = repack(q, scales, k, n, 64)
+    node = helper.make_node("MatMulQ4", ["x", "w", "s"], ["y"], domain=kernels.DOMAIN)
+    constant = session(library, node, [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(tiled, "s")], k)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k]),
+                                            helper.make_tensor_value_info("w", TensorProto.UINT8, None),
+                                            helper.make_tensor_value_info("s", TensorProto.FLOAT16, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    fed = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for rows in (1, 3):
+        x = rng.standard_normal((rows, k), dtype=np.float32)
+        np.testing.assert_array_equal(fed.run(None, {"x": x, "w": packed, "s": tiled})[0], constant.run(None, {"x": x})[0])
+    with pytest.raises(Exception, match=r"MatMulQ4: s must be \(N/16, K/block, 16\), as w"):
+        fed.run(None, {"x": x, "w": packed, "s": tiled[:, :1]})
+
+
 def dequantize_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The fp32 A and B that MatMulQ4 computes with for these (what kernels.quantize_pair loses, made visible)."""
     from edge_lora.runtime.kernels import quantize_pair

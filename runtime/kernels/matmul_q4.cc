@@ -32,6 +32,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
@@ -54,22 +55,27 @@ void check(OrtStatus* status) {  // an onnxruntime call that failed: its message
   throw error;
 }
 
-std::vector<int64_t> shape_of(const OrtValue* value) {
+struct Dims {  // a tensor's shape, without a heap allocation: every node asks for three or four, every token
+  int64_t d[8];
+  size_t rank = 0;
+  int64_t elements() const {
+    int64_t count = 1;
+    for (size_t i = 0; i < rank; ++i) count *= d[i];
+    return count;
+  }
+  bool is(int64_t a, int64_t b, int64_t c) const { return rank == 3 && d[0] == a && d[1] == b && d[2] == c; }
+};
+
+Dims shape_of(const OrtValue* value) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   check(api->GetTensorTypeAndShape(value, &info));
-  size_t rank = 0;
-  OrtStatus* status = api->GetDimensionsCount(info, &rank);
-  std::vector<int64_t> dims(rank);
-  if (status == nullptr) status = api->GetDimensions(info, dims.data(), rank);
+  Dims dims;
+  OrtStatus* status = api->GetDimensionsCount(info, &dims.rank);
+  if (status == nullptr && dims.rank > 8) status = api->CreateStatus(ORT_INVALID_ARGUMENT, "more than 8 axes");
+  if (status == nullptr) status = api->GetDimensions(info, dims.d, dims.rank);
   api->ReleaseTensorTypeAndShapeInfo(info);
   check(status);
   return dims;
-}
-
-int64_t elements(const std::vector<int64_t>& dims) {
-  int64_t count = 1;
-  for (const int64_t d : dims) count *= d;
-  return count;
 }
 
 template <typename T>
@@ -101,13 +107,19 @@ struct Work {
   const float* xs;      // (M, blocks) activation scales
   const int32_t* x8;    // (M, blocks) 8 · Σ of each block's int8 activations (the zero point's share)
   float* t;             // (M, Σ r_g) x · A_g, pair after pair (decode: written by the first thread to arrive)
-  std::vector<Pair> pairs;
+  float* u;             // decode: (N) t · B for every column, written by the same thread after t
+  struct {
+    Pair at[kMaxPairs];
+    int count = 0;
+    const Pair* begin() const { return at; }
+    const Pair* end() const { return at + count; }
+  } pairs;
   int64_t rank_total;
   int64_t tile_tasks;   // decode: claims of tiles_per_task tiles
   // decode, lines of their own: the threads write them
   alignas(64) std::atomic<int64_t> next_tile{0};
-  alignas(64) std::atomic<int> t_claimed{0};  // with an adapter: t = x · A, computed once, by the first to arrive
-  std::atomic<int> t_ready{0};
+  alignas(64) std::atomic<int> u_claimed{0};  // with an adapter: t = x · A and u = t · B, computed once, by the
+  std::atomic<int> u_ready{0};                // first to arrive
 };
 
 inline __m512 load16h(const uint16_t* p) {  // 16 float16 → 16 floats
@@ -190,30 +202,50 @@ inline __m512 lora_up(const Work& w, const float* t, int64_t col, __m512 acc) {
   return acc;
 }
 
-// One row (decode): tiles [t0, t1), with t · B added when `lora_t` (t = x · A) is given. B (r · 16 bytes a tile,
-// contiguous) is fetched a line per block kBAhead tiles ahead, in step with W's own prefetch.
-constexpr int64_t kBAhead = 2;  // 2 and 6 measured the same
+// Decode: u = t · B for every column, t's 16 values held in registers, two tiles of B at once. One thread does
+// all of it right after t, in one pass over B, and each tile then adds its 16 columns of u: the same multiply-adds
+// spread over the tiles (lora_up on each) cost 2–3 times as much, on a chain that the int4 product waits for
+// (BENCHMARKS.md, Runtime).
+void lora_up_all(const Work& w, const float* t_all, float* u) {
+  const float* t = t_all;
+  for (const Pair& p : w.pairs) {
+    const int64_t tiles = p.n / kTile;
+    int64_t c = 0;
+    if (p.r == 16) {
+      __m512 tb[16];
+      for (int j = 0; j < 16; ++j) tb[j] = _mm512_set1_ps(t[j]);
+      for (; c + 2 <= tiles; c += 2) {
+        const int8_t* b = p.b + c * 16 * kTile;  // two tiles: 512 bytes
+        for (int line = 0; line < 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(b + 2048 + 64 * line), _MM_HINT_T0);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, c0 = a0, c1 = a0;
+        for (int j = 0; j < 16; j += 2) {
+          a0 = _mm512_fmadd_ps(tb[j], load16b(b + j * kTile), a0);
+          a1 = _mm512_fmadd_ps(tb[j + 1], load16b(b + (j + 1) * kTile), a1);
+          c0 = _mm512_fmadd_ps(tb[j], load16b(b + 256 + j * kTile), c0);
+          c1 = _mm512_fmadd_ps(tb[j + 1], load16b(b + 256 + (j + 1) * kTile), c1);
+        }
+        _mm512_storeu_ps(u + p.offset + c * kTile, _mm512_add_ps(a0, a1));
+        _mm512_storeu_ps(u + p.offset + (c + 1) * kTile, _mm512_add_ps(c0, c1));
+      }
+    }
+    for (; c < tiles; ++c)  // other ranks, and an odd last tile
+      _mm512_storeu_ps(u + p.offset + c * kTile, lora_up(w, t_all, p.offset + c * kTile, _mm512_setzero_ps()));
+    t += p.r;
+  }
+}
+
+// One row (decode): tiles [t0, t1), with the LoRA branch's columns added when `lora_u` (u = t · B) is given.
 template <int G>  // vectors of 64 bytes per tile and block: 8 for blocks of 64, 4 for blocks of 32
-void gemv_tiles_g(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
+void gemv_tiles_g(const Work& w, const float* lora_u, int64_t t0, int64_t t1) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   const int32_t* xq = reinterpret_cast<const int32_t*>(w.xq);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wp = w.w + t * w.blocks * (64 * G);
     const uint16_t* sp = w.s + t * w.blocks * kTile;
-    const char* b_ahead = nullptr;
-    int64_t b_lines = 0;
-    const int64_t ahead = (t + kBAhead) * kTile;
-    if (lora_t)
-      for (const Pair& p : w.pairs)
-        if (ahead >= p.offset && ahead < p.offset + p.n) {
-          b_ahead = reinterpret_cast<const char*>(p.b + (ahead - p.offset) * p.r);
-          b_lines = p.r * kTile / 64;
-        }
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     for (int64_t b = 0; b < w.blocks; ++b, wp += 64 * G, sp += kTile) {
       for (int i = 0; i < 64 * G; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch + i, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(sp + kPrefetch / (64 * G) * kTile), _MM_HINT_T0);  // the same blocks' scales
-      for (int64_t line = b; line < b_lines; line += w.blocks) _mm_prefetch(b_ahead + line * 64, _MM_HINT_T0);
       const int32_t* xb = xq + b * (2 * G);
       __m512i d0 = _mm512_setzero_si512(), d1 = d0;
 #pragma GCC unroll 8
@@ -228,14 +260,14 @@ void gemv_tiles_g(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
       else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc0);
     }
     __m512 acc = _mm512_add_ps(acc0, acc1);
-    if (lora_t) acc = lora_up(w, lora_t, t * kTile, acc);
+    if (lora_u) acc = _mm512_add_ps(acc, _mm512_loadu_ps(lora_u + t * kTile));
     _mm512_storeu_ps(w.y + t * kTile, acc);
   }
 }
 
-void gemv_tiles(const Work& w, const float* lora_t, int64_t t0, int64_t t1) {
-  if (w.block == 64) gemv_tiles_g<8>(w, lora_t, t0, t1);
-  else gemv_tiles_g<4>(w, lora_t, t0, t1);
+void gemv_tiles(const Work& w, const float* lora_u, int64_t t0, int64_t t1) {
+  if (w.block == 64) gemv_tiles_g<8>(w, lora_u, t0, t1);
+  else gemv_tiles_g<4>(w, lora_u, t0, t1);
 }
 
 // Many rows (prefill): each block of a tile is unpacked once into 16 vectors and applied to every row;
@@ -283,47 +315,48 @@ void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
   else gemm_tiles_g<4>(w, t0, t1);
 }
 
-// Decode: each invocation claims chunks of tiles from the node's counter, each tile's int4 product with t · B
-// added. Invocations beyond the threads that exist find nothing left and return.
+// Decode: each invocation claims chunks of tiles from the node's counter, each tile's int4 product with its
+// columns of u = (x · A) · B added. Invocations beyond the threads that exist find nothing left and return.
 //
 // With an adapter, the first invocation to arrive computes t = x · A (all of A: 9–28 KB a node at the reference
-// shape) and publishes it; the others start on their tiles at once and add t · B to the tiles they claimed
-// before t was ready once it is: A is read by one thread, not each, and no thread waits at a barrier
-// (BENCHMARKS.md, Runtime, measures both against this).
-constexpr int kMaxDeferred = 64;  // claims a thread may finish before t is ready; past that it waits for t
+// shape), then u = t · B (all of B, 6–25 KB), and publishes u; the others start on their tiles at once and add u to
+// the tiles they claimed before it was ready once it is: A and B are each read by one thread, not each, and no
+// thread waits at a barrier (BENCHMARKS.md, Runtime, measures both against this).
+constexpr int kMaxDeferred = 64;  // claims a thread may finish before u is ready; past that it waits for u
 
-void add_lora_up(const Work& w, const float* t, int64_t t0, int64_t t1) {
+void add_lora_u(const Work& w, const float* u, int64_t t0, int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile)
-    _mm512_storeu_ps(w.y + tile * kTile, lora_up(w, t, tile * kTile, _mm512_loadu_ps(w.y + tile * kTile)));
+    _mm512_storeu_ps(w.y + tile * kTile, _mm512_add_ps(_mm512_loadu_ps(w.y + tile * kTile), _mm512_loadu_ps(u + tile * kTile)));
 }
 
 void run_decode(void* data, size_t) {
   auto* w = static_cast<Work*>(data);
-  const float* lora_t = nullptr;
-  if (w->rank_total && w->t_claimed.exchange(1, std::memory_order_acq_rel) == 0) {
+  const float* lora_u = nullptr;
+  if (w->rank_total && w->u_claimed.exchange(1, std::memory_order_acq_rel) == 0) {
     lora_down_range(*w, w->x, 0, w->k, w->t);
-    w->t_ready.store(1, std::memory_order_release);
-    lora_t = w->t;
+    lora_up_all(*w, w->t, w->u);
+    w->u_ready.store(1, std::memory_order_release);
+    lora_u = w->u;
   }
-  int64_t deferred[kMaxDeferred];  // claims done without t · B
+  int64_t deferred[kMaxDeferred];  // claims done without u
   int n_deferred = 0;
-  auto wait_for_t = [w] {
-    while (!w->t_ready.load(std::memory_order_acquire)) _mm_pause();  // the thread computing it is running
-    return w->t;
+  auto wait_for_u = [w] {
+    while (!w->u_ready.load(std::memory_order_acquire)) _mm_pause();  // the thread computing it is running
+    return w->u;
   };
   for (int64_t task; (task = w->next_tile.fetch_add(1)) < w->tile_tasks;) {
     const int64_t t0 = task * w->tiles_per_task, t1 = std::min(w->tiles, t0 + w->tiles_per_task);
-    if (w->rank_total && lora_t == nullptr &&
-        (n_deferred == kMaxDeferred || w->t_ready.load(std::memory_order_acquire)))
-      lora_t = wait_for_t();
-    gemv_tiles(*w, lora_t, t0, t1);
-    if (w->rank_total && lora_t == nullptr) deferred[n_deferred++] = task;
+    if (w->rank_total && lora_u == nullptr &&
+        (n_deferred == kMaxDeferred || w->u_ready.load(std::memory_order_acquire)))
+      lora_u = wait_for_u();
+    gemv_tiles(*w, lora_u, t0, t1);
+    if (w->rank_total && lora_u == nullptr) deferred[n_deferred++] = task;
   }
   if (n_deferred) {
-    lora_t = wait_for_t();
+    lora_u = wait_for_u();
     for (int i = 0; i < n_deferred; ++i) {
       const int64_t t0 = deferred[i] * w->tiles_per_task;
-      add_lora_up(*w, lora_t, t0, std::min(w->tiles, t0 + w->tiles_per_task));
+      add_lora_u(*w, lora_u, t0, std::min(w->tiles, t0 + w->tiles_per_task));
     }
   }
 }
@@ -359,7 +392,7 @@ void parse_lora(const uint8_t* blob, size_t bytes, Work& w) {
     p.b = reinterpret_cast<const int8_t*>(blob + at);
     at += align64(n * r);
     offset += n;
-    w.pairs.push_back(p);
+    w.pairs.at[w.pairs.count++] = p;
   }
   if (at != static_cast<int64_t>(bytes) || (header[0] && offset != w.n))
     throw Error("the LoRA input's size or widths do not match its header and the node");
@@ -389,7 +422,15 @@ Slot find_slot(const uint8_t* table, int64_t bytes, int64_t slot) {
   return {table + offsets[0], offsets[1] - offsets[0]};
 }
 
-void compute(OrtKernelContext* context, int64_t slot) {
+struct Kernel {
+  int64_t slot = -1;  // the node's place in the LoRA input's table (-1: a node without LoRA input)
+  // w's and s's shapes when both are initializers, read once here: each shape query costs onnxruntime a heap
+  // allocation, ~0.3 µs; the two were ~2% of a token at the reference shape
+  bool constant_weights = false;
+  Dims w_shape, s_shape;
+};
+
+void compute(OrtKernelContext* context, const Kernel& kernel) {
   size_t inputs = 0;
   check(api->KernelContext_GetInputCount(context, &inputs));
   const OrtValue *x = nullptr, *wq = nullptr, *ws = nullptr, *lora = nullptr;
@@ -397,38 +438,39 @@ void compute(OrtKernelContext* context, int64_t slot) {
   check(api->KernelContext_GetInput(context, 1, &wq));
   check(api->KernelContext_GetInput(context, 2, &ws));
   if (inputs > 3) check(api->KernelContext_GetInput(context, 3, &lora));
-  std::vector<int64_t> shape = shape_of(x);
-  const std::vector<int64_t> w_shape = shape_of(wq), s_shape = shape_of(ws);
-  if (shape.empty()) throw Error("x must have at least one axis");
-  const int64_t k = shape.back();
+  Dims shape = shape_of(x);
+  const Dims w_shape = kernel.constant_weights ? kernel.w_shape : shape_of(wq);
+  const Dims s_shape = kernel.constant_weights ? kernel.s_shape : shape_of(ws);
+  if (shape.rank == 0) throw Error("x must have at least one axis");
+  const int64_t k = shape.d[shape.rank - 1];
   // w's last axis says the block: 512 bytes a tile-block for blocks of 64, 256 for blocks of 32
-  if (w_shape.size() != 3 || (w_shape[2] != 512 && w_shape[2] != 256) || w_shape[1] * (w_shape[2] / 8) != k)
+  if (w_shape.rank != 3 || (w_shape.d[2] != 512 && w_shape.d[2] != 256) || w_shape.d[1] * (w_shape.d[2] / 8) != k)
     throw Error("w must be (N/16, K/block, 8 · block), block 32 or 64, for x's K = " + std::to_string(k));
-  if (s_shape != std::vector<int64_t>{w_shape[0], w_shape[1], kTile}) throw Error("s must be (N/16, K/block, 16), as w");
+  if (!s_shape.is(w_shape.d[0], w_shape.d[1], kTile)) throw Error("s must be (N/16, K/block, 16), as w");
   Work w{};
   w.k = k;
-  w.block = w_shape[2] / 8;
-  w.tile_bytes = w_shape[2];
+  w.block = w_shape.d[2] / 8;
+  w.tile_bytes = w_shape.d[2];
   w.blocks = k / w.block;
-  w.tiles = w_shape[0];
+  w.tiles = w_shape.d[0];
   w.n = w.tiles * kTile;
-  w.m = k ? elements(shape) / k : 0;
-  shape.back() = w.n;
+  w.m = k ? shape.elements() / k : 0;
+  shape.d[shape.rank - 1] = w.n;
   OrtValue* y = nullptr;
-  check(api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &y));
+  check(api->KernelContext_GetOutput(context, 0, shape.d, shape.rank, &y));
   w.x = data_of<const float>(x);
   w.w = data_of<const uint8_t>(wq);
   w.s = data_of<const uint16_t>(ws);
   w.y = data_of<float>(y);
   if (w.m == 0) return;
   if (lora) {
-    if (slot < 0) throw Error("a node with a LoRA input needs its lora_slot attribute");
-    const Slot own = find_slot(data_of<const uint8_t>(lora), elements(shape_of(lora)), slot);
+    if (kernel.slot < 0) throw Error("a node with a LoRA input needs its lora_slot attribute");
+    const Slot own = find_slot(data_of<const uint8_t>(lora), shape_of(lora).elements(), kernel.slot);
     parse_lora(own.blob, static_cast<size_t>(own.bytes), w);
   }
 
   thread_local std::vector<int8_t> xq;
-  thread_local std::vector<float> xs, t;
+  thread_local std::vector<float> xs, t, u;
   thread_local std::vector<int32_t> x8;
   xq.resize(w.m * k);
   xs.resize(w.m * w.blocks);
@@ -442,6 +484,10 @@ void compute(OrtKernelContext* context, int64_t slot) {
   if (w.rank_total) {
     t.resize(w.m * w.rank_total);
     w.t = t.data();
+    if (w.m == 1) {
+      u.resize(w.n);
+      w.u = u.data();
+    }
   }
   if (w.m > 1) {  // prefill: x · A for every row first, then every tile is its own task
     const auto down_tasks = static_cast<size_t>((w.m + kDownRows - 1) / kDownRows);
@@ -460,9 +506,6 @@ void compute(OrtKernelContext* context, int64_t slot) {
 
 // --------------------------------------------------------------------------------------- the op, for onnxruntime
 
-struct Kernel {
-  int64_t slot = -1;  // the node's place in the LoRA input's table (-1: a node without LoRA input)
-};
 
 OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
   auto* state = new (std::nothrow) Kernel;
@@ -473,13 +516,28 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
   } else {
     state->slot = slot;
   }
+  int w_constant = 0, s_constant = 0;
+  const OrtValue *w = nullptr, *s = nullptr;
+  for (auto [index, constant, value] : {std::tuple{1, &w_constant, &w}, std::tuple{2, &s_constant, &s}})
+    if (OrtStatus* status = api->KernelInfoGetConstantInput_tensor(info, index, constant, value)) {
+      api->ReleaseStatus(status);
+      *constant = 0;
+    }
+  if (w_constant && s_constant) {
+    try {
+      state->w_shape = shape_of(w);
+      state->s_shape = shape_of(s);
+      state->constant_weights = true;
+    } catch (const Error&) {  // left to compute(), which asks again and reports it
+    }
+  }
   *kernel = state;
   return nullptr;
 }
 
 OrtStatus* ORT_API_CALL kernel_compute(void* kernel, OrtKernelContext* context) {
   try {
-    compute(context, static_cast<Kernel*>(kernel)->slot);
+    compute(context, *static_cast<const Kernel*>(kernel));
   } catch (const Error& e) {
     return api->CreateStatus(ORT_INVALID_ARGUMENT, e.message.c_str());
   } catch (const std::bad_alloc&) {
