@@ -120,13 +120,15 @@ def test_scales_beyond_float16_keep_the_node_on_matmulnbits():
         assert qualifies(node, {"w": numpy_helper.from_array(q, "w"), "s": numpy_helper.from_array(big, "s")}) is fits
 
 
+@pytest.mark.parametrize("ranks", [(16, 0, 8), (32, 24, 64), (1, 17, 48)])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_lora_branches_inside_the_node(library, rows):
-    """Three pairs in one node as q, k and v share one: ranks 16, 0 (an unadapted projection) and 8."""
+def test_lora_branches_inside_the_node(library, rows, ranks):
+    """Three pairs in one node as q, k and v share one: 0 is a projection the adapter leaves alone; ranks off 16's
+    multiples end x · A with a partial group of columns."""
     from edge_lora.runtime.kernels import lora_blob, lora_table
 
-    rng = np.random.default_rng(rows)
-    k, widths, ranks = 128, (64, 32, 48), (16, 0, 8)
+    rng = np.random.default_rng(rows + sum(ranks))
+    k, widths = 128, (64, 32, 48)
     mlas, own, _ = pair_of_sessions(library, rng, k, sum(widths), lora=True)
     pairs = [(rng.standard_normal((k, r), dtype=np.float32), rng.standard_normal((r, n), dtype=np.float32) * 0.1)
              for r, n in zip(ranks, widths)]

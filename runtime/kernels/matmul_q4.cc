@@ -151,27 +151,30 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t block, int8_t* 
 
 // out = x[k0:k1] · A[k0:k1] for each pair of one row (fp32 x, not the int8 copy: the branch keeps full precision).
 void lora_down_range(const Work& w, const float* x, int64_t k0, int64_t k1, float* out) {
-    for (const Pair& p : w.pairs) {
-      if (p.r == 16) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t k = k0;
-        for (; k + 4 <= k1; k += 4) {
-          _mm_prefetch(reinterpret_cast<const char*>(p.a + (k + 128) * 16), _MM_HINT_T0);  // 2 KB ahead, a line per 4 rows
-          a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), load16b(p.a + k * 16), a0);
-          a1 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 1]), load16b(p.a + (k + 1) * 16), a1);
-          a2 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 2]), load16b(p.a + (k + 2) * 16), a2);
-          a3 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 3]), load16b(p.a + (k + 3) * 16), a3);
-        }
-        for (; k < k1; ++k) a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), load16b(p.a + k * 16), a0);
-        _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_loadu_ps(p.scale), _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
-      } else {
-        for (int64_t j = 0; j < p.r; ++j) out[j] = 0.f;
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t j = 0; j < p.r; ++j) out[j] += x[k] * p.a[k * p.r + j];
-        for (int64_t j = 0; j < p.r; ++j) out[j] *= p.scale[j];
+  for (const Pair& p : w.pairs) {
+    // 16 columns of A at a time, four rows of x in flight; a rank that is not a multiple of 16 ends with a
+    // masked group (ranks 8 and 24 read their rows whole, as 16 do)
+    for (int64_t c = 0; c < p.r; c += 16) {
+      const __mmask16 mask = p.r - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p.r - c)) - 1);
+      const int8_t* a = p.a + c;
+      auto load = [&](int64_t k) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, a + k * p.r)));
+      };
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t k = k0;
+      for (; k + 4 <= k1; k += 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(a + (k + 128) * p.r), _MM_HINT_T0);  // 128 rows ahead
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), load(k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 1]), load(k + 1), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 2]), load(k + 2), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 3]), load(k + 3), a3);
       }
-      out += p.r;
+      for (; k < k1; ++k) a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), load(k), a0);
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+      _mm512_mask_storeu_ps(out + c, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p.scale + c), sum));
     }
+    out += p.r;
+  }
 }
 
 constexpr int64_t kDownRows = 16;  // prefill: rows of x per task of x · A
@@ -202,33 +205,35 @@ inline __m512 lora_up(const Work& w, const float* t, int64_t col, __m512 acc) {
   return acc;
 }
 
-// Decode: u = t · B for every column, t's 16 values held in registers, two tiles of B at once. One thread does
-// all of it right after t, in one pass over B, and each tile then adds its 16 columns of u: the same multiply-adds
-// spread over the tiles (lora_up on each) cost 2–3 times as much, on a chain that the int4 product waits for
-// (BENCHMARKS.md, Runtime).
+// Decode: u = t · B for every column, two tiles of B at once. One thread does all of it right after t, in one pass
+// over B, and each tile then adds its 16 columns of u: the same multiply-adds spread over the tiles (lora_up on
+// each) cost 2–3 times as much, on a chain that the int4 product waits for (BENCHMARKS.md, Runtime).
 void lora_up_all(const Work& w, const float* t_all, float* u) {
   const float* t = t_all;
   for (const Pair& p : w.pairs) {
-    const int64_t tiles = p.n / kTile;
+    const int64_t tiles = p.n / kTile, row = p.r * kTile;  // a tile of B: r rows of 16
     int64_t c = 0;
-    if (p.r == 16) {
-      __m512 tb[16];
-      for (int j = 0; j < 16; ++j) tb[j] = _mm512_set1_ps(t[j]);
-      for (; c + 2 <= tiles; c += 2) {
-        const int8_t* b = p.b + c * 16 * kTile;  // two tiles: 512 bytes
-        for (int line = 0; line < 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(b + 2048 + 64 * line), _MM_HINT_T0);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, c0 = a0, c1 = a0;
-        for (int j = 0; j < 16; j += 2) {
-          a0 = _mm512_fmadd_ps(tb[j], load16b(b + j * kTile), a0);
-          a1 = _mm512_fmadd_ps(tb[j + 1], load16b(b + (j + 1) * kTile), a1);
-          c0 = _mm512_fmadd_ps(tb[j], load16b(b + 256 + j * kTile), c0);
-          c1 = _mm512_fmadd_ps(tb[j + 1], load16b(b + 256 + (j + 1) * kTile), c1);
-        }
-        _mm512_storeu_ps(u + p.offset + c * kTile, _mm512_add_ps(a0, a1));
-        _mm512_storeu_ps(u + p.offset + (c + 1) * kTile, _mm512_add_ps(c0, c1));
+    for (; c + 2 <= tiles; c += 2) {
+      const int8_t* b = p.b + c * row;
+      for (int64_t line = 0; line < 2 * row; line += 64) _mm_prefetch(reinterpret_cast<const char*>(b + 8 * row + line), _MM_HINT_T0);
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, c0 = a0, c1 = a0;
+      int64_t j = 0;
+      for (; j + 2 <= p.r; j += 2) {
+        const __m512 t0 = _mm512_set1_ps(t[j]), t1 = _mm512_set1_ps(t[j + 1]);
+        a0 = _mm512_fmadd_ps(t0, load16b(b + j * kTile), a0);
+        a1 = _mm512_fmadd_ps(t1, load16b(b + (j + 1) * kTile), a1);
+        c0 = _mm512_fmadd_ps(t0, load16b(b + row + j * kTile), c0);
+        c1 = _mm512_fmadd_ps(t1, load16b(b + row + (j + 1) * kTile), c1);
       }
+      if (j < p.r) {
+        const __m512 t0 = _mm512_set1_ps(t[j]);
+        a0 = _mm512_fmadd_ps(t0, load16b(b + j * kTile), a0);
+        c0 = _mm512_fmadd_ps(t0, load16b(b + row + j * kTile), c0);
+      }
+      _mm512_storeu_ps(u + p.offset + c * kTile, _mm512_add_ps(a0, a1));
+      _mm512_storeu_ps(u + p.offset + (c + 1) * kTile, _mm512_add_ps(c0, c1));
     }
-    for (; c < tiles; ++c)  // other ranks, and an odd last tile
+    if (c < tiles)  // an odd last tile
       _mm512_storeu_ps(u + p.offset + c * kTile, lora_up(w, t_all, p.offset + c * kTile, _mm512_setzero_ps()));
     t += p.r;
   }
