@@ -4,8 +4,8 @@
 activations for x86-64 CPUs with AVX-512 VNNI, with an adapter's LoRA branches computed inside the same node. On
 the reference shape, 2 threads, on a quiet host it decodes 1.6–1.8× faster than onnxruntime's MatMulNBits on the
 same weights (1.7–1.9× onnxruntime-genai; about 1.4× both when other tenants slowed the host), and an active adapter
-costs a token 0.4–0.7 ms (1.3 in one run on a slowed host) where the portable graph's separate LoRA MatMuls cost
-about 3.3 (BENCHMARKS.md, Runtime). An export for a device profile that lists it carries a second graph that uses it (export/q4_graph.py);
+(rank 16 on every projection) costs a token 0.2–0.6 ms where the portable graph's separate LoRA MatMuls cost about
+3.3 (BENCHMARKS.md, Runtime). An export for a device profile that lists it carries a second graph that uses it (export/q4_graph.py);
 `library()` builds the op with the host's C++ compiler once, into a cache keyed by the source, the flags and the
 compiler, and `edge_lora.runtime.load` registers it with the session. Where it cannot be built (another CPU, no
 compiler) the runtime runs the export's portable graph instead.
