@@ -32,7 +32,6 @@
 #include <cstring>
 #include <new>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
@@ -153,7 +152,7 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t block, int8_t* 
 void lora_down_range(const Work& w, const float* x, int64_t k0, int64_t k1, float* out) {
   for (const Pair& p : w.pairs) {
     // 16 columns of A at a time, four rows of x in flight; a rank that is not a multiple of 16 ends with a
-    // masked group (ranks 8 and 24 read their rows whole, as 16 do)
+    // masked group
     for (int64_t c = 0; c < p.r; c += 16) {
       const __mmask16 mask = p.r - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p.r - c)) - 1);
       const int8_t* a = p.a + c;
@@ -326,7 +325,7 @@ void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
 // columns of u = (x · A) · B added. Invocations beyond the threads that exist find nothing left and return.
 //
 // With an adapter, the first invocation to arrive computes t = x · A (all of A: 9–28 KB a node at the reference
-// shape), then u = t · B (all of B, 6–25 KB), and publishes u; the others start on their tiles at once and add u to
+// shape), then u = t · B (all of B, 9–25 KB), and publishes u; the others start on their tiles at once and add u to
 // the tiles they claimed before it was ready once it is: A and B are each read by one thread, not each, and no
 // thread waits at a barrier (BENCHMARKS.md, Runtime, measures both against this).
 constexpr int kMaxDeferred = 64;  // claims a thread may finish before u is ready; past that it waits for u
@@ -523,14 +522,17 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
   } else {
     state->slot = slot;
   }
-  int w_constant = 0, s_constant = 0;
-  const OrtValue *w = nullptr, *s = nullptr;
-  for (auto [index, constant, value] : {std::tuple{1, &w_constant, &w}, std::tuple{2, &s_constant, &s}})
-    if (OrtStatus* status = api->KernelInfoGetConstantInput_tensor(info, index, constant, value)) {
+  auto constant_input = [info](size_t index) -> const OrtValue* {  // an initializer's value, else null
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    if (OrtStatus* status = api->KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value)) {
       api->ReleaseStatus(status);
-      *constant = 0;
+      return nullptr;
     }
-  if (w_constant && s_constant) {
+    return is_constant ? value : nullptr;
+  };
+  const OrtValue *w = constant_input(1), *s = constant_input(2);
+  if (w && s) {
     try {
       state->w_shape = shape_of(w);
       state->s_shape = shape_of(s);
