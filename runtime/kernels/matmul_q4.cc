@@ -276,6 +276,37 @@ void gemv_tiles(const Work& w, const float* lora_u, int64_t t0, int64_t t1) {
   else gemv_tiles_g<4>(w, lora_u, t0, t1);
 }
 
+// Prefill: y[row, tile] += t[row] · B[:, tile] for every row. At rank 16 the tile's B is converted to floats once,
+// into registers, for all the rows; other ranks take lora_up row by row.
+void add_lora_rows(const Work& w, int64_t tile) {
+  const int64_t col = tile * kTile;
+  int64_t t_offset = 0;
+  for (const Pair& p : w.pairs) {
+    if (col >= p.offset && col < p.offset + p.n) {
+      if (p.r != 16) break;
+      const int8_t* b = p.b + (col - p.offset) * p.r;
+      __m512 bv[16];
+      for (int j = 0; j < 16; ++j) bv[j] = load16b(b + j * kTile);
+      for (int64_t row = 0; row < w.m; ++row) {
+        const float* t = w.t + row * w.rank_total + t_offset;
+        __m512 a0 = _mm512_mul_ps(_mm512_set1_ps(t[0]), bv[0]), a1 = _mm512_mul_ps(_mm512_set1_ps(t[1]), bv[1]);
+        for (int j = 2; j < 16; j += 2) {
+          a0 = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), bv[j], a0);
+          a1 = _mm512_fmadd_ps(_mm512_set1_ps(t[j + 1]), bv[j + 1], a1);
+        }
+        float* out = w.y + row * w.n + col;
+        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), _mm512_add_ps(a0, a1)));
+      }
+      return;
+    }
+    t_offset += p.r;
+  }
+  for (int64_t row = 0; row < w.m; ++row) {
+    float* out = w.y + row * w.n + col;
+    _mm512_storeu_ps(out, lora_up(w, w.t + row * w.rank_total, col, _mm512_loadu_ps(out)));
+  }
+}
+
 // Many rows (prefill): each block of a tile is unpacked once into 16 vectors and applied to every row;
 // the rows' running sums live in y itself.
 template <int G>
@@ -308,11 +339,7 @@ void gemm_tiles_g(const Work& w, int64_t t0, int64_t t1) {
         _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, _mm512_loadu_ps(out)));
       }
     }
-    if (w.rank_total)
-      for (int64_t row = 0; row < w.m; ++row) {
-        float* out = w.y + row * w.n + t * kTile;
-        _mm512_storeu_ps(out, lora_up(w, w.t + row * w.rank_total, t * kTile, _mm512_loadu_ps(out)));
-      }
+    if (w.rank_total) add_lora_rows(w, t);
   }
 }
 
