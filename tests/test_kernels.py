@@ -147,12 +147,12 @@ def test_lora_branches_inside_the_node(library, rows, ranks):
 
 
 def test_decode_with_lora_gives_the_same_bits_run_after_run(library):
-    """Decode: the first thread to arrive computes x · A while the other starts on its tiles and adds t · B to
-    them once t is ready, so a tile takes either path from run to run; both must give the same bits."""
+    """Decode: the first thread to arrive computes u = (x · A) · B while the other starts on its tiles and adds u to
+    them once it is ready, so a tile takes either path from run to run; both must give the same bits."""
     from edge_lora.runtime.kernels import lora_blob, lora_table
 
     rng = np.random.default_rng(7)
-    k, widths = 1536, (1536, 768, 768)  # x · A long enough that the second thread often starts without t
+    k, widths = 1536, (1536, 768, 768)  # u long enough to compute that the second thread often starts without it
     mlas, own, _ = pair_of_sessions(library, rng, k, sum(widths), lora=True)
     pairs = [(rng.standard_normal((k, 16), dtype=np.float32), rng.standard_normal((16, n), dtype=np.float32) * 0.1)
              for n in widths]

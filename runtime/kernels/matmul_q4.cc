@@ -187,23 +187,34 @@ void run_lora_down(void* data, size_t task) {  // prefill: t = x · A for rows [
     lora_down_range(*w, w->x + row * w->k, 0, w->k, w->t + row * w->rank_total);
 }
 
-// y[row, tile] += t[row] · B[:, tile's columns] for the pair the tile falls in.
-inline __m512 lora_up(const Work& w, const float* t, int64_t col, __m512 acc) {
+// The pair whose columns hold column `col`, and where its ranks start in a row of t (null: no pair does).
+inline const Pair* pair_of(const Work& w, int64_t col, int64_t* t_offset) {
+  int64_t at = 0;
   for (const Pair& p : w.pairs) {
     if (col >= p.offset && col < p.offset + p.n) {
-      const int8_t* b = p.b + (col - p.offset) * p.r;  // this tile's (r, 16)
-      __m512 acc1 = _mm512_setzero_ps();
-      int64_t j = 0;
-      for (; j + 2 <= p.r; j += 2) {
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), load16b(b + j * kTile), acc);
-        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(t[j + 1]), load16b(b + (j + 1) * kTile), acc1);
-      }
-      if (j < p.r) acc = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), load16b(b + j * kTile), acc);
-      return _mm512_add_ps(acc, acc1);
+      *t_offset = at;
+      return &p;
     }
-    t += p.r;
+    at += p.r;
   }
-  return acc;
+  return nullptr;
+}
+
+// acc + t · B[:, the tile starting at column col] (t: one row's x · A, every pair's).
+inline __m512 lora_up(const Work& w, const float* t, int64_t col, __m512 acc) {
+  int64_t t_offset = 0;
+  const Pair* p = pair_of(w, col, &t_offset);
+  if (p == nullptr) return acc;
+  t += t_offset;
+  const int8_t* b = p->b + (col - p->offset) * p->r;  // this tile's (r, 16)
+  __m512 acc1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 <= p->r; j += 2) {
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), load16b(b + j * kTile), acc);
+    acc1 = _mm512_fmadd_ps(_mm512_set1_ps(t[j + 1]), load16b(b + (j + 1) * kTile), acc1);
+  }
+  if (j < p->r) acc = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), load16b(b + j * kTile), acc);
+  return _mm512_add_ps(acc, acc1);
 }
 
 // Decode: u = t · B for every column, two tiles of B at once. One thread does all of it right after t, in one pass
@@ -281,25 +292,22 @@ void gemv_tiles(const Work& w, const float* lora_u, int64_t t0, int64_t t1) {
 void add_lora_rows(const Work& w, int64_t tile) {
   const int64_t col = tile * kTile;
   int64_t t_offset = 0;
-  for (const Pair& p : w.pairs) {
-    if (col >= p.offset && col < p.offset + p.n) {
-      if (p.r != 16) break;
-      const int8_t* b = p.b + (col - p.offset) * p.r;
-      __m512 bv[16];
-      for (int j = 0; j < 16; ++j) bv[j] = load16b(b + j * kTile);
-      for (int64_t row = 0; row < w.m; ++row) {
-        const float* t = w.t + row * w.rank_total + t_offset;
-        __m512 a0 = _mm512_mul_ps(_mm512_set1_ps(t[0]), bv[0]), a1 = _mm512_mul_ps(_mm512_set1_ps(t[1]), bv[1]);
-        for (int j = 2; j < 16; j += 2) {
-          a0 = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), bv[j], a0);
-          a1 = _mm512_fmadd_ps(_mm512_set1_ps(t[j + 1]), bv[j + 1], a1);
-        }
-        float* out = w.y + row * w.n + col;
-        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), _mm512_add_ps(a0, a1)));
+  const Pair* p = pair_of(w, col, &t_offset);
+  if (p != nullptr && p->r == 16) {
+    const int8_t* b = p->b + (col - p->offset) * p->r;
+    __m512 bv[16];
+    for (int j = 0; j < 16; ++j) bv[j] = load16b(b + j * kTile);
+    for (int64_t row = 0; row < w.m; ++row) {
+      const float* t = w.t + row * w.rank_total + t_offset;
+      __m512 a0 = _mm512_mul_ps(_mm512_set1_ps(t[0]), bv[0]), a1 = _mm512_mul_ps(_mm512_set1_ps(t[1]), bv[1]);
+      for (int j = 2; j < 16; j += 2) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(t[j]), bv[j], a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(t[j + 1]), bv[j + 1], a1);
       }
-      return;
+      float* out = w.y + row * w.n + col;
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), _mm512_add_ps(a0, a1)));
     }
-    t_offset += p.r;
+    return;
   }
   for (int64_t row = 0; row < w.m; ++row) {
     float* out = w.y + row * w.n + col;
