@@ -19,6 +19,10 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
   `matmul_q4`) and the kernel builds on the host, the runtime runs that graph, and so does this system.
 - `edge_lora_builder_portable`, `edge_lora_builder_adapters_portable`: the same two exports on their portable
   graphs (`runtime.load(..., kernels=())`): onnxruntime's MatMulNBits, as genai runs.
+- `edge_lora_builder_adapters_lora`: the adapters export on its graph for edge-lora's LoRA op
+  (`runtime.load(..., kernels=("lora_add",))`, export/lora_graph.py): the portable graph's MatMulNBits with each
+  projection's LoRA branches in one LoraAdd node — what a host without AVX-512 VNNI runs (an AVX2 laptop, an Arm
+  board), to be compared with `edge_lora_builder_portable`, the merged model there.
 - `edge_lora_adapters`: the same adapter kept apart (`--flavor adapters`), active through `with_adapter` (the
   LoRA MatMuls stay fp32: the exporter leaves them out of int4 quantization).
 - `edge_lora_builder_adapters`: the same, on the builder graph (`--flavor adapters --graph builder`).
@@ -73,8 +77,15 @@ QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 ANCHOR = {"llamacpp_decode_tok_s": 197.0, "llamacpp_ttft_s": 0.14, "genai_decode_tok_s": (112.0, 125.0),
           "genai_ttft_s": 0.31, "optimum_whole_run_tok_s": 30.0}
 SYSTEMS = ("edge_lora", "edge_lora_builder", "edge_lora_adapters", "edge_lora_builder_adapters", "llamacpp", "genai",
-           "optimum", "edge_lora_builder_portable", "edge_lora_builder_adapters_portable")
+           "optimum", "edge_lora_builder_portable", "edge_lora_builder_adapters_portable",
+           "edge_lora_builder_adapters_lora")
 PORTABLE = "_portable"  # the same export as the system without it, run on its portable graph (kernels=())
+LORA = "_lora"  # the same export as the system without it, run on its graph for the LoRA op (kernels=("lora_add",))
+
+
+def export_system(system: str) -> str:
+    """The system whose export `system` runs (itself, or without its _portable or _lora suffix)."""
+    return system.removesuffix(PORTABLE).removesuffix(LORA)
 MIN_UNCONTENDED = 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0–3, as edge_lora.tiny's configs expect
 ADAPTER = "adapter"  # the adapter dir's name, which names the adapter in an `adapters` export
@@ -229,8 +240,13 @@ def name_artifacts(int4_block_size: int) -> None:
 
 def build_all(work: Path, systems: list[str]) -> None:
     artifact = {"llamacpp": "gguf", "optimum": "edge_lora"}  # the others' artifacts have their names
-    artifact |= {s: s.removesuffix(PORTABLE) for s in SYSTEMS if s.endswith(PORTABLE)}
+    artifact |= {s: export_system(s) for s in SYSTEMS if export_system(s) != s}
     needed = ["base", "adapter", *dict.fromkeys(artifact.get(s, s) for s in systems)]
+    for system in (s for s in systems if s.endswith(LORA)):  # an export cached before it had the LoRA op's graph
+        manifest = work / ARTIFACTS[export_system(system)] / "export.json"
+        if manifest.exists() and "lora_add" not in json.loads(manifest.read_text()).get("kernels", {}):
+            print(f"{manifest.parent} has no graph for the LoRA op: exporting it again", flush=True)
+            shutil.rmtree(manifest.parent)
     for step in needed:
         if (work / ARTIFACTS[step]).exists():
             continue
@@ -253,11 +269,14 @@ def prompt_ids(seed: int, vocab_size: int, length: int) -> list[int]:
 def open_edge_lora(work: Path, args, system: str):
     from edge_lora import runtime
 
-    portable = system.endswith(PORTABLE)
-    system = system.removesuffix(PORTABLE)
-    g = runtime.load(work / ARTIFACTS[system], threads=args.threads, kernels=() if portable else None)
+    portable, lora = system.endswith(PORTABLE), system.endswith(LORA)
+    system = export_system(system)
+    g = runtime.load(work / ARTIFACTS[system], threads=args.threads,
+                     kernels=() if portable else ("lora_add",) if lora else None)
     if not portable and system == "edge_lora_builder" and g.kernel is None:
         print(f"{system}: no kernel graph runs here (the export predates it, or the kernel does not build)", file=sys.stderr)
+    if lora and g.kernel != "lora_add":
+        raise SystemExit(f"{system}{LORA}: the export has no graph for the LoRA op, or the op does not build here")
     adapters = system.endswith("_adapters")
     if adapters:
         g = g.with_adapter(ADAPTER)
@@ -364,6 +383,7 @@ def serve_child(system: str, work: Path, args) -> None:
            "edge_lora_builder_adapters": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters"),
            "edge_lora_builder_portable": lambda: open_edge_lora(work, args, "edge_lora_builder_portable"),
            "edge_lora_builder_adapters_portable": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters_portable"),
+           "edge_lora_builder_adapters_lora": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters_lora"),
            "llamacpp": lambda: open_llamacpp(work, args), "genai": lambda: open_genai(work, args),
            "optimum": lambda: open_optimum(work, args)}[system]()
     for i in range(args.warmup):
@@ -615,15 +635,16 @@ def main() -> None:
     bandwidth = read_bandwidth_gb_s(args.threads)
 
     model_mb, per_token = {}, {}
-    for system in [s for s in systems if s.removesuffix(PORTABLE) in EXPORT_ARTIFACTS] + (["edge_lora"] if "optimum" in systems else []):
-        export_dir = work / ARTIFACTS[system.removesuffix(PORTABLE)]
+    for system in [s for s in systems if export_system(s) in EXPORT_ARTIFACTS] + (["edge_lora"] if "optimum" in systems else []):
+        export_dir = work / ARTIFACTS[export_system(system)]
         # the graph that system runs: a kernel's where the export has one (and the system is not _portable)
         manifest = json.loads((export_dir / "export.json").read_text())
-        graph = manifest.get("kernels", {}).get("matmul_q4") if not system.endswith(PORTABLE) else None
-        graph = graph or manifest
+        kernel = None if system.endswith(PORTABLE) else "lora_add" if system.endswith(LORA) else "matmul_q4"
+        graph = manifest.get("kernels", {}).get(kernel) or manifest
         model = graph["model_file"]
         adapters = [export_dir / e["file"] for e in graph.get("adapters", {}).values()]
-        model_mb[system] = files_mb(*export_dir.glob(model + "*"))
+        # (the LoRA op's graph keeps its weights in the portable graph's data file: data_files)
+        model_mb[system] = files_mb(*export_dir.glob(model + "*"), *(export_dir / f for f in graph.get("data_files", ())))
         # an adapters graph's LoRA initializers are empty placeholders: the active adapter's A and B are read instead
         per_token[system] = onnx_bytes_per_token(export_dir / model) + sum(p.stat().st_size for p in adapters)
     if "llamacpp" in systems:
@@ -684,6 +705,13 @@ def main() -> None:
         "portable_builder_adapter_vs_merged_decode": ratio(
             results.get("edge_lora_builder_adapters_portable", {}).get("decode_tok_s"),
             results.get("edge_lora_builder_portable", {}).get("decode_tok_s")),
+        # without MatMulQ4: the LoRA op's graph with the adapter against the portable merged model
+        "lora_op_adapter_vs_portable_merged_decode": ratio(
+            results.get("edge_lora_builder_adapters_lora", {}).get("decode_tok_s"),
+            results.get("edge_lora_builder_portable", {}).get("decode_tok_s")),
+        "lora_op_adapter_vs_portable_merged_ttft": ratio(
+            results.get("edge_lora_builder_adapters_lora", {}).get("ttft_s"),
+            results.get("edge_lora_builder_portable", {}).get("ttft_s")),
         **({"edge_lora_model_mb": round(model_mb["edge_lora"], 1)} if "edge_lora" in model_mb else {}),
         "rss_over_model_mb": over_model("edge_lora"),
         **{f"{s}_mb_read_per_token": round(b / 1e6, 1) for s, b in per_token.items()},

@@ -48,7 +48,7 @@ KNOWN_PROVIDERS = (
 )
 
 # edge-lora's own onnxruntime kernels (edge_lora.runtime.kernels) that a profile may allow.
-KERNELS = ("matmul_q4",)
+KERNELS = ("matmul_q4", "lora_add")
 
 _HERE = Path(__file__).parent
 

@@ -61,8 +61,9 @@ class ExportOptions:
     one shared buffer, about 14 nodes a layer, 1.9× decode); "auto", the builder where it writes the architecture
     and precision asked for, optimum's exporter otherwise (export.json records which)."""
     kernels: tuple[str, ...] | None = None
-    """edge-lora kernels to write a graph for beside the portable one (export/q4_graph.py: "matmul_q4", for a
-    builder int4 graph in blocks of 32 or 64 with accuracy_level 4); None: those the device profile lists."""
+    """edge-lora kernels to write a graph for beside the portable one: "matmul_q4" (export/q4_graph.py), for a
+    builder int4 graph in blocks of 32 or 64 with accuracy_level 4; "lora_add" (export/lora_graph.py), for a builder
+    int4 `adapters` graph. None: those the device profile lists."""
 
     def __post_init__(self):
         problems = []
@@ -291,14 +292,24 @@ def write_adapters(export_dir: Path, reference, names: list[str], dirs: list[Pat
 
 
 def write_kernel_graphs(export_dir: Path, export_json: dict, options: ExportOptions) -> dict:
-    """{kernel: export.json entry} for each kernel graph written beside the portable one (export/q4_graph.py)."""
-    from edge_lora.export import q4_graph
+    """{kernel: export.json entry} for each kernel graph written beside the portable one, in the order the runtime
+    prefers them: matmul_q4's (export/q4_graph.py), then, for an `adapters` export, lora_add's
+    (export/lora_graph.py), which takes matmul_q4's adapter files where the two take the same LoRA input."""
+    from edge_lora.export import lora_graph, q4_graph
 
     kernels = devices.load(options.device).kernels if options.kernels is None else options.kernels
-    if "matmul_q4" not in kernels or options.graph != "builder" or options.precision != "int4":
+    if options.graph != "builder" or options.precision != "int4":
         return {}
-    entry = q4_graph.write(export_dir, export_json.get("adapters", {}))
-    return {"matmul_q4": entry} if entry else {}
+    adapters, written = export_json.get("adapters", {}), {}
+    if "matmul_q4" in kernels:
+        entry = q4_graph.write(export_dir, adapters)
+        if entry:
+            written["matmul_q4"] = entry
+    if "lora_add" in kernels and options.flavor == "adapters":
+        entry = lora_graph.write(export_dir, adapters, shared=written.get("matmul_q4"))
+        if entry:
+            written["lora_add"] = entry
+    return written
 
 
 def kernel_problem(kernel: str) -> str | None:

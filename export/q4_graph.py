@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.runtime.kernels import BLOCKS, DOMAIN, FORMATS, LORA_INPUT, MATMUL_Q4, TILE, lora_blob, lora_table
+from edge_lora.export.lora_graph import attach_lora_input, branches, drop_lora_ab, write_adapter
+from edge_lora.runtime.kernels import BLOCKS, DOMAIN, FORMATS, LORA_INPUT, MATMUL_Q4, TILE
 
 MODEL_FILE = "model.q4.onnx"
-ADAPTER_SUFFIX = ".q4.onnx_adapter"
 
 
 def repack(q: np.ndarray, scales: np.ndarray, k: int, n: int, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +64,7 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     .q4.onnx_adapter (`adapters`: export.json's entries); export.json's entry for it, or None when no node
     qualifies."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from edge_lora.export.adapters import _topological_sort
+    from onnx import helper, numpy_helper
 
     proto = onnx.load(str(export_dir / "model.onnx"))
     graph = proto.graph
@@ -88,53 +86,27 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
         w_name, s_name = node.input[1] + "/q4", node.input[2] + "/q4"
         new_initializers += [numpy_helper.from_array(packed, w_name), numpy_helper.from_array(scales, s_name)]
         node_inputs, output = [node.input[0], w_name, s_name], node.output[0]
-        scope = node.name.rsplit("/", 1)[0]
-        add = by_name.get(f"{scope}/lora/Add")  # export/builder_graph.py's LoRA branches of this product
-        if add is not None:
-            ups = [c for c in graph.node if c.name.startswith(scope + "/") and c.name.endswith("/lora_B/MatMul")]
-            concat = by_name.get(f"{scope}/lora/Concat")
-            if concat is not None:  # q, k and v: in the Concat's order, their order in the packed output
-                order = {name: i for i, name in enumerate(concat.input)}
-                ups.sort(key=lambda c: order[c.output[0]])
-                dropped.add(concat.name)
-            node_pairs = []
-            for up in ups:
-                down = by_name[up.name.replace("/lora_B/", "/lora_A/")]
-                if down.input[0] != node.input[0]:
-                    raise ValueError(f"{down.name} reads {down.input[0]}, not {node.name}'s input")
-                dropped |= {up.name, down.name}
-                width = initializers[up.input[1]].dims[1]  # B's default (0, n)
-                node_pairs.append((down.input[1], up.input[1], k, width))
+        found = branches(graph, node, by_name, initializers)
+        if found is not None:
             node_inputs.append(LORA_INPUT)
-            dropped.add(add.name)
-            output = add.output[0]
+            dropped |= found.nodes
+            output = found.output
         dropped.add(node.name)
         added.append(helper.make_node("MatMulQ4", node_inputs, [output], name=node.name + "/q4", domain=DOMAIN))
-        if add is not None:
-            pairs[added[-1].name] = node_pairs
+        if found is not None:
+            pairs[added[-1].name] = found.pairs
     if not added:
         return None
-    lora_ab = {name for node_pairs in pairs.values() for pair in node_pairs for name in pair[:2]}
-    read = {name for node in graph.node if node.name not in dropped for name in node.input}
-    kept_inputs = [value for value in graph.input if value.name not in lora_ab]
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
+    drop_lora_ab(graph, pairs)
     # the old int4 weights no node reads any more go (a tied head's stays: the shared embedding gathers from it)
-    kept = [t for t in graph.initializer if t.name in read and t.name not in lora_ab]
+    read = {name for node in graph.node if node.name not in dropped for name in node.input}
+    kept = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_initializers)
-    if pairs:  # one LoRA input for all nodes; by default a table of empty blobs, no adapter
-        empty = lora_table([lora_blob([]) for _ in pairs])
-        graph.initializer.append(numpy_helper.from_array(empty, LORA_INPUT))
-        graph.input.append(helper.make_tensor_value_info(LORA_INPUT, TensorProto.UINT8, ["lora_bytes"]))
     nodes = [node for node in graph.node if node.name not in dropped]
     del graph.node[:]
     graph.node.extend(nodes + added)
-    _topological_sort(graph)
-    # the nodes' slots in the order they run, so that the LoRA input is read front to back
-    slots = [[list(pair) for pair in pairs[node.name]] for node in graph.node if node.name in pairs]
-    for slot, node in enumerate(node for node in graph.node if node.name in pairs):
-        node.attribute.append(helper.make_attribute("lora_slot", slot))
+    slots = attach_lora_input(graph, pairs)
     proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     onnx.save(proto, str(export_dir / MODEL_FILE), save_as_external_data=True, location=MODEL_FILE + ".data")
     entry = {"model_file": MODEL_FILE, "format": FORMATS[MATMUL_Q4], "nodes": len(added), "matmulnbits_left": left,
@@ -142,21 +114,3 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     for name, adapter in adapters.items():
         entry["adapters"][name] = {"file": write_adapter(export_dir, adapter["file"], slots)}
     return entry
-
-
-def write_adapter(export_dir: Path, file: str, slots: list[list]) -> str:
-    """The q4 form of the adapter at export_dir/file (fp32 A and B by graph input) beside it; its relative path."""
-    import onnxruntime as ort
-
-    from edge_lora.runtime.kernels import lora_blobs
-
-    params = ort.AdapterFormat.read_adapter(str(export_dir / file)).get_parameters()
-    # OrtValue.ortvalue_from_numpy wraps without copying: the blobs stay alive until the file is written
-    blobs = lora_blobs({name: value.numpy() for name, value in params.items()}, slots)
-    out = file.removesuffix(".onnx_adapter") + ADAPTER_SUFFIX
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(blob) for name, blob in blobs.items()})
-    fmt.export_adapter(str(export_dir / out))
-    return out

@@ -77,26 +77,30 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
 
 def choose_kernel(export: ExportDir, allowed: tuple[str, ...]) -> tuple[str | None, Path | None]:
     """(kernel, its library) for the first kernel graph the export carries that `allowed` names and this host
-    builds; (None, None) for the portable graph. A host whose CPU could run the kernel but cannot build it (no
+    builds; (None, None) for the portable graph. A host whose CPU could run a kernel but cannot build it (no
     compiler, a failed build), and a kernel graph in a format this runtime's kernel does not take (an older
-    export), get one warning that says why: it is running slower than it could."""
+    export), get one warning that says why and which graph runs instead: it is running slower than it could."""
     from edge_lora.runtime import kernels as own_kernels
 
+    passed_over: list[tuple[str, str]] = []  # why each graph before the chosen one does not run, and what to do
+    chosen: tuple[str | None, Path | None] = (None, None)
     for kernel, entry in export.manifest.get("kernels", {}).items():
         if kernel not in allowed:
             continue
         if entry.get("format", 1) != own_kernels.FORMATS.get(kernel):
-            warnings.warn(f"{entry['model_file']} is in {kernel} format {entry.get('format', 1)}, this runtime's kernel "
-                          f"takes format {own_kernels.FORMATS.get(kernel)}: running {export.manifest['model_file']} on "
-                          "onnxruntime's kernels instead — re-run edge-lora export to use the kernel", stacklevel=3)
+            passed_over.append((f"{entry['model_file']} is in {kernel} format {entry.get('format', 1)}, this runtime's "
+                                f"kernel takes format {own_kernels.FORMATS.get(kernel)}",
+                                " — re-run edge-lora export to use the kernel"))
             continue
         try:
-            return kernel, own_kernels.library(kernel)
+            chosen = kernel, own_kernels.library(kernel)
+            break
         except own_kernels.KernelUnavailable as e:
-            if own_kernels.cpu_problem() is None:
-                warnings.warn(f"edge-lora's {kernel} kernel is not available ({e}); running {export.manifest['model_file']} "
-                              "on onnxruntime's kernels instead", stacklevel=3)
-    return None, None
+            if own_kernels.cpu_problem(kernel) is None:
+                passed_over.append((f"edge-lora's {kernel} kernel is not available ({e})", ""))
+    for why, fix in passed_over:
+        warnings.warn(f"{why}: running {export.graph_file(chosen[0])} instead{fix}", stacklevel=3)
+    return chosen
 
 
 def has_overridable_initializers(manifest: dict) -> bool:

@@ -228,15 +228,17 @@ def _describe_fully(export: ExportDir, adapters: list[str]) -> dict:
     """The export as the report lists it: what _describe says, plus its flavor and byte counts — of the portable
     graph, and under "kernel_graphs" of each graph an edge-lora kernel runs (the one a row ran is its model_file)."""
     kernel_graphs = {kernel: _graph_bytes(export, entry["model_file"], {name: entry["adapters"][name]["file"]
-                                                                          for name in adapters})
+                                                                          for name in adapters},
+                                          entry.get("data_files", ()))
                      for kernel, entry in export.manifest.get("kernels", {}).items()}
     portable = _graph_bytes(export, export.manifest["model_file"],
                             {name: export.manifest["adapters"][name]["file"] for name in adapters})
     return _describe(export) | {"flavor": export.manifest["flavor"], **portable, "kernel_graphs": kernel_graphs}
 
 
-def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, str]) -> dict:
-    """One graph's files (the graph and its external data), weights and per-token reads, and its adapters'."""
+def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, str], data_files=()) -> dict:
+    """One graph's files (the graph and its external data: its own, and `data_files` it shares with another
+    graph), weights and per-token reads, and its adapters'."""
     try:
         weights = read_graph_weights(export.path / model_file)
     except ValueError as err:
@@ -249,7 +251,7 @@ def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, st
     return {
         "model_file": model_file,
         "model_bytes": sum((export.path / name).stat().st_size for name in export.manifest["files"]
-                           if name.startswith(model_file) and name.endswith(MODEL_FILE_SUFFIXES)),
+                           if (name.startswith(model_file) and name.endswith(MODEL_FILE_SUFFIXES)) or name in data_files),
         "weight_bytes": weights.total_bytes,
         "weight_bytes_per_token": weights.bytes_per_token,
         "adapter_bytes": adapter_bytes,

@@ -193,7 +193,7 @@ def test_the_library_is_built_once_and_a_missing_compiler_says_so(tmp_path, monk
 def test_cpu_without_vnni_is_named(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n")
-    assert kernels.cpu_problem(cpuinfo) == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni"
+    assert kernels.cpu_problem(kernels.MATMUL_Q4, cpuinfo) == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni"
 
 
 # ------------------------------------------------------------------------------------ the export and the runtime
@@ -249,13 +249,18 @@ def test_runtime_takes_the_kernel_graph_and_decodes_as_the_portable_one(q4_expor
 
 
 def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(q4_export, tmp_path, monkeypatch):
+    """One warning for each kernel graph passed over, each naming the graph that runs instead."""
     from edge_lora import runtime
 
     monkeypatch.setenv("EDGE_LORA_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.warns(UserWarning, match="matmul_q4 kernel is not available .*no C\\+\\+ compiler.*running model.onnx"):
+    with pytest.warns(UserWarning) as caught:
         generator = runtime.load(q4_export)
     assert generator.kernel is None
+    assert [str(w.message).split(" kernel is not available")[0] for w in caught] == [
+        "edge-lora's matmul_q4", "edge-lora's lora_add"]
+    assert all("no C++ compiler 'no-such-compiler'" in str(w.message) and
+               str(w.message).endswith("running model.onnx instead") for w in caught)
 
 
 def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
@@ -288,8 +293,9 @@ def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
     assert f"; for matmul_q4: model.q4.onnx {kernel['model_bytes']:,} model bytes" in render_markdown(report, {})
 
 
-def test_a_kernel_graph_in_an_older_format_runs_as_the_portable_graph(q4_export, tmp_path):
-    """An export whose kernel graph predates float16 scales (no "format" in its entry) warns and runs model.onnx."""
+def test_a_kernel_graph_in_an_older_format_runs_as_the_next_graph(q4_export, tmp_path):
+    """An export whose kernel graph predates float16 scales (no "format" in its entry) warns and runs the next graph
+    the export carries: the LoRA op's where it may, else model.onnx."""
     import shutil
 
     from edge_lora import runtime
@@ -300,8 +306,10 @@ def test_a_kernel_graph_in_an_older_format_runs_as_the_portable_graph(q4_export,
     assert manifest["kernels"]["matmul_q4"].pop("format") == 2
     (old / "export.json").write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="model.q4.onnx is in matmul_q4 format 1, this runtime's kernel takes format 2: "
-                                         "running model.onnx .* re-run edge-lora export"):
-        generator = runtime.load(old)
+                                         "running model.lora.onnx instead — re-run edge-lora export"):
+        assert runtime.load(old).kernel == "lora_add"
+    with pytest.warns(UserWarning, match="format 2: running model.onnx instead — re-run edge-lora export"):
+        generator = runtime.load(old, kernels=("matmul_q4",))
     assert generator.kernel is None and generator.generate("hello:", runtime.SamplingConfig(max_new_tokens=2)).token_ids
 
 
@@ -321,12 +329,14 @@ def test_uploads_in_the_portable_form_fit_a_kernel_graph(q4_export, second_adapt
 def test_a_profile_names_only_known_kernels(tmp_path):
     from edge_lora import devices
 
-    text = (devices._HERE / "cpu-x86-64.toml").read_text().replace('kernels = ["matmul_q4"]', 'kernels = ["matmul_q8"]')
+    text = (devices._HERE / "cpu-x86-64.toml").read_text().replace('kernels = ["matmul_q4", "lora_add"]',
+                                                                    'kernels = ["matmul_q8"]')
     path = tmp_path / "cpu-x86-64.toml"
     path.write_text(text)
-    with pytest.raises(devices.DeviceProfileError, match=r"runtime.kernels = \[\"matmul_q8\"\]: expected a list of edge-lora kernels, each one of matmul_q4"):
+    with pytest.raises(devices.DeviceProfileError, match=r"runtime.kernels = \[\"matmul_q8\"\]: expected a list of edge-lora kernels, each one of matmul_q4, lora_add"):
         devices.load(path)
-    assert devices.load("arm64-a76").kernels == ()  # optional: a profile that leaves it out runs no kernel
+    assert devices.load("arm64-a76").kernels == ("lora_add",)
+    assert devices.load("apple-silicon").kernels == ()  # optional: a profile that leaves it out runs no kernel
 
 
 def test_no_kernels_flags(q4_export, adapter_dir, tmp_path):

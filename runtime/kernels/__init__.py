@@ -5,10 +5,18 @@ activations for x86-64 CPUs with AVX-512 VNNI, with an adapter's LoRA branches c
 the reference shape, 2 threads, on a quiet host it decodes 1.6–1.8× faster than onnxruntime's MatMulNBits on the
 same weights (1.7–1.9× onnxruntime-genai; about 1.4× both when other tenants slowed the host), and an active adapter
 (rank 16 on every projection) costs a token 0.2–0.6 ms where the portable graph's separate LoRA MatMuls cost about
-3.3 (BENCHMARKS.md, Runtime). An export for a device profile that lists it carries a second graph that uses it (export/q4_graph.py);
-`library()` builds the op with the host's C++ compiler once, into a cache keyed by the source, the flags and the
-compiler, and `edge_lora.runtime.load` registers it with the session. Where it cannot be built (another CPU, no
-compiler) the runtime runs the export's portable graph instead.
+3.3 (BENCHMARKS.md, Runtime). An export for a device profile that lists it carries a second graph that uses it (export/q4_graph.py).
+
+`lora_add` (lora_add.cc, the custom op LoraAdd) adds an adapter's LoRA branches to a MatMulNBits' output in one
+node, where the portable graph spends ~20 onnxruntime nodes a layer on them: plain C++, vectorized by the host's
+compiler for the host (-march=native), for any CPU that MatMulQ4 does not serve — an Arm board, an AVX2 laptop. An
+`adapters` export for a profile that lists it carries a graph that uses it (export/lora_graph.py), over the
+portable graph's own weights.
+
+`library()` builds an op with the host's C++ compiler once, into a cache keyed by the sources, the flags, the
+compiler and (for -march=native) the CPU, and `edge_lora.runtime.load` registers it with the session. Where it
+cannot be built (another CPU, no compiler) the runtime runs the next graph the export carries, at last the
+portable one.
 
 onnxruntime's wheels carry no C headers: the op is written against the C API alone, and onnxruntime_c_api.h
 (version 21, MIT-licensed, from onnxruntime 1.21) is kept here beside it; onnxruntime 1.21 and later serve it.
@@ -29,36 +37,55 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MATMUL_Q4 = "matmul_q4"
+LORA_ADD = "lora_add"
 DOMAIN = "ai.edge_lora"
 TILE = 16  # MatMulQ4's columns per tile
 BLOCKS = (32, 64)  # the int4 block sizes (weights per scale) it takes
-SOURCES = {MATMUL_Q4: HERE / "matmul_q4.cc"}
+SOURCES = {MATMUL_Q4: HERE / "matmul_q4.cc", LORA_ADD: HERE / "lora_add.cc"}
 # The graph format each kernel takes, recorded in export.json beside its graph: a graph in another format (an
 # older export) runs as the portable graph. matmul_q4 2: float16 scales (1 had fp32 ones, and no "format" key).
-FORMATS = {MATMUL_Q4: 2}
-HEADER = HERE / "onnxruntime_c_api.h"
-# What the op is compiled for: the instruction sets it needs, named, so that a cached library never holds code
-# for another CPU than the flags that cpu_problem() checks.
-FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
-         "-mf16c"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c")
+FORMATS = {MATMUL_Q4: 2, LORA_ADD: 1}
+HEADERS = (HERE / "onnxruntime_c_api.h", HERE / "op_common.h")
+BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared"]
+# What each op is compiled for. matmul_q4: the instruction sets it needs, named, so that a cached library never
+# holds code for another CPU than the flags that cpu_problem() checks. lora_add: the host's own (its cache key
+# holds the CPU's description: cpu_signature).
+FLAGS = {MATMUL_Q4: BASE_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
+         LORA_ADD: BASE_FLAGS + ["-march=native"]}
+CPU_FLAGS = {MATMUL_Q4: ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"), LORA_ADD: ()}
 
 
 class KernelUnavailable(RuntimeError):
     """The kernel cannot run here; the message says why."""
 
 
-def cpu_problem(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """Why this CPU cannot run matmul_q4 (None when it can): an x86-64 CPU with AVX-512 F/BW/VL/VNNI is needed."""
+def cpu_problem(kernel: str = MATMUL_Q4, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """Why this CPU cannot run `kernel` (None when it can): matmul_q4 needs an x86-64 CPU with AVX-512
+    F/BW/VL/VNNI; lora_add any CPU (on Linux, as both)."""
     if sys.platform != "linux":
         return f"edge-lora builds its kernels on Linux only (this is {sys.platform})"
+    if not CPU_FLAGS.get(kernel):
+        return None
     try:
         text = cpuinfo.read_text()
     except OSError as e:
         return f"{cpuinfo} cannot be read ({e.strerror})"
     flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
-    missing = [flag for flag in CPU_FLAGS if flag not in flags]
+    missing = [flag for flag in CPU_FLAGS[kernel] if flag not in flags]
     return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_signature(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What -march=native compiles for, as /proc/cpuinfo describes it: its model and feature lines, once each
+    (x86-64's "model name" and "flags", Arm's "CPU implementer", "CPU part" and "Features")."""
+    keys = ("model name", "flags", "cpu family", "model", "cpu implementer", "cpu architecture", "cpu variant",
+            "cpu part", "features")
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(sorted({line.strip() for line in lines if line.split(":", 1)[0].strip().lower() in keys}))
 
 
 def cache_dir() -> Path:
@@ -78,7 +105,7 @@ def library(name: str = MATMUL_Q4, cache: Path | None = None) -> Path:
     """The compiled kernel library, built on first use with $CXX (default c++); KernelUnavailable says why not."""
     if name not in SOURCES:
         raise KernelUnavailable(f"unknown kernel {name!r} — known: {', '.join(SOURCES)}")
-    problem = cpu_problem()
+    problem = cpu_problem(name)
     if problem:
         raise KernelUnavailable(problem)
     compiler = os.environ.get("CXX", "c++")
@@ -86,7 +113,9 @@ def library(name: str = MATMUL_Q4, cache: Path | None = None) -> Path:
         raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH — install g++ or clang++, or set CXX")
     version = compiler_version(compiler)
     key = hashlib.sha256()
-    for part in (SOURCES[name].read_bytes(), HEADER.read_bytes(), " ".join(FLAGS).encode(), version.encode()):
+    native = "-march=native" in FLAGS[name]
+    for part in (SOURCES[name].read_bytes(), *(h.read_bytes() for h in HEADERS), " ".join(FLAGS[name]).encode(),
+                 version.encode(), (cpu_signature() if native else "").encode()):
         key.update(hashlib.sha256(part).digest())
     out = (cache or cache_dir()) / f"{name}-{key.hexdigest()[:16]}" / f"lib{name}.so"
     if out.exists():
@@ -95,7 +124,7 @@ def library(name: str = MATMUL_Q4, cache: Path | None = None) -> Path:
     # built beside its final name and renamed into place: a process loading it never sees half a file
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        result = subprocess.run([compiler, *FLAGS, f"-I{HERE}", str(SOURCES[name]), "-o", str(built)],
+        result = subprocess.run([compiler, *FLAGS[name], f"-I{HERE}", str(SOURCES[name]), "-o", str(built)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])

@@ -40,60 +40,10 @@
 
 namespace {
 
-const OrtApi* api = nullptr;
+constexpr const char* kOpName = "MatMulQ4";
+#include "op_common.h"
 
-struct Error {  // a bad input: becomes an onnxruntime status with this message
-  std::string message;
-  explicit Error(std::string m) : message("MatMulQ4: " + std::move(m)) {}
-};
-
-void check(OrtStatus* status) {  // an onnxruntime call that failed: its message, as an Error
-  if (status == nullptr) return;
-  Error error(api->GetErrorMessage(status));
-  api->ReleaseStatus(status);
-  throw error;
-}
-
-struct Dims {  // a tensor's shape, without a heap allocation: every node asks for three or four, every token
-  int64_t d[8];
-  size_t rank = 0;
-  int64_t elements() const {
-    int64_t count = 1;
-    for (size_t i = 0; i < rank; ++i) count *= d[i];
-    return count;
-  }
-  bool is(int64_t a, int64_t b, int64_t c) const { return rank == 3 && d[0] == a && d[1] == b && d[2] == c; }
-};
-
-Dims shape_of(const OrtValue* value) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  check(api->GetTensorTypeAndShape(value, &info));
-  Dims dims;
-  OrtStatus* status = api->GetDimensionsCount(info, &dims.rank);
-  if (status == nullptr && dims.rank > 8) status = api->CreateStatus(ORT_INVALID_ARGUMENT, "more than 8 axes");
-  if (status == nullptr) status = api->GetDimensions(info, dims.d, dims.rank);
-  api->ReleaseTensorTypeAndShapeInfo(info);
-  check(status);
-  return dims;
-}
-
-template <typename T>
-T* data_of(const OrtValue* value) {
-  void* data = nullptr;
-  check(api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
-  return static_cast<T*>(data);
-}
-
-constexpr int64_t kTile = 16;  // columns per tile
-constexpr int kMaxPairs = 3;
 constexpr int64_t kPrefetch = 4096;  // bytes ahead in the weight stream: measured best of 0/1k/2k/4k
-
-struct Pair {
-  const int8_t* a;     // (K, r)
-  const int8_t* b;     // (n/16, r, 16)
-  const float* scale;  // (r): A's column scale × B's row scale
-  int64_t r, n, offset;
-};
 
 struct Work {
   int64_t m, k, n, block, blocks, tiles, tiles_per_task;
@@ -107,12 +57,7 @@ struct Work {
   const int32_t* x8;    // (M, blocks) 8 · Σ of each block's int8 activations (the zero point's share)
   float* t;             // (M, Σ r_g) x · A_g, pair after pair (decode: written by the first thread to arrive)
   float* u;             // decode: (N) t · B for every column, written by the same thread after t
-  struct {
-    Pair at[kMaxPairs];
-    int count = 0;
-    const Pair* begin() const { return at; }
-    const Pair* end() const { return at + count; }
-  } pairs;
+  Pairs pairs;
   int64_t rank_total;
   int64_t tile_tasks;   // decode: claims of tiles_per_task tiles
   // decode, lines of their own: the threads write them
@@ -407,62 +352,6 @@ void run_prefill(void* data, size_t task) {
   gemm_tiles(*w, static_cast<int64_t>(task), static_cast<int64_t>(task) + 1);
 }
 
-// A node's LoRA blob (its slot of the LoRA input, below; one blob where three inputs a pair cost onnxruntime a
-// shape query each, every token). A 64-byte header of int32 — pair count P (0–3), then r and n of each pair —
-// and for each pair its scale (r float32), A (K × r int8) and B (n/16 × r × 16 int8), each section starting on
-// 64 bytes. P = 0 is no adapter; a pair of rank 0 (a projection the adapter leaves alone) has no sections.
-inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
-
-void parse_lora(const uint8_t* blob, size_t bytes, Work& w) {
-  int32_t header[16];
-  if (bytes < sizeof header) throw Error("the LoRA input is shorter than its 64-byte header");
-  std::memcpy(header, blob, sizeof header);
-  if (header[0] < 0 || header[0] > kMaxPairs) throw Error("the LoRA input holds 0 to 3 pairs");
-  int64_t at = sizeof header, offset = 0;
-  for (int i = 0; i < header[0]; ++i) {
-    const int64_t r = header[1 + 2 * i], n = header[2 + 2 * i];
-    if (r < 0 || r > 256 || n < kTile || n % kTile) throw Error("a LoRA pair needs 0 <= r <= 256 and n a multiple of 16");
-    Pair p{};
-    p.r = r;
-    p.n = n;
-    p.offset = offset;
-    p.scale = reinterpret_cast<const float*>(blob + at);
-    at += align64(r * 4);
-    p.a = reinterpret_cast<const int8_t*>(blob + at);
-    at += align64(w.k * r);
-    p.b = reinterpret_cast<const int8_t*>(blob + at);
-    at += align64(n * r);
-    offset += n;
-    w.pairs.at[w.pairs.count++] = p;
-  }
-  if (at != static_cast<int64_t>(bytes) || (header[0] && offset != w.n))
-    throw Error("the LoRA input's size or widths do not match its header and the node");
-}
-
-// The graph's LoRA input is one uint8 tensor for every node (one input where one a node cost onnxruntime 2% of a
-// token to bind): a table — int64 count, then count + 1 byte offsets, padded to 64 bytes — of the nodes'
-// blobs in the order the nodes run, each node finding its own by its attribute lora_slot. (Asking for the next
-// node's blob, or its A, to come into L2 during a node's own work measured slower or within noise; BENCHMARKS.md,
-// Runtime.)
-struct Slot {
-  const uint8_t* blob = nullptr;
-  int64_t bytes = 0;
-};
-
-Slot find_slot(const uint8_t* table, int64_t bytes, int64_t slot) {
-  int64_t count = 0;
-  if (bytes < 16) throw Error("the LoRA input is shorter than its table");
-  std::memcpy(&count, table, 8);
-  if (count < 1 || 8 * (count + 2) > bytes) throw Error("the LoRA input's table does not fit it");
-  if (slot < 0 || slot >= count)
-    throw Error("lora_slot " + std::to_string(slot) + " is not in the LoRA input's table of " + std::to_string(count));
-  int64_t offsets[2] = {};
-  std::memcpy(offsets, table + 8 * (slot + 1), sizeof offsets);
-  if (offsets[0] < 8 * (count + 2) || offsets[1] < offsets[0] || offsets[1] > bytes)
-    throw Error("the LoRA input's table points outside it");
-  return {table + offsets[0], offsets[1] - offsets[0]};
-}
-
 struct Kernel {
   int64_t slot = -1;  // the node's place in the LoRA input's table (-1: a node without LoRA input)
   // w's and s's shapes when both are initializers, read once here: each shape query costs onnxruntime a heap
@@ -504,10 +393,11 @@ void compute(OrtKernelContext* context, const Kernel& kernel) {
   w.s = data_of<const uint16_t>(ws);
   w.y = data_of<float>(y);
   if (w.m == 0) return;
-  if (lora) {
+  if (lora) {  // (asking for the next node's blob, or its A, to come into L2 during a node's own work measured
+               // slower or within noise; BENCHMARKS.md, Runtime)
     if (kernel.slot < 0) throw Error("a node with a LoRA input needs its lora_slot attribute");
     const Slot own = find_slot(data_of<const uint8_t>(lora), shape_of(lora).elements(), kernel.slot);
-    parse_lora(own.blob, static_cast<size_t>(own.bytes), w);
+    parse_lora(own.blob, static_cast<size_t>(own.bytes), w.k, w.n, w.pairs);
   }
 
   thread_local std::vector<int8_t> xq;
@@ -551,12 +441,7 @@ void compute(OrtKernelContext* context, const Kernel& kernel) {
 OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
   auto* state = new (std::nothrow) Kernel;
   if (state == nullptr) return api->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory");
-  int64_t slot = -1;
-  if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, "lora_slot", &slot)) {
-    api->ReleaseStatus(status);  // no such attribute: a node without LoRA input
-  } else {
-    state->slot = slot;
-  }
+  state->slot = lora_slot_of(info);
   auto constant_input = [info](size_t index) -> const OrtValue* {  // an initializer's value, else null
     int is_constant = 0;
     const OrtValue* value = nullptr;
@@ -579,56 +464,20 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
   return nullptr;
 }
 
-OrtStatus* ORT_API_CALL kernel_compute(void* kernel, OrtKernelContext* context) {
-  try {
-    compute(context, *static_cast<const Kernel*>(kernel));
-  } catch (const Error& e) {
-    return api->CreateStatus(ORT_INVALID_ARGUMENT, e.message.c_str());
-  } catch (const std::bad_alloc&) {
-    return api->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory");
-  }
-  return nullptr;
-}
-
-void ORT_API_CALL kernel_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
-const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "MatMulQ4"; }
-const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 4; }
-size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
 ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
   return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
          : i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 }
-ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp*, size_t i) {
   return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
 }
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
-OrtMemType ORT_API_CALL input_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
-int ORT_API_CALL one(const OrtCustomOp*) { return 1; }
-int ORT_API_CALL last_version(const OrtCustomOp*) { return INT_MAX; }
 
 OrtCustomOp make_op() {
-  OrtCustomOp op{};
-  op.version = ORT_API_VERSION;
-  op.GetName = op_name;
-  op.GetExecutionProviderType = op_provider;
+  OrtCustomOp op = describe_op<Kernel, compute>(create_kernel);
   op.GetInputType = input_type;
   op.GetInputTypeCount = input_count;
-  op.GetOutputType = output_type;
-  op.GetOutputTypeCount = output_count;
-  op.KernelDestroy = kernel_destroy;
   op.GetInputCharacteristic = input_characteristic;
-  op.GetOutputCharacteristic = output_characteristic;
-  op.GetInputMemoryType = input_memory;
-  op.GetVariadicInputMinArity = one;
-  op.GetVariadicInputHomogeneity = one;
-  op.GetVariadicOutputMinArity = one;
-  op.GetVariadicOutputHomogeneity = one;
-  op.CreateKernelV2 = create_kernel;
-  op.KernelComputeV2 = kernel_compute;
-  op.GetStartVersion = one;
-  op.GetEndVersion = last_version;
   return op;
 }
 
@@ -636,13 +485,5 @@ OrtCustomOp make_op() {
 
 // onnxruntime calls this when a session registers the library (SessionOptions.register_custom_ops_library).
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) return nullptr;  // an onnxruntime older than the header: it logs the mismatch; no op here
-  static OrtCustomOp op = make_op();
-  static OrtCustomOpDomain* domain = nullptr;  // must outlive every session that uses it: never released
-  if (domain == nullptr) {
-    if (OrtStatus* status = api->CreateCustomOpDomain("ai.edge_lora", &domain)) return status;
-    if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;
-  }
-  return api->AddCustomOpDomain(options, domain);
+  return register_op(options, api_base, make_op);
 }

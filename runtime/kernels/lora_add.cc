@@ -1,0 +1,272 @@
+// LoraAdd: an adapter's LoRA branches added to a projection's output in one node, an onnxruntime custom op (domain
+// "ai.edge_lora") in portable C++ — no intrinsics: GCC's and Clang's vector extension, lowered for the host it is
+// built on (NEON on an Arm board, AVX2 or AVX-512 on x86-64). export/lora_graph.py writes the graph that uses it: the portable graph
+// with each projection's MatMul → MatMul (→ Concat) → Add LoRA branches, 3–4 onnxruntime nodes a projection and
+// ~20 a layer, replaced by one LoraAdd after the projection's MatMulNBits (BENCHMARKS.md, Runtime).
+//
+//   z = y + concat_g((x · A_g) · B_g)
+//
+// Inputs: y (…, N) float, the projection's output; x (…, K) float, its input; lora uint8, the graph's one LoRA input
+// (op_common.h: find_slot, parse_lora), of which the node's attribute lora_slot picks its blob: one to three pairs —
+// q, k and v share one packed product — of A_g (K, r_g) int8 with a scale per column and B_g (r_g, n_g) int8 with
+// a scale per row, B's columns in tiles of 16, Σ n_g = N. The same blobs as MatMulQ4's (matmul_q4.cc). Output z,
+// y's shape, which onnxruntime may place in y's buffer.
+//
+// Written against onnxruntime's C API alone (onnxruntime_c_api.h, version 21 — onnxruntime 1.21 and later).
+#include "onnxruntime_c_api.h"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr const char* kOpName = "LoraAdd";
+#include "op_common.h"
+
+// Vectors of the host's width in GCC's and Clang's vector extension (AVX-512: 16 floats, AVX: 8, NEON and the
+// rest: 4), F16 = 16 floats in as many of them as that takes: a tile's 16 columns. Only int8 → float is written
+// per instruction set: GCC 12 converts a vector of int8 lane by lane, and splits wider vectors through memory.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+constexpr int kParts = 16 / kLanes;
+typedef float fv __attribute__((vector_size(4 * kLanes)));
+constexpr int64_t kPrefetch = 8192;  // bytes ahead in A's and B's streams: decode reads them from memory
+
+struct F16 {
+  fv part[kParts];
+};
+
+inline F16 load_i8(const int8_t* p) {  // 16 int8 → 16 floats
+  F16 out;
+#if defined(__AVX512F__)
+  out.part[0] = (fv)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  out.part[0] = (fv)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  out.part[1] = (fv)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
+#elif defined(__ARM_NEON)
+  const int8x16_t v = vld1q_s8(p);
+  const int16x8_t lo = vmovl_s8(vget_low_s8(v)), hi = vmovl_high_s8(v);
+  out.part[0] = (fv)vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+  out.part[1] = (fv)vcvtq_f32_s32(vmovl_high_s16(lo));
+  out.part[2] = (fv)vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+  out.part[3] = (fv)vcvtq_f32_s32(vmovl_high_s16(hi));
+#else
+  for (int i = 0; i < 16; ++i) out.part[i / kLanes][i % kLanes] = static_cast<float>(p[i]);
+#endif
+  return out;
+}
+
+inline void fma(F16& acc, float x, const F16& a) {  // acc += x · a
+  for (int i = 0; i < kParts; ++i) acc.part[i] += x * a.part[i];
+}
+
+inline void add(F16& acc, const F16& a) {
+  for (int i = 0; i < kParts; ++i) acc.part[i] += a.part[i];
+}
+
+// t[row][c … c+16) = Σ_k x[row][k] · A[k][c … c+16) for Rows rows of x (A: 16 columns whose rows are `r` bytes
+// apart). One row: four partial sums over k, so that no add waits for the one before it; four rows: each its own
+// sum, A's 16 bytes converted once for them.
+template <int Rows>
+void down_cols(const float* x, int64_t ldx, const int8_t* a, int64_t r, int64_t k, F16* t) {
+  constexpr int S = Rows == 1 ? 4 : 1;  // partial sums a row
+  F16 acc[Rows * S] = {};
+  int64_t kk = 0;
+  for (; kk + S <= k; kk += S)
+    for (int s = 0; s < S; ++s) {
+      __builtin_prefetch(a + (kk + s) * r + kPrefetch);
+      const F16 av = load_i8(a + (kk + s) * r);
+      for (int row = 0; row < Rows; ++row) fma(acc[row * S + s], x[row * ldx + kk + s], av);
+    }
+  for (; kk < k; ++kk) {  // what is left of k after the groups of S
+    const F16 av = load_i8(a + kk * r);
+    for (int row = 0; row < Rows; ++row) fma(acc[row * S], x[row * ldx + kk], av);
+  }
+  for (int row = 0; row < Rows; ++row) {
+    t[row] = acc[row * S];
+    for (int s = 1; s < S; ++s) add(t[row], acc[row * S + s]);
+  }
+}
+
+// t = (x · A) ⊙ scale for Rows rows and one pair, 16 columns of A at a time; a rank that is not a multiple of 16
+// ends with a group of A's columns copied beside zeros.
+template <int Rows>
+void down(const Pair& p, const float* x, int64_t ldx, int64_t k, float* t, int64_t ldt) {
+  thread_local std::vector<int8_t> padded;
+  for (int64_t c = 0; c < p.r; c += 16) {
+    const int64_t width = std::min<int64_t>(16, p.r - c);
+    const int8_t* a = p.a + c;
+    int64_t stride = p.r;
+    if (width < 16 || p.r < 16) {  // (16 bytes a row of A are read: a rank under 16 has fewer)
+      padded.assign(k * 16, 0);
+      for (int64_t kk = 0; kk < k; ++kk) std::memcpy(&padded[kk * 16], p.a + kk * p.r + c, width);
+      a = padded.data();
+      stride = 16;
+    }
+    F16 sums[Rows];
+    down_cols<Rows>(x, ldx, a, stride, k, sums);
+    for (int row = 0; row < Rows; ++row)
+      for (int64_t i = 0; i < width; ++i) t[row * ldt + c + i] = sums[row].part[i / kLanes][i % kLanes] * p.scale[c + i];
+  }
+}
+
+// z[row][tile] += t[row] · B[:, tile] for every tile of one pair and `rows` rows; a tile of B is converted to
+// floats once for all the rows.
+void up(const Pair& p, const float* t, int64_t ldt, int64_t rows, float* z, int64_t ldz) {
+  thread_local std::vector<F16> tile_b;
+  tile_b.resize(p.r);
+  F16* bf = tile_b.data();
+  for (int64_t tile = 0; tile < p.n / kTile; ++tile) {
+    const int8_t* b = p.b + tile * p.r * kTile;
+    for (int64_t j = 0; j < p.r; j += 4) __builtin_prefetch(b + j * kTile + kPrefetch);
+    for (int64_t j = 0; j < p.r; ++j) bf[j] = load_i8(b + j * kTile);
+    for (int64_t row = 0; row < rows; ++row) {
+      const float* tr = t + row * ldt;
+      float* out = z + row * ldz + p.offset + tile * kTile;
+      F16 acc0, acc1 = {};  // two partial sums over the ranks, the first from z
+      std::memcpy(&acc0, out, sizeof acc0);
+      int64_t j = 0;
+      for (; j + 2 <= p.r; j += 2) {
+        fma(acc0, tr[j], bf[j]);
+        fma(acc1, tr[j + 1], bf[j + 1]);
+      }
+      if (j < p.r) fma(acc0, tr[j], bf[j]);
+      add(acc0, acc1);
+      std::memcpy(out, &acc0, sizeof acc0);
+    }
+  }
+}
+
+struct Work {
+  int64_t m, k, n, rank_total;
+  const float* x;
+  float* z;
+  Pairs pairs;
+};
+
+constexpr int64_t kRows = 16;  // prefill: rows of a task
+
+// Rows [row0, row1) of z: every pair's branch added.
+void add_rows(const Work& w, int64_t row0, int64_t row1) {
+  thread_local std::vector<float> t;
+  const int64_t rows = row1 - row0;
+  t.resize(rows * w.rank_total);
+  const float* x = w.x + row0 * w.k;
+  float* tp = t.data();
+  for (const Pair& p : w.pairs) {
+    if (p.r == 0) continue;
+    int64_t row = 0;
+    for (; row + 4 <= rows; row += 4) down<4>(p, x + row * w.k, w.k, w.k, tp + row * w.rank_total, w.rank_total);
+    for (; row < rows; ++row) down<1>(p, x + row * w.k, w.k, w.k, tp + row * w.rank_total, w.rank_total);
+    up(p, tp, w.rank_total, rows, w.z + row0 * w.n, w.n);
+    tp += p.r;
+  }
+}
+
+void run_rows(void* data, size_t task) {
+  const auto* w = static_cast<const Work*>(data);
+  const int64_t row0 = static_cast<int64_t>(task) * kRows;
+  add_rows(*w, row0, std::min(w->m, row0 + kRows));
+}
+
+struct Kernel {
+  int64_t slot = -1;  // the node's place in the LoRA input's table
+};
+
+void compute(OrtKernelContext* context, const Kernel& kernel) {
+  const OrtValue *y = nullptr, *x = nullptr, *lora = nullptr;
+  check(api->KernelContext_GetInput(context, 0, &y));
+  check(api->KernelContext_GetInput(context, 1, &x));
+  check(api->KernelContext_GetInput(context, 2, &lora));
+  const Dims y_shape = shape_of(y), x_shape = shape_of(x);
+  if (y_shape.rank == 0 || x_shape.rank == 0) throw Error("y and x must have at least one axis");
+  Work w{};
+  w.n = y_shape.d[y_shape.rank - 1];
+  w.k = x_shape.d[x_shape.rank - 1];
+  w.m = w.n ? y_shape.elements() / w.n : 0;
+  if ((w.k ? x_shape.elements() / w.k : 0) != w.m)
+    throw Error("y and x must have the same rows (all axes but the last): " + std::to_string(w.m) + " and " +
+                std::to_string(w.k ? x_shape.elements() / w.k : 0));
+  if (kernel.slot < 0) throw Error("a LoraAdd node needs its lora_slot attribute");
+  const Slot own = find_slot(data_of<const uint8_t>(lora), shape_of(lora).elements(), kernel.slot);
+  parse_lora(own.blob, static_cast<size_t>(own.bytes), w.k, w.n, w.pairs);
+  OrtValue* z = nullptr;
+  check(api->KernelContext_GetOutput(context, 0, y_shape.d, y_shape.rank, &z));
+  const float* y_data = data_of<const float>(y);
+  w.z = data_of<float>(z);
+  w.x = data_of<const float>(x);
+  if (w.z != y_data && w.m > 0 && w.n > 0) std::memcpy(w.z, y_data, sizeof(float) * w.m * w.n);  // not given y's buffer
+  for (const Pair& p : w.pairs) w.rank_total += p.r;
+  if (w.m == 0 || w.rank_total == 0) return;
+  if (w.m == 1) {  // decode: a few µs of work, less than handing half of it to another thread costs
+    add_rows(w, 0, 1);
+    return;
+  }
+  check(api->KernelContext_ParallelFor(context, run_rows, static_cast<size_t>((w.m + kRows - 1) / kRows), 0, &w));
+}
+
+// --------------------------------------------------------------------------------------- the op, for onnxruntime
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  auto* state = new (std::nothrow) Kernel;
+  if (state == nullptr) return api->CreateStatus(ORT_FAIL, "LoraAdd: out of memory");
+  state->slot = lora_slot_of(info);
+  *kernel = state;
+  return nullptr;
+}
+
+size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 3; }
+ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
+  return i < 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+}
+
+// z may take y's buffer: y is the projection's output, which nothing else reads
+size_t ORT_API_CALL may_inplace(int** input_index, int** output_index) {
+  *input_index = new (std::nothrow) int[1]{0};
+  *output_index = new (std::nothrow) int[1]{0};
+  if (*input_index == nullptr || *output_index == nullptr) {
+    delete[] *input_index;
+    delete[] *output_index;
+    *input_index = *output_index = nullptr;
+    return 0;
+  }
+  return 1;
+}
+void ORT_API_CALL release_inplace(int* input_index, int* output_index) {
+  delete[] input_index;
+  delete[] output_index;
+}
+
+OrtCustomOp make_op() {
+  OrtCustomOp op = describe_op<Kernel, compute>(create_kernel);
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.GetInputCharacteristic = required;
+  op.GetMayInplace = may_inplace;
+  op.ReleaseMayInplace = release_inplace;
+  return op;
+}
+
+}  // namespace
+
+// onnxruntime calls this when a session registers the library (SessionOptions.register_custom_ops_library).
+extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  return register_op(options, api_base, make_op);
+}
