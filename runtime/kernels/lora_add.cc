@@ -46,7 +46,7 @@ constexpr int kLanes = 4;
 #endif
 constexpr int kParts = 16 / kLanes;
 typedef float fv __attribute__((vector_size(4 * kLanes)));
-constexpr int64_t kPrefetch = 8192;  // bytes ahead in A's and B's streams: decode reads them from memory
+constexpr int64_t kPrefetch = 4096;  // bytes ahead in A's and B's streams, which decode reads from memory: 0.65× → 0.88× merged
 
 struct F16 {
   fv part[kParts];
@@ -237,6 +237,13 @@ ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) 
   return i < 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 }
 
+// z has y's shape (onnxruntime then knows the two are the same size, which it needs to give z y's buffer)
+OrtStatus* ORT_API_CALL infer_shape(const OrtCustomOp*, OrtShapeInferContext* context) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;  // the context's own: not released here
+  if (OrtStatus* status = api->ShapeInferContext_GetInputTypeShape(context, 0, &info)) return status;
+  return api->ShapeInferContext_SetOutputTypeShape(context, 0, info);
+}
+
 // z may take y's buffer: y is the projection's output, which nothing else reads
 size_t ORT_API_CALL may_inplace(int** input_index, int** output_index) {
   *input_index = new (std::nothrow) int[1]{0};
@@ -259,6 +266,7 @@ OrtCustomOp make_op() {
   op.GetInputType = input_type;
   op.GetInputTypeCount = input_count;
   op.GetInputCharacteristic = required;
+  op.InferOutputShapeFn = infer_shape;
   op.GetMayInplace = may_inplace;
   op.ReleaseMayInplace = release_inplace;
   return op;
