@@ -133,7 +133,8 @@ def train(config_file, rank, compute_dtype, resume, quiet, **options):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity gate (not recommended).")
 @click.option("--no-kernels", is_flag=True,
-              help="Write the portable graph alone, without a graph for edge-lora's own int4 kernel (the x86 profile's).")
+              help="Write the portable graph alone, without the graphs for edge-lora's own kernels (the profile's: "
+                   "matmul_q4, lora_add).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_block_size, int4_accuracy_level, int4_head,
            graph, base, force, overwrite, no_validate, no_kernels, quiet):
@@ -198,7 +199,7 @@ def export(adapter_dirs, output, precision, flavor, merge_into, device, int4_blo
               help="Refuse a provider this onnxruntime build lacks instead of falling back to the next one.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (0: one per physical core).")
 @click.option("--no-kernels", is_flag=True,
-              help="Run the export's portable graph even where edge-lora's own int4 kernel would run.")
+              help="Run the export's portable graph even where one of edge-lora's own kernels would run.")
 def run(export_dir, prompt, chat, system, adapter, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
         truncate, seed, stream, device, providers, strict_providers, threads, no_kernels):
     """Generate from an export on the torch-free runtime (onnxruntime).
