@@ -2,6 +2,9 @@
 it replaces, its graph written by the export (export/lora_graph.py) and taken by the runtime where MatMulQ4 is not."""
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -10,6 +13,8 @@ from onnx import TensorProto, helper
 
 from edge_lora.runtime import kernels
 from edge_lora.runtime.kernels import LORA_ADD, lora_blob, lora_table
+
+CHECK = Path(__file__).parent / "kernels" / "lora_add_check.cc"
 
 pytestmark = pytest.mark.skipif(kernels.cpu_problem(LORA_ADD) is not None,
                                 reason=f"LoraAdd cannot run here: {kernels.cpu_problem(LORA_ADD)}")
@@ -105,6 +110,28 @@ def test_cpu_signature_reads_x86_and_arm_lines(tmp_path):
         assert kernels.cpu_signature(arm) == "CPU implementer\t: 0x41\nCPU part\t: 0xd0b\nFeatures\t: fp asimd asimddp"
     finally:
         kernels.cpu_signature.cache_clear()
+
+
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+                    reason="needs aarch64-linux-gnu-g++ and qemu-aarch64 (.ci/run installs them where apt-get can)")
+def test_the_arm_build_adds_the_branches(tmp_path):
+    """The op's NEON code, built for a Cortex-A76 (a Raspberry Pi 5) and run under qemu: its arithmetic against a
+    double-precision sum (tests/kernels/lora_add_check.cc)."""
+    binary = tmp_path / "check"
+    subprocess.run(["aarch64-linux-gnu-g++", "-O3", "-std=c++17", "-mcpu=cortex-a76", "-static",
+                    f"-I{kernels.HERE}", str(CHECK), "-o", str(binary)], check=True, capture_output=True)
+    done = subprocess.run(["qemu-aarch64", str(binary)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.count(" ok\n") == 9 and "lanes 4" in done.stdout
+
+
+def test_the_native_check_agrees(tmp_path):
+    """The same check built for this host: the reference the Arm run is held to passes here too."""
+    binary = tmp_path / "check"
+    subprocess.run(["c++", "-O3", "-std=c++17", "-march=native", f"-I{kernels.HERE}", str(CHECK), "-o", str(binary)],
+                   check=True, capture_output=True)
+    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.count(" ok\n") == 9, done.stdout
 
 
 # ------------------------------------------------------------------------------------ the export and the runtime
