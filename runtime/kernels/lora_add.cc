@@ -81,22 +81,40 @@ inline void add(F16& acc, const F16& a) {
   for (int i = 0; i < kParts; ++i) acc.part[i] += a.part[i];
 }
 
-// t[row][c … c+16) = Σ_k x[row][k] · A[k][c … c+16) for Rows rows of x (A: 16 columns whose rows are `r` bytes
-// apart). One row: four partial sums over k, so that no add waits for the one before it; four rows: each its own
-// sum, A's 16 bytes converted once for them.
-template <int Rows>
+inline F16 load_i8_half(const int8_t* p) {  // 8 int8 → the first 8 of 16 floats, the rest 0 (a rank of 8's A)
+  F16 out = {};
+#if defined(__AVX512F__)
+  out.part[0] = (fv)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  out.part[0] = (fv)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__ARM_NEON)
+  const int16x8_t v = vmovl_s8(vld1_s8(p));
+  out.part[0] = (fv)vcvtq_f32_s32(vmovl_s16(vget_low_s16(v)));
+  out.part[1] = (fv)vcvtq_f32_s32(vmovl_high_s16(v));
+#else
+  for (int i = 0; i < 8; ++i) out.part[i / kLanes][i % kLanes] = static_cast<float>(p[i]);
+#endif
+  return out;
+}
+
+// t[row][c … c+W) = Σ_k x[row][k] · A[k][c … c+W) for Rows rows of x (A's rows `r` bytes apart; W 16, or 8 for a
+// rank of 8 — the rest of a group's 16 lanes then sum zeros). One row: four partial sums over k, so that no add
+// waits for the one before it; four rows: each its own sum, A's bytes converted once for them.
+template <int Rows, int W>
 void down_cols(const float* x, int64_t ldx, const int8_t* a, int64_t r, int64_t k, F16* t) {
+  static_assert(W == 16 || W == 8, "16 or 8 columns of A");
   constexpr int S = Rows == 1 ? 4 : 1;  // partial sums a row
+  auto load = [a, r](int64_t kk) { return W == 16 ? load_i8(a + kk * r) : load_i8_half(a + kk * r); };
   F16 acc[Rows * S] = {};
   int64_t kk = 0;
   for (; kk + S <= k; kk += S)
     for (int s = 0; s < S; ++s) {
       __builtin_prefetch(a + (kk + s) * r + kPrefetch);
-      const F16 av = load_i8(a + (kk + s) * r);
+      const F16 av = load(kk + s);
       for (int row = 0; row < Rows; ++row) fma(acc[row * S + s], x[row * ldx + kk + s], av);
     }
   for (; kk < k; ++kk) {  // what is left of k after the groups of S
-    const F16 av = load_i8(a + kk * r);
+    const F16 av = load(kk);
     for (int row = 0; row < Rows; ++row) fma(acc[row * S], x[row * ldx + kk], av);
   }
   for (int row = 0; row < Rows; ++row) {
@@ -105,25 +123,27 @@ void down_cols(const float* x, int64_t ldx, const int8_t* a, int64_t r, int64_t 
   }
 }
 
-// t = (x · A) ⊙ scale for Rows rows and one pair, 16 columns of A at a time; a rank that is not a multiple of 16
-// ends with a group of A's columns copied beside zeros.
+// t = (x · A) ⊙ scale for Rows rows and one pair, 16 columns of A at a time, then 8; columns left after those (a
+// rank off 8's multiples) are copied beside zeros into 16-byte rows first.
 template <int Rows>
 void down(const Pair& p, const float* x, int64_t ldx, int64_t k, float* t, int64_t ldt) {
   thread_local std::vector<int8_t> padded;
-  for (int64_t c = 0; c < p.r; c += 16) {
+  for (int64_t c = 0; c < p.r;) {
     const int64_t width = std::min<int64_t>(16, p.r - c);
-    const int8_t* a = p.a + c;
-    int64_t stride = p.r;
-    if (width < 16 || p.r < 16) {  // (16 bytes a row of A are read: a rank under 16 has fewer)
+    F16 sums[Rows];
+    if (width == 16) {
+      down_cols<Rows, 16>(x, ldx, p.a + c, p.r, k, sums);
+    } else if (width >= 8) {
+      down_cols<Rows, 8>(x, ldx, p.a + c, p.r, k, sums);
+    } else {
       padded.assign(k * 16, 0);
       for (int64_t kk = 0; kk < k; ++kk) std::memcpy(&padded[kk * 16], p.a + kk * p.r + c, width);
-      a = padded.data();
-      stride = 16;
+      down_cols<Rows, 16>(x, ldx, padded.data(), 16, k, sums);
     }
-    F16 sums[Rows];
-    down_cols<Rows>(x, ldx, a, stride, k, sums);
+    const int64_t done = width == 16 ? 16 : width >= 8 ? 8 : width;
     for (int row = 0; row < Rows; ++row)
-      for (int64_t i = 0; i < width; ++i) t[row * ldt + c + i] = sums[row].part[i / kLanes][i % kLanes] * p.scale[c + i];
+      for (int64_t i = 0; i < done; ++i) t[row * ldt + c + i] = sums[row].part[i / kLanes][i % kLanes] * p.scale[c + i];
+    c += done;
   }
 }
 
