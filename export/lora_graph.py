@@ -141,7 +141,8 @@ def write(export_dir: Path, adapters: dict[str, dict], shared: dict | None = Non
 
 
 def write_adapter(export_dir: Path, file: str, slots: list[list]) -> str:
-    """The LoRA-input form of the adapter at export_dir/file (fp32 A and B by graph input) beside it; its relative path."""
+    """The LoRA-input form of the adapter at export_dir/file (fp32 A and B by graph input) beside it; its relative
+    path."""
     import onnxruntime as ort
 
     from edge_lora.runtime.kernels import lora_blobs

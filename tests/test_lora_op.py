@@ -32,7 +32,8 @@ def lora_session(library, k: int, n: int, slot: int = 0):
                                             helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
                                             helper.make_tensor_value_info("lora", TensorProto.UINT8, ["bytes"])],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(kernels.DOMAIN, 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.register_custom_ops_library(str(library))
@@ -50,7 +51,8 @@ def dequantized(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("ranks", [(16, 0, 8), (32, 24, 64), (1, 17, 48)])
-@pytest.mark.parametrize("shape", [(1,), (1, 1), (37,), (2, 9)])  # decode's one row; prefill's rows, off 4's and 16's multiples
+# decode's one row; prefill's rows, off 4's and 16's multiples
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (37,), (2, 9)])
 def test_lora_add_adds_the_branches(library, shape, ranks):
     """q, k and v's three pairs in one node: rank 0 a projection the adapter leaves alone, ranks off 16's multiples
     ending with a part of a group of A's columns."""
@@ -156,7 +158,8 @@ def test_export_writes_the_lora_graph_over_the_portable_weights(lora_export, ada
     entry = manifest["kernels"][LORA_ADD]
     assert entry["model_file"] == "model.lora.onnx" and entry["data_files"] == ["model.onnx.data"]
     assert entry["nodes"] == len(entry["lora_slots"]) == 2 * 5  # q/k/v packed, o, gate, up, down per layer
-    assert "model.lora.onnx" in manifest["files"] and not any(f.startswith("model.lora.onnx.") for f in manifest["files"])
+    assert "model.lora.onnx" in manifest["files"]
+    assert not any(f.startswith("model.lora.onnx.") for f in manifest["files"])  # no weights of its own
     for name in (adapter_dir.name, second_adapter.name):
         assert entry["adapters"][name]["file"] == f"adapters/{name}.q4.onnx_adapter"
         assert entry["adapters"][name]["file"] in manifest["files"]
@@ -211,7 +214,8 @@ def test_the_runtime_prefers_matmul_q4_then_the_lora_op(lora_export, adapter_dir
         warnings.simplefilter("error")
         generator = runtime.load(both)
     assert generator.kernel == LORA_ADD
-    assert generator.with_adapter(adapter_dir.name).generate("hello:", runtime.SamplingConfig(max_new_tokens=4)).token_ids
+    config = runtime.SamplingConfig(max_new_tokens=4)
+    assert generator.with_adapter(adapter_dir.name).generate("hello:", config).token_ids
 
 
 def test_profile_counts_the_shared_weights_file(lora_export, adapter_dir):

@@ -1,8 +1,9 @@
 // LoraAdd: an adapter's LoRA branches added to a projection's output in one node, an onnxruntime custom op (domain
-// "ai.edge_lora") in portable C++ — no intrinsics: GCC's and Clang's vector extension, lowered for the host it is
-// built on (NEON on an Arm board, AVX2 or AVX-512 on x86-64). export/lora_graph.py writes the graph that uses it: the portable graph
-// with each projection's MatMul → MatMul (→ Concat) → Add LoRA branches, 3–4 onnxruntime nodes a projection and
-// ~20 a layer, replaced by one LoraAdd after the projection's MatMulNBits (BENCHMARKS.md, Runtime).
+// "ai.edge_lora") in portable C++: GCC's and Clang's vector extension, lowered for the host it is built on (NEON on
+// an Arm board, AVX2 or AVX-512 on x86-64), with only int8 → float written per instruction set (and in plain C++ for
+// any other). export/lora_graph.py writes the graph that uses it: the portable graph with each projection's MatMul →
+// MatMul (→ Concat) → Add LoRA branches, 3–4 onnxruntime nodes a projection and ~20 a layer, replaced by one LoraAdd
+// after the projection's MatMulNBits (BENCHMARKS.md, Runtime).
 //
 //   z = y + concat_g((x · A_g) · B_g)
 //
@@ -46,7 +47,7 @@ constexpr int kLanes = 4;
 #endif
 constexpr int kParts = 16 / kLanes;
 typedef float fv __attribute__((vector_size(4 * kLanes)));
-constexpr int64_t kPrefetch = 4096;  // bytes ahead in A's and B's streams, which decode reads from memory: 0.65× → 0.88× merged
+constexpr int64_t kPrefetch = 4096;  // bytes ahead in A's and B's streams, which decode reads from memory
 
 struct F16 {
   fv part[kParts];

@@ -155,7 +155,9 @@ void ORT_API_CALL kernel_destroy(void* kernel) {
 
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
 const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-ONNXTensorElementDataType ORT_API_CALL float_output(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+ONNXTensorElementDataType ORT_API_CALL float_output(const OrtCustomOp*, size_t) {
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
 OrtMemType ORT_API_CALL input_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 int ORT_API_CALL one(const OrtCustomOp*) { return 1; }
@@ -165,7 +167,8 @@ size_t ORT_API_CALL one_output(const OrtCustomOp*) { return 1; }
 // The op's description with what every edge-lora op shares: a CPU op of one float output, the Kernel made by
 // `create` and run by `Compute`, from opset 1 on; the op sets its inputs.
 template <typename Kernel, void (*Compute)(OrtKernelContext*, const Kernel&)>
-OrtCustomOp describe_op(OrtStatus*(ORT_API_CALL* create)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**)) {
+OrtCustomOp describe_op(OrtStatus*(ORT_API_CALL* create)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*,
+                                                          void**)) {
   OrtCustomOp op{};
   op.version = ORT_API_VERSION;
   op.GetName = op_name;
