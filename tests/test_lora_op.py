@@ -189,6 +189,12 @@ def test_runtime_takes_the_lora_graph_and_decodes_as_the_portable_one(lora_expor
         batch = ["hi", "hello there, friend:"]  # prefill's rows for a batch, left-padded
         assert ([r.token_ids for r in a.generate_batch(batch, config)] ==
                 [r.token_ids for r in b.generate_batch(batch, config)]), name
+    # an adapter in the portable form (as serve's uploads come) is converted for this graph as for MatMulQ4's
+    from edge_lora.runtime.lora import Adapter
+
+    upload = Adapter(lora_export / "adapters" / f"{second_adapter.name}.onnx_adapter")
+    np.testing.assert_array_equal(fast.with_adapter("upload", adapter=upload).logits(ids),
+                                  fast.with_adapter(second_adapter.name).logits(ids))
 
 
 def test_the_runtime_prefers_matmul_q4_then_the_lora_op(lora_export, adapter_dir, second_adapter, tmp_path,
