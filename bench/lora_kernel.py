@@ -15,7 +15,8 @@ process, rounds in a rotating order, at each of `--threads`:
 - `fp32_none`, `fused_none`: those two graphs with no adapter bound (every branch at rank 0): what their LoRA
   nodes cost when they have nothing to compute.
 
-It is a measurement: the kernel is not part of the edge-lora package. onnxruntime's wheels carry no C headers;
+It is a measurement: the kernel is not part of the edge-lora package (the LoraAdd that ships, for hosts without
+MatMulQ4, is runtime/kernels/lora_add.cc: portable, int8 A and B, one LoRA input for the graph). onnxruntime's wheels carry no C headers;
 the script takes them from Debian's libonnxruntime-dev 1.21 (API version 21, which onnxruntime 1.21 and later
 serve), fetched once into the workdir, or from `--ort-include`, and compiles with the system's C++ compiler
 for this CPU (`-march=native`).
