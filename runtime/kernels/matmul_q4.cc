@@ -8,7 +8,7 @@
 // (blocks of B = 32 or 64, no zero points) repacked into tiles of 16 columns (below), the scales rounded to
 // float16 as llama.cpp's Q4_0 keeps them (2 bytes a block of a column where fp32 took 4: 5.5% fewer bytes a
 // token at the reference shape; a chain of its products 4% faster, a whole token about 1%); optionally the
-// node's LoRA weights, its slot of the graph's one LoRA input (find_slot, parse_lora): one to three pairs — q, k
+// node's LoRA weights, its slot of the graph's one LoRA input (op_common.h): one to three pairs — q, k
 // and v share one packed product — of A_g (K, r_g) int8 with a scale per column and B_g (r_g, n_g) int8 with a
 // scale per row, B's columns in tiles of 16 as W's, so that a tile's share of B is one contiguous run; Σ n_g = N.
 // Output y (…, N) float.
