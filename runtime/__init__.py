@@ -36,7 +36,7 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
 
     from edge_lora import devices
 
-    export = open_export(export_dir, verify=verify)
+    export = open_export(export_dir, verify=False)  # verified below, once the graph to open is known
     profile = device_profile(export, device)
     if providers is not None:
         requested = [(name, {}) for name in providers]
@@ -56,6 +56,8 @@ def load(export_dir: str | Path, providers: list[str] | None = None, device: str
     if chosen[0][0] != "CPUExecutionProvider":
         allowed = ()  # the kernels are CPU ops: beside an accelerator's nodes they would only add copies
     kernel, library = choose_kernel(export, allowed)
+    if verify:
+        export.verify(kernel)
     model_path = export.path / export.graph_file(kernel)
     try:
         session = make_session(model_path, chosen, threads=threads,

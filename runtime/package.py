@@ -39,6 +39,38 @@ class ExportDir:
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"
 
+    def graph_files(self, kernel: str | None = None) -> set[str]:
+        """The files the graph of `kernel` (None: the portable graph) reads and no other graph's session needs: its
+        model file, its external data (that which the model file's name starts, and the data files it shares) and
+        its adapters' files."""
+        entry = self.manifest["kernels"][kernel] if kernel else self.manifest
+        model = entry["model_file"]
+        own = {name for name in self.manifest["files"] if name == model or name.startswith(model + ".")}
+        own |= set(entry.get("data_files", ()))
+        return own | {adapter["file"] for adapter in entry.get("adapters", {}).values()}
+
+    def verify(self, kernel: str | None = None) -> None:
+        """Check that every listed file a session of `kernel`'s graph (None: the portable graph) reads is there
+        with its recorded sha256: the other graphs' own files (an x86 export carries two copies of the weights,
+        laid out for each) are left unread."""
+        others = set().union(*(self.graph_files(k) for k in (None, *self.manifest.get("kernels", {})) if k != kernel))
+        skip = others - self.graph_files(kernel)
+        for name in self.manifest["files"]:
+            if name not in skip:
+                self.verify_file(name)
+
+    def verify_file(self, name: str) -> None:
+        """ExportError unless the listed file `name` is there with its recorded sha256."""
+        file, expected = self.path / name, self.manifest["files"][name]
+        if not file.exists():
+            raise ExportError(f"{self.path}: {name} is missing — re-run edge-lora export or restore the file")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ExportError(
+                f"{self.path}: {name} sha256 {actual[:12]}… differs from export.json's {expected[:12]}… — "
+                "the file was altered or corrupted; re-run edge-lora export"
+            )
+
     def digest(self) -> str:
         """One digest of the whole export: the sha256 of its sorted file list with their sha256."""
         files = sorted(self.manifest["files"].items())
@@ -46,7 +78,8 @@ class ExportDir:
 
 
 def open_export(path: str | Path, verify: bool = True) -> ExportDir:
-    """Read `export.json`; with `verify`, check that every listed file is there with its recorded sha256."""
+    """Read `export.json`; with `verify`, check that every listed file is there with its recorded sha256
+    (runtime.load checks only those the graph it opens reads: ExportDir.verify)."""
     path = Path(path)
     manifest_path = path / EXPORT_MANIFEST
     if not path.is_dir():
@@ -60,15 +93,8 @@ def open_export(path: str | Path, verify: bool = True) -> ExportDir:
     for key in ("model_file", "files", "kv_cache"):
         if key not in manifest:
             raise ExportError(f"{manifest_path} lacks {key!r} — it was not written by this edge-lora; re-run edge-lora export")
+    export = ExportDir(path, manifest)
     if verify:
-        for name, expected in manifest["files"].items():
-            file = path / name
-            if not file.exists():
-                raise ExportError(f"{path}: {name} is missing — re-run edge-lora export or restore the file")
-            actual = sha256_file(file)
-            if actual != expected:
-                raise ExportError(
-                    f"{path}: {name} sha256 {actual[:12]}… differs from export.json's {expected[:12]}… — "
-                    "the file was altered or corrupted; re-run edge-lora export"
-                )
-    return ExportDir(path, manifest)
+        for name in manifest["files"]:
+            export.verify_file(name)
+    return export

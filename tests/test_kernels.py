@@ -353,3 +353,27 @@ def test_no_kernels_flags(q4_export, adapter_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "plain" / "export.json").read_text())
     assert "kernels" not in manifest and "model.q4.onnx" not in manifest["files"]
+
+
+def test_load_verifies_the_files_of_the_graph_it_opens(q4_export, tmp_path):
+    """An x86 export carries the weights twice (model.onnx.data, model.q4.onnx.data): load hashes what the graph it
+    opens reads, and the files every graph reads, not the other graphs' own."""
+    import shutil
+
+    from edge_lora import runtime
+
+    copy = tmp_path / "export"
+    shutil.copytree(q4_export, copy)
+    with open(copy / "model.onnx.data", "r+b") as f:  # the portable graph's weights, one byte changed
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert runtime.load(copy).kernel == "matmul_q4"
+    for kernels_ in ((), ("lora_add",)):  # both read model.onnx.data
+        with pytest.raises(runtime.ExportError, match=r"model.onnx.data sha256 .* differs from export.json's"):
+            runtime.load(copy, kernels=kernels_)
+    (copy / "model.q4.onnx.data").unlink()
+    with pytest.raises(runtime.ExportError, match=r"model.q4.onnx.data is missing — re-run edge-lora export"):
+        runtime.load(copy)
+    assert runtime.load(copy, verify=False, kernels=()).kernel is None  # (verify=False reads nothing)
