@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_lora.runtime.kernels import DOMAIN, FORMATS, LORA_ADD, LORA_INPUT, lora_blob, lora_table
+from edge_lora.runtime.kernels import DOMAIN, FORMATS, LORA_ADD, LORA_INPUT, lora_blob, lora_blobs, lora_table
 
 MODEL_FILE = "model.lora.onnx"
 LORA_OP = "LoraAdd"
@@ -144,8 +144,6 @@ def write_adapter(export_dir: Path, file: str, slots: list[list]) -> str:
     """The LoRA-input form of the adapter at export_dir/file (fp32 A and B by graph input) beside it; its relative
     path."""
     import onnxruntime as ort
-
-    from edge_lora.runtime.kernels import lora_blobs
 
     params = ort.AdapterFormat.read_adapter(str(export_dir / file)).get_parameters()
     # OrtValue.ortvalue_from_numpy wraps without copying: the blobs stay alive until the file is written

@@ -236,7 +236,7 @@ void compute(OrtKernelContext* context, const Kernel& kernel) {
   if (w.z != y_data && w.m > 0 && w.n > 0) std::memcpy(w.z, y_data, sizeof(float) * w.m * w.n);  // not given y's buffer
   for (const Pair& p : w.pairs) w.rank_total += p.r;
   if (w.m == 0 || w.rank_total == 0) return;
-  if (w.m == 1) {  // decode: a few µs of work, less than handing half of it to another thread costs
+  if (w.m == 1) {  // decode: ~3 µs of work, less than a ParallelFor round trip costs (measured; BENCHMARKS.md)
     add_rows(w, 0, 1);
     return;
   }
