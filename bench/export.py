@@ -55,13 +55,13 @@ def setup(work: Path, shape: dict) -> tuple[Path, Path, Path]:
     base = build_base_model(work / "base", llama_config(**shape))
     train_path, _ = write_task(work / "data", n_train=16, n_eval=4)
     adapter = work / "adapter"
-    code = ("from edge_lora.config import TrainConfig; from edge_lora.trainer import train; "
+    code = ("from edge_lora.train.config import TrainConfig; from edge_lora.train.loop import train; "
             f"train(TrainConfig(model={str(base)!r}, data={str(train_path)!r}, output={str(adapter)!r}, max_steps=2, "
             "batch_size=4, learning_rate=1e-3), show_progress=False)")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     merged = work / "merged"
     code = ("import json, torch; from pathlib import Path; "
-            "from edge_lora.export.reference import qlora_model, full_precision_base; "
+            "from edge_lora.train.reference import qlora_model, full_precision_base; "
             "from edge_lora.export.merge import merged_weights; "
             f"a, b = Path({str(adapter)!r}), Path({str(base)!r}); m = json.loads((a / 'edge_lora.json').read_text()); "
             "ref = qlora_model(a, b, m); fp = full_precision_base(b)\n"

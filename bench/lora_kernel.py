@@ -16,7 +16,7 @@ process, rounds in a rotating order, at each of `--threads`:
   nodes cost when they have nothing to compute.
 
 It is a measurement: the kernel is not part of the edge-lora package (the LoraAdd that ships, for hosts without
-MatMulQ4, is runtime/kernels/lora_add.cc: portable, int8 A and B, one LoRA input for the graph). onnxruntime's wheels carry no C headers;
+MatMulQ4, is runtime/kernels/src/lora_add.cc: portable, int8 A and B, one LoRA input for the graph). onnxruntime's wheels carry no C headers;
 the script takes them from Debian's libonnxruntime-dev 1.21 (API version 21, which onnxruntime 1.21 and later
 serve), fetched once into the workdir, or from `--ort-include`, and compiles with the system's C++ compiler
 for this CPU (`-march=native`).
@@ -95,7 +95,7 @@ def build_kernel(workdir: Path, include: Path) -> Path:
 
 
 def fuse_export(src: Path, dst: Path) -> None:
-    """Copy the adapters export `src` to `dst` with each projection's LoRA branches (export/builder_graph.py's
+    """Copy the adapters export `src` to `dst` with each projection's LoRA branches (export/graphs/builder.py's
     MatMul → MatMul [→ Concat] → Add) replaced by one LoraAdd node, and its adapter's A and B in fp16."""
     import numpy as np
     import onnx
@@ -175,8 +175,8 @@ def kv_shape(export: Path) -> tuple[int, tuple[int, int]]:
 
 
 def generate(session, export: Path, adapter, prompt: list[int], new_tokens: int) -> float:
-    """Greedy decode through edge-lora's builder-graph cache (runtime/fused.py); decode tok/s after the first token."""
-    from edge_lora.runtime.fused import SharedCache
+    """Greedy decode through edge-lora's builder-graph cache (runtime/cache.py); decode tok/s after the first token."""
+    from edge_lora.runtime.cache import SharedCache
 
     layers, shape = kv_shape(export)
     cache = SharedCache(session, layers, shape, [prompt], new_tokens, adapter)
@@ -218,7 +218,7 @@ def check_numerics(work: Path, kernel: Path, block: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from edge_lora.runtime.fused import SharedCache
+    from edge_lora.runtime.cache import SharedCache
     from edge_lora.runtime.lora import map_tensors
 
     plain, plain_file = system_paths(work, "adapters_fp32", block)

@@ -15,12 +15,12 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
   Every edge-lora export quantizes int4 in blocks of `--int4-block-size`: 64 by default, as the CPU device
   profiles do, which stores 4.5 bits a weight (fp32 scales), as Q4_0 does (fp16 scales over 32); genai's
   builder defaults to 32 (5 bits). Larger blocks run faster and round more coarsely.
-  Where the export carries a graph for edge-lora's int4 kernel (export/q4_graph.py: the x86 CPU profile lists
+  Where the export carries a graph for edge-lora's int4 kernel (export/kernel_graphs/q4.py: the x86 CPU profile lists
   `matmul_q4`) and the kernel builds on the host, the runtime runs that graph, and so does this system.
 - `edge_lora_builder_portable`, `edge_lora_builder_adapters_portable`: the same two exports on their portable
   graphs (`runtime.load(..., kernels=())`): onnxruntime's MatMulNBits, as genai runs.
 - `edge_lora_builder_adapters_lora`: the adapters export on its graph for edge-lora's LoRA op
-  (`runtime.load(..., kernels=("lora_add",))`, export/lora_graph.py): the portable graph's MatMulNBits with each
+  (`runtime.load(..., kernels=("lora_add",))`, export/kernel_graphs/lora_add.py): the portable graph's MatMulNBits with each
   projection's LoRA branches in one LoraAdd node — what a host without AVX-512 VNNI runs (an AVX2 laptop, an Arm
   board), to be compared with `edge_lora_builder_portable`, the merged model there.
 - `edge_lora_adapters`: the same adapter kept apart (`--flavor adapters`), active through `with_adapter` (the
@@ -126,9 +126,9 @@ def build_base(out: Path, shape: dict) -> None:
 
 
 def build_adapter(work: Path, out: Path) -> None:
-    from edge_lora.config import TrainConfig
+    from edge_lora.train.config import TrainConfig
     from edge_lora.demo.task import write_task
-    from edge_lora.trainer import train
+    from edge_lora.train.loop import train
 
     # One optimizer step: speed does not depend on what the adapter learned, only on its shapes (LoRA r 16 on
     # every linear layer, TrainConfig's defaults).
@@ -489,9 +489,9 @@ def read_bandwidth_gb_s(threads: int, mb_per_thread: int = 512, repeats: int = 5
 
 
 def onnx_bytes_per_token(model_path: Path) -> int:
-    """Bytes of the initializers a decode step reads, as edge-lora's profiler counts them (runtime/weights.py):
+    """Bytes of the initializers a decode step reads, as edge-lora's profiler counts them (runtime/profile/weights.py):
     one row of a table only a Gather reads (through Reshapes: a shared embedding's), all of every other."""
-    from edge_lora.runtime.weights import read_graph_weights
+    from edge_lora.runtime.profile.weights import read_graph_weights
 
     return read_graph_weights(model_path).bytes_per_token
 
@@ -513,7 +513,7 @@ def files_mb(*paths: Path) -> float:
 def profile_child(work: Path, args) -> None:
     """Trace one edge-lora generation (after warm-ups) with onnxruntime's profiler; write work/profile.json."""
     from edge_lora import runtime
-    from edge_lora.runtime.trace import summarize_trace
+    from edge_lora.runtime.profile.trace import summarize_trace
 
     vocab = (QUICK if args.quick else REFERENCE)["vocab_size"]
     export = work / ARTIFACTS["edge_lora"]

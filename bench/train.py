@@ -9,7 +9,7 @@ batch in the same order, for the same number of optimizer steps, in the same com
 default: what edge-lora picks on this machine — bfloat16 on a CPU with AVX512-BF16 or AMX, else float32 — and the
 Trainer side then runs the same: bf16 4-bit compute, the model loaded in bf16, `TrainingArguments(bf16=True)`):
 
-- edge-lora: `edge_lora.trainer.train(TrainConfig(...))` as it is — samples packed into rows of at most
+- edge-lora: `edge_lora.train.loop.train(TrainConfig(...))` as it is — samples packed into rows of at most
   `--pack-length` tokens, gradient checkpointing off (its default) unless `--edge-lora-checkpointing`.
 - Trainer: the recipe users copy — `BitsAndBytesConfig` NF4 load, `prepare_model_for_kbit_training`,
   `get_peft_model`, `Trainer` with `gradient_checkpointing=True` and `DataCollatorForSeq2Seq` padding to
@@ -195,8 +195,8 @@ def run_edge_lora(work: Path, args, clock: TurnClock) -> dict:
     """edge-lora's trainer as shipped; `pack`, `add_lora` and `progress_bar` are wrapped only to observe it."""
     import torch
 
-    import edge_lora.trainer as trainer
-    from edge_lora.config import LoraConfig, QuantConfig, TrainConfig
+    import edge_lora.train.loop as trainer
+    from edge_lora.train.config import LoraConfig, QuantConfig, TrainConfig
 
     torch.set_num_threads(args.threads)
     batches, seen = [], {}
@@ -252,7 +252,7 @@ def run_trainer(work: Path, args, clock: TurnClock) -> dict:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                               PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
-    from edge_lora.data import batch_order
+    from edge_lora.train.data import batch_order
 
     quiet_logs()
     torch.set_num_threads(args.threads)
@@ -323,8 +323,8 @@ def resolved_dtype(args) -> str:
     """--compute-dtype with auto resolved as edge-lora resolves it here: "float32" or "bfloat16"."""
     if args.compute_dtype != "auto":
         return args.compute_dtype
-    from edge_lora.config import QuantConfig
-    from edge_lora.modeling import compute_dtype
+    from edge_lora.train.config import QuantConfig
+    from edge_lora.train.qlora import compute_dtype
 
     return str(compute_dtype(QuantConfig())).removeprefix("torch.")
 

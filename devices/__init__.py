@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
+from edge_lora.formats import DEFAULT_DEVICE, Flavor, Graph, Precision
+
 __all__ = [
     "DeviceProfile",
     "DeviceProfileError",
@@ -33,9 +35,6 @@ __all__ = [
 ]
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
-Precision = Literal["fp32", "fp16", "int8", "int4"]
-Flavor = Literal["merged", "adapters"]
-Graph = Literal["optimum", "builder", "auto"]
 
 # onnxruntime.get_all_providers() of onnxruntime 1.32, so that a misspelt name fails when the profile loads
 # rather than when a session is built on the device.
@@ -261,7 +260,7 @@ def closest(host: HostInfo) -> str:
         return "android-phone"
     if host.arch == "aarch64":
         return "arm64-a76"
-    return "cpu-x86-64"  # also the generic CPU-only profile for any other architecture
+    return DEFAULT_DEVICE  # also the generic CPU-only profile for any other architecture
 
 
 # --- checking a profile -------------------------------------------------------------------------------------

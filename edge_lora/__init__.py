@@ -5,13 +5,13 @@ Importing this package is light (no torch): each stage imports its dependencies 
 
 from pathlib import Path
 
-from edge_lora.config import LoraConfig, QuantConfig, TrainConfig
+from edge_lora.train.config import LoraConfig, QuantConfig, TrainConfig
 
 __all__ = ["train", "TrainConfig", "QuantConfig", "LoraConfig"]
 
 
 def train(config: TrainConfig, show_progress: bool = True, resume: bool = False) -> Path:
-    """QLoRA training (see edge_lora.trainer.train): returns the adapter dir."""
-    from edge_lora.trainer import train as run_training
+    """QLoRA training (see edge_lora.train.loop.train): returns the adapter dir."""
+    from edge_lora.train.loop import train as run_training
 
     return run_training(config, show_progress=show_progress, resume=resume)

@@ -13,6 +13,7 @@ import sys
 import click
 
 from edge_lora.errors import UsageError
+from edge_lora.formats import ADAPTER_MANIFEST, FLAVORS, GRAPHS, PRECISIONS
 
 EXIT_BAD_INPUT = 2
 
@@ -85,7 +86,7 @@ def train(config_file, rank, compute_dtype, resume, quiet, **options):
     Example:  edge-lora train --model demo-out/base --data demo-out/data/train.jsonl --output my-adapter --max-steps 300 --lr 2e-3
               edge-lora train --config examples/date-reformat.toml
     """
-    from edge_lora.config import TrainConfig, load_toml
+    from edge_lora.train.config import TrainConfig, load_toml
 
     given = {k: v for k, v in options.items() if v is not None}
     if config_file:
@@ -100,20 +101,20 @@ def train(config_file, rank, compute_dtype, resume, quiet, **options):
     if compute_dtype is not None:
         config = config.with_overrides(quant={"compute_dtype": compute_dtype})
 
-    from edge_lora.trainer import train as run_training
+    from edge_lora.train.loop import train as run_training
 
     out = run_training(config, show_progress=not quiet, resume=resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from the main process is enough
-        metrics = json.loads((out / "edge_lora.json").read_text())["metrics"]
+        metrics = json.loads((out / ADAPTER_MANIFEST).read_text())["metrics"]
         click.echo(f"adapter written to {out}: final loss {metrics['train_loss']:.4f}, {metrics['seconds_per_step']:.3f} s/step")
 
 
 @cli.command()
 @click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--output", required=True, help="Export dir to write (built in a temporary dir, then renamed).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Weight precision [default: fp32, or the device profile's].")
-@click.option("--flavor", type=click.Choice(["merged", "adapters"]), default=None,
+@click.option("--flavor", type=click.Choice(FLAVORS), default=None,
               help="Merge one adapter into the base, or keep several apart beside one base graph [default: merged].")
 @click.option("--merge-into", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
               help="Merge onto the dequantized 4-bit weights the adapter was trained against, or the original ones.")
@@ -124,7 +125,7 @@ def train(config_file, rank, compute_dtype, resume, quiet, **options):
               help="MatMulNBits accuracy_level: 4 = int8 activations [default: 4, or the device profile's].")
 @click.option("--int4-head/--no-int4-head", default=True, show_default=True,
               help="Quantize the output head (and a tied embedding's MatMul) to int4 too.")
-@click.option("--graph", type=click.Choice(["optimum", "builder", "auto"]), default=None,
+@click.option("--graph", type=click.Choice(GRAPHS), default=None,
               help="Graph writer: optimum's exporter, onnxruntime-genai's model builder (fused attention, "
                    "Llama-family, fp32 or int4), or auto (the builder where it applies). Default: the "
                    "--device profile's, else auto.")
@@ -295,7 +296,7 @@ def serve(export_dir, host, port, api_key, workers, queue_size, queue_timeout, m
                    -d '{"model": "export-int4", "prompt": "2024-03-17 ->", "max_tokens": 16}'
     """
     try:
-        from edge_lora.runtime.server import ServeConfig, ServeError, serve as run_server
+        from edge_lora.runtime.serve.app import ServeConfig, ServeError, serve as run_server
     except ImportError as e:
         raise UsageError(f"serving needs FastAPI and uvicorn ({e}) — pip install 'edge-lora[serve]'") from None
     try:
@@ -320,7 +321,7 @@ def serve_admin():
 
 
 def admin_call(call, *args) -> None:
-    from edge_lora.runtime.serve_admin_client import AdminClientError
+    from edge_lora.runtime.serve.client import AdminClientError
 
     try:
         click.echo(json.dumps(call(*args), indent=2))
@@ -344,7 +345,7 @@ def serve_admin_push(url, name, adapter_file, api_key):
     \b
     Example:  edge-lora serve-admin push http://127.0.0.1:8000 my-adapter v2/adapters/my-adapter.onnx_adapter
     """
-    from edge_lora.runtime.serve_admin_client import push
+    from edge_lora.runtime.serve.client import push
 
     admin_call(push, url, name, adapter_file, api_key)
 
@@ -359,7 +360,7 @@ def serve_admin_rollback(url, name, api_key):
     \b
     Example:  edge-lora serve-admin rollback http://127.0.0.1:8000 my-adapter
     """
-    from edge_lora.runtime.serve_admin_client import rollback
+    from edge_lora.runtime.serve.client import rollback
 
     admin_call(rollback, url, name, api_key)
 
@@ -373,7 +374,7 @@ def serve_admin_list(url, api_key):
     \b
     Example:  edge-lora serve-admin list http://127.0.0.1:8000
     """
-    from edge_lora.runtime.serve_admin_client import adapters
+    from edge_lora.runtime.serve.client import adapters
 
     admin_call(adapters, url, api_key)
 
@@ -428,8 +429,8 @@ def profile_measure(export_dirs, device, providers, threads, prompt_lens, adapte
               edge-lora profile my-export --providers CUDAExecutionProvider,CPUExecutionProvider --trace --out prof
               edge-lora profile shared-export --adapters my-adapter --threads 2 --out prof
     """
-    from edge_lora.runtime.profile import ProfileSettings, profile as run_profile
-    from edge_lora.runtime.report import PLOTS_SKIPPED, render_adapter_table, render_table, write_report
+    from edge_lora.runtime.profile.sweep import ProfileSettings, profile as run_profile
+    from edge_lora.runtime.profile.report import PLOTS_SKIPPED, render_adapter_table, render_table, write_report
 
     settings = ProfileSettings(
         threads=csv_ints(threads, "--threads"), prompt_lens=csv_ints(prompt_lens, "--prompt-lens"),
@@ -462,7 +463,7 @@ def profile_compare(reports, fail_if_slower):
     Example:  edge-lora profile compare base/profile.json new/profile.json --fail-if-slower 10%
               edge-lora profile compare prof/profile.json
     """
-    from edge_lora.runtime.compare import compare, load_report, parse_margin
+    from edge_lora.runtime.profile.compare import compare, load_report, parse_margin
 
     margin = None if fail_if_slower is None else parse_margin(fail_if_slower)
     table, regressions = compare([load_report(path) for path in reports], margin, names=list(reports))
@@ -639,7 +640,7 @@ def bad_input_types() -> tuple[type[Exception], ...]:
     """Errors that mean the user's input was wrong; each carries a one-line message with the fix."""
     from edge_lora.devices import DeviceProfileError
     from edge_lora.runtime import ChatError, ExportError, PromptError, ProviderError
-    from edge_lora.runtime.profile import ProfileError
+    from edge_lora.runtime.profile.sweep import ProfileError
 
     return UsageError, DeviceProfileError, ExportError, PromptError, ProviderError, ProfileError, ChatError
 

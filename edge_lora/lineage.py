@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 from edge_lora.errors import UsageError
-from edge_lora.runtime.package import EXPORT_MANIFEST, ExportDir, sha256_file
+from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST
+from edge_lora.runtime.package import ExportDir, sha256_file
 
-ADAPTER_MANIFEST = "edge_lora.json"  # edge_lora.manifest.MANIFEST; that module imports safetensors at call time only
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -57,7 +57,7 @@ def file_status(path: str | Path, sha256: str) -> str:
 def base_node(base: dict, verify: bool) -> dict:
     node = {"kind": "base", "path": base["model"], "fingerprint": base["fingerprint"], "status": "not checked"}
     if verify:
-        from edge_lora import manifest as adapter_manifest  # safetensors and torch: the train extra
+        from edge_lora.train import manifest as adapter_manifest  # safetensors and torch: the train extra
 
         model_dir = Path(base["model"])
         if not (model_dir / "config.json").is_file():

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_lora.formats import ADAPTER_SUFFIX
+
 RANK_DIM = "lora_rank"
-ADAPTER_SUFFIX = ".onnx_adapter"
 
 
 def input_names(module: str) -> tuple[str, str]:
@@ -111,7 +112,8 @@ def adapter_tensors(peft_model, adapter: str, dtype=np.float32) -> dict[str, np.
     """{graph input name: value} of one adapter: Aᵀ (in, r) and (B · scaling)ᵀ (r, out) per adapted layer."""
     from peft.tuners.lora import LoraLayer
 
-    from edge_lora.export.merge import MergeError, base_param_name
+    from edge_lora.export.merge import MergeError
+    from edge_lora.train.qlora import base_param_name
 
     tensors = {}
     for name, layer in peft_model.named_modules():

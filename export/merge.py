@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 from edge_lora.errors import UsageError
+from edge_lora.train.qlora import base_param_name, dequantized_weights, made_from_conv1d
 
 MergeInto = Literal["dequantized", "original"]
 
@@ -24,23 +25,6 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fan_i
     return delta.T if fan_in_fan_out else delta
 
 
-def dequantized_weight(layer) -> torch.Tensor:
-    """The fp32 weight a bitsandbytes 4-bit layer computes with (the NF4/FP4 codes times their block scales)."""
-    import bitsandbytes.functional as bnbf
-
-    weight = layer.weight
-    return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-
-
-def made_from_conv1d(layer) -> bool:
-    """Whether transformers made this 4-bit layer from a Conv1D (GPT-2): it then quantized the weight transposed
-    to (out, in), while the model's parameter of that name is stored (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-
-    source = getattr(layer, "source_cls", None)  # set by transformers' bitsandbytes integration
-    return source is not None and issubclass(source, Conv1D)
-
-
 def stored_in_out(module) -> bool:
     """Whether the base parameter a PEFT LoRA layer merges into is stored (in, out).
 
@@ -49,19 +33,6 @@ def stored_in_out(module) -> bool:
     has to be read from the 4-bit layer.
     """
     return bool(module.fan_in_fan_out) or made_from_conv1d(module.get_base_layer())
-
-
-def dequantized_weights(model) -> dict[str, torch.Tensor]:
-    """{base parameter name: fp32 weight} of every 4-bit layer, in the layout of the base model's parameter:
-    the weights the adapter was trained against, LoRA target or not."""
-    import bitsandbytes as bnb
-
-    weights = {}
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = dequantized_weight(module)  # (out, in), whatever layer it was made from
-            weights[base_param_name(name.removesuffix(".base_layer"))] = weight.T if made_from_conv1d(module) else weight
-    return weights
 
 
 def merged_weights(peft_model, original_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -104,10 +75,3 @@ def merged_weights(peft_model, original_state: dict[str, torch.Tensor] | None = 
             raise MergeError(f"{name}: merging adapter {adapter!r} gives non-finite weights — the adapter is broken (NaN/inf in its tensors)")
         merged[key] = weight
     return merged
-
-
-def base_param_name(peft_module_name: str) -> str:
-    """'base_model.model.model.layers.0.self_attn.q_proj' -> 'model.layers.0.self_attn.q_proj.weight'."""
-    prefix = "base_model.model."
-    name = peft_module_name[len(prefix):] if peft_module_name.startswith(prefix) else peft_module_name
-    return name + ".weight"

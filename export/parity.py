@@ -86,7 +86,7 @@ TASK_SAMPLES = 32
 
 def task_accuracy(reference_model, generator, tokenizer, samples: list[dict]) -> dict:
     """Held-out exact match of the ONNX model and of the PyTorch reference on the same eval samples."""
-    from edge_lora.evaluate import runtime_exact_match, torch_exact_match
+    from edge_lora.eval.accuracy import runtime_exact_match, torch_exact_match
 
     samples = samples[:TASK_SAMPLES]
     longest = max(len(tokenizer(s["completion"], add_special_tokens=False)["input_ids"]) for s in samples)

@@ -11,21 +11,20 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from edge_lora import devices
-from edge_lora import manifest as adapter_manifest
-from edge_lora.data import read_jsonl
+from edge_lora.train import manifest as adapter_manifest
+from edge_lora.train.data import read_jsonl
 from edge_lora.errors import UsageError
-from edge_lora.export import builder_graph
-from edge_lora.export.builder_graph import PRECISIONS as BUILDER_PRECISIONS
+from edge_lora.export.graphs import builder as builder_graph
+from edge_lora.export.graphs.builder import PRECISIONS as BUILDER_PRECISIONS
 from edge_lora.export.merge import MergeInto, merged_weights
-from edge_lora.export.onnx_graph import MODEL_FILE, PRECISIONS, Precision, export_onnx, quantize, supported_model_types
+from edge_lora.export.graphs.optimum import export_onnx, quantize, supported_model_types
+from edge_lora.formats import ADAPTER_SUFFIX, DEFAULT_DEVICE, EXPORT_MANIFEST, FLAVORS, PORTABLE_GRAPH, PRECISIONS, Flavor, Graph, Precision
 from edge_lora.export.parity import FALLBACK_PROMPTS, check
-from edge_lora.export.reference import base_dir_of, fp32_twin, full_precision_base, qlora_model
+from edge_lora.train.reference import base_dir_of, fp32_twin, full_precision_base, qlora_model
 from edge_lora.lineage import export_lineage
 from edge_lora.progress import progress_bar
-from edge_lora.runtime.package import EXPORT_MANIFEST, sha256_file
+from edge_lora.runtime.package import sha256_file
 
-Flavor = Literal["merged", "adapters"]
-Graph = Literal["optimum", "builder", "auto"]
 FORMAT_VERSION = 1
 PARITY_PROMPTS = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -51,7 +50,7 @@ class ExportOptions:
     """MatMulNBits accuracy_level: 4 computes with int8 activations on CPUs that have VNNI/AVX-512."""
     int4_head: bool = True
     """Quantize the output head's MatMul (a tied embedding's too) to int4; False keeps it in fp32."""
-    device: str = "cpu-x86-64"
+    device: str = DEFAULT_DEVICE
     """Device profile the export is made for; recorded in export.json and used by the runtime."""
     validate: bool = True
     """Run the parity gate and refuse an export that fails it."""
@@ -61,16 +60,16 @@ class ExportOptions:
     one shared buffer, about 14 nodes a layer, 1.9× decode); "auto", the builder where it writes the architecture
     and precision asked for, optimum's exporter otherwise (export.json records which)."""
     kernels: tuple[str, ...] | None = None
-    """edge-lora kernels to write a graph for beside the portable one: "matmul_q4" (export/q4_graph.py), for a
-    builder int4 graph in blocks of 32 or 64 with accuracy_level 4; "lora_add" (export/lora_graph.py), for a builder
+    """edge-lora kernels to write a graph for beside the portable one: "matmul_q4" (export/kernel_graphs/q4.py), for a
+    builder int4 graph in blocks of 32 or 64 with accuracy_level 4; "lora_add" (export/kernel_graphs/lora_add.py), for a builder
     int4 `adapters` graph. None: those the device profile lists."""
 
     def __post_init__(self):
         problems = []
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.flavor not in ("merged", "adapters"):
-            problems.append(f"flavor {self.flavor!r} is not one of merged, adapters")
+        if self.flavor not in FLAVORS:
+            problems.append(f"flavor {self.flavor!r} is not one of {', '.join(FLAVORS)}")
         if self.merge_into not in ("dequantized", "original"):
             problems.append(f"merge_into {self.merge_into!r} is not one of dequantized, original")
         if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
@@ -143,7 +142,7 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
                 builder_graph.build_graph(model, model_dir, final, options.precision, options.int4_block_size,
                                           options.int4_accuracy_level, options.int4_head, TOKENIZER_FILES)
                 if options.flavor == "adapters":
-                    builder_graph.add_lora_inputs(final / MODEL_FILE, lora_modules(reference), model.config)
+                    builder_graph.add_lora_inputs(final / PORTABLE_GRAPH, lora_modules(reference), model.config)
                 advance(1, "builder graph")
             else:
                 fp32_dir = work / "fp32"
@@ -152,7 +151,7 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
                     add_lora_to_graph(graph, reference)
                 advance(1, "ONNX graph")
                 final.mkdir()
-                quantize(graph, final / MODEL_FILE, options.precision, options.int4_block_size,
+                quantize(graph, final / PORTABLE_GRAPH, options.precision, options.int4_block_size,
                          options.int4_accuracy_level, options.int4_head)
                 for name in TOKENIZER_FILES:
                     if (fp32_dir / name).exists():
@@ -221,7 +220,7 @@ def load_weights(model, reference, options: ExportOptions, manifest: dict, token
     import numpy as np
     import torch
 
-    from edge_lora.export.merge import dequantized_weights
+    from edge_lora.train.qlora import dequantized_weights
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
     if options.flavor == "adapters":
@@ -256,7 +255,7 @@ def lora_modules(reference) -> dict[str, tuple[int, int]]:
     """{base module name: (in_features, out_features)} of every layer any adapter adapts."""
     from peft.tuners.lora import LoraLayer
 
-    from edge_lora.export.merge import base_param_name
+    from edge_lora.train.qlora import base_param_name
 
     return {base_param_name(name).removesuffix(".weight"): (layer.in_features, layer.out_features)
             for name, layer in reference.named_modules() if isinstance(layer, LoraLayer)}
@@ -267,7 +266,7 @@ def add_lora_to_graph(graph_path: Path, reference) -> None:
     import onnx
 
     from edge_lora.export.adapters import add_lora_inputs
-    from edge_lora.export.onnx_graph import save_model
+    from edge_lora.export.graphs.optimum import save_model
 
     save_model(add_lora_inputs(onnx.load(str(graph_path)), lora_modules(reference)), graph_path)
 
@@ -277,7 +276,7 @@ def write_adapters(export_dir: Path, reference, names: list[str], dirs: list[Pat
     """adapters/<name>.onnx_adapter for each adapter; their entries for export.json."""
     import numpy as np
 
-    from edge_lora.export.adapters import ADAPTER_SUFFIX, adapter_tensors, write_adapter
+    from edge_lora.export.adapters import adapter_tensors, write_adapter
 
     (export_dir / "adapters").mkdir()
     dtype = np.float16 if options.precision == "fp16" else np.float32  # the graph's LoRA inputs' type
@@ -293,9 +292,9 @@ def write_adapters(export_dir: Path, reference, names: list[str], dirs: list[Pat
 
 def write_kernel_graphs(export_dir: Path, export_json: dict, options: ExportOptions) -> dict:
     """{kernel: export.json entry} for each kernel graph written beside the portable one, in the order the runtime
-    prefers them: matmul_q4's (export/q4_graph.py), then, for an `adapters` export, lora_add's
-    (export/lora_graph.py), which takes matmul_q4's adapter files where the two take the same LoRA input."""
-    from edge_lora.export import lora_graph, q4_graph
+    prefers them: matmul_q4's (export/kernel_graphs/q4.py), then, for an `adapters` export, lora_add's
+    (export/kernel_graphs/lora_add.py), which takes matmul_q4's adapter files where the two take the same LoRA input."""
+    from edge_lora.export.kernel_graphs import lora_add as lora_graph, q4 as q4_graph
 
     kernels = devices.load(options.device).kernels if options.kernels is None else options.kernels
     if options.graph != "builder" or options.precision != "int4":
@@ -327,7 +326,7 @@ def describe(export_dir: Path, config, manifest: dict, adapter_dir: Path, option
     """export.json without the parity report: graph signature, KV-cache layout, source, files."""
     import onnx
 
-    proto = onnx.load(str(export_dir / MODEL_FILE), load_external_data=False)
+    proto = onnx.load(str(export_dir / PORTABLE_GRAPH), load_external_data=False)
     graph = proto.graph
 
     def signature(values):
@@ -345,7 +344,7 @@ def describe(export_dir: Path, config, manifest: dict, adapter_dir: Path, option
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "options": options.__dict__,
         "device": options.device,
-        "model_file": MODEL_FILE,
+        "model_file": PORTABLE_GRAPH,
         "source_adapter": {"path": str(adapter_dir.resolve()), "manifest": manifest},
         "inputs": signature(graph.input),
         "outputs": signature(graph.output),

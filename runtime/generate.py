@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_lora.runtime.chat import ChatError, ChatTemplate
-from edge_lora.runtime.fused import SharedCache
+from edge_lora.runtime.cache import SharedCache
 from edge_lora.runtime.package import ExportDir
 from edge_lora.runtime.sampling import PromptError, SamplingConfig, penalize_repetition, pick
 from edge_lora.runtime.tokenizer import StopStrings, StreamDecoder, TextTokenizer

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-EXPORT_MANIFEST = "export.json"
+from edge_lora.formats import EXPORT_MANIFEST, TOKENIZER_FILE
+
 
 
 class ExportError(ValueError):
@@ -37,7 +38,7 @@ class ExportDir:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.json"
+        return self.path / TOKENIZER_FILE
 
     def graph_files(self, kernel: str | None = None) -> set[str]:
         """The files the graph of `kernel` (None: the portable graph) reads and no other graph's session needs: its

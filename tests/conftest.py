@@ -42,8 +42,8 @@ def task_files(workdir) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def adapter_dir(workdir, base_dir, task_files) -> Path:
-    from edge_lora.config import TrainConfig
-    from edge_lora.trainer import train
+    from edge_lora.train.config import TrainConfig
+    from edge_lora.train.loop import train
 
     train_path, eval_path = task_files
     config = TrainConfig(model=str(base_dir), data=str(train_path), eval_data=str(eval_path),
@@ -55,8 +55,8 @@ def adapter_dir(workdir, base_dir, task_files) -> Path:
 @pytest.fixture(scope="session")
 def second_adapter(base_dir, tmp_path_factory):
     """Another adapter on the same base: other data, other targets, other rank (8, on q, v and down only)."""
-    from edge_lora.config import LoraConfig, TrainConfig
-    from edge_lora.trainer import train
+    from edge_lora.train.config import LoraConfig, TrainConfig
+    from edge_lora.train.loop import train
 
     work = tmp_path_factory.mktemp("second")
     data = work / "upper.jsonl"

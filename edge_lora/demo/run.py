@@ -11,10 +11,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edge_lora.config import QuantConfig, TrainConfig
+from edge_lora.train.config import QuantConfig, TrainConfig
 from edge_lora.demo.runtime_check import LATENCY_SETTINGS
 from edge_lora.demo.task import write_task
 from edge_lora.errors import UsageError
+from edge_lora.formats import ADAPTER_MANIFEST
 
 # The issue's reference recipe, shortened: the date task converges in a few hundred steps.
 # fp32 even on a CPU with bf16: at the demo model's width (hidden 128) bf16's casts cost more than its matmuls
@@ -55,7 +56,7 @@ def run_demo(workdir: str | Path, console: Console | None = None, training_overr
     gate = steps.run("regression gate: ONNX int4 against fp32 on the same prompts", regression_gate, onnx["fp32"],
                      onnx["int4"], eval_path)
 
-    manifest = json.loads((adapter_dir / "edge_lora.json").read_text())
+    manifest = json.loads((adapter_dir / ADAPTER_MANIFEST).read_text())
     summary = {
         "task": "ISO date -> DD.MM.YYYY, held-out exact match",
         "eval_samples": torch_acc["total"],
@@ -108,7 +109,7 @@ def build_base(workdir: Path) -> Path:
 
 
 def train_adapter(config: TrainConfig) -> Path:
-    from edge_lora.trainer import train
+    from edge_lora.train.loop import train
 
     return train(config)
 
@@ -116,11 +117,11 @@ def train_adapter(config: TrainConfig) -> Path:
 def torch_accuracy(base_dir: Path, adapter_dir: Path, eval_path: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from edge_lora.evaluate import torch_exact_match
-    from edge_lora.export.reference import qlora_model
+    from edge_lora.eval.accuracy import torch_exact_match
+    from edge_lora.train.reference import qlora_model
 
     samples = [json.loads(line) for line in eval_path.read_text().splitlines()]
-    manifest = json.loads((adapter_dir / "edge_lora.json").read_text())
+    manifest = json.loads((adapter_dir / ADAPTER_MANIFEST).read_text())
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = qlora_model(adapter_dir, base_dir, manifest)
     qlora = torch_exact_match(model, tokenizer, samples, MAX_NEW_TOKENS)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_lora.data import SHAPES, read_jsonl, split_record
+from edge_lora.train.data import SHAPES, read_jsonl, split_record
 from edge_lora.errors import UsageError
 
 

@@ -1,5 +1,5 @@
 """What can be evaluated: an export dir on the runtime (no torch), or an adapter dir in PyTorch — the 4-bit base
-with the adapter on top, loaded as the export's reference is (export/reference.py).
+with the adapter on top, loaded as the export's reference is (edge_lora/train/reference.py).
 
 Both tokenize with the `tokenizers` library from the dir's tokenizer.json and render chat prompts with
 edge_lora.runtime.chat, so that the two kinds of target see the same token ids for the same sample.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_lora.formats import ADAPTER_MANIFEST
 from edge_lora.eval.samples import EvalError, EvalSample
 from edge_lora.runtime.chat import ChatError, ChatTemplate
 from edge_lora.runtime.tokenizer import TextTokenizer
@@ -52,7 +53,7 @@ def spec(path: str | Path, adapter: str | None = None) -> TargetSpec:
     path = Path(path)
     if (path / "export.json").is_file():
         return TargetSpec(path, "export", adapter)
-    if (path / "edge_lora.json").is_file():
+    if (path / ADAPTER_MANIFEST).is_file():
         if adapter is not None:
             raise EvalError(f"--adapter {adapter} applies to an export of flavor adapters, but {path} is an adapter dir — "
                             "drop --adapter, or pass the export dir")
@@ -130,8 +131,8 @@ class RuntimeTarget(Target):
 
 class TorchTarget(Target):
     def __init__(self, spec_: TargetSpec, base: str | None = None):
-        from edge_lora import manifest as adapter_manifest
-        from edge_lora.export.reference import base_dir_of, qlora_model
+        from edge_lora.train import manifest as adapter_manifest
+        from edge_lora.train.reference import base_dir_of, qlora_model
 
         manifest = adapter_manifest.read(spec_.path)
         self.model = qlora_model(spec_.path, base_dir_of(spec_.path, manifest, base, force=False), manifest)

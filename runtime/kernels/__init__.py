@@ -5,14 +5,14 @@ activations for x86-64 CPUs with AVX-512 VNNI, with an adapter's LoRA branches c
 the reference shape, 2 threads, on a quiet host it decodes 1.6–1.8× faster than onnxruntime's MatMulNBits on the
 same weights (1.7–1.9× onnxruntime-genai; about 1.4× both when other tenants slowed the host), and an active adapter
 (rank 16 on every projection) costs a token 0.2–0.6 ms where the portable graph's separate LoRA MatMuls cost about
-3.3 (BENCHMARKS.md, Runtime). An export for a device profile that lists it carries a second graph that uses it (export/q4_graph.py).
+3.3 (BENCHMARKS.md, Runtime). An export for a device profile that lists it carries a second graph that uses it (export/kernel_graphs/q4.py).
 
 `lora_add` (lora_add.cc, the custom op LoraAdd) adds an adapter's LoRA branches to a MatMulNBits' output in one
 node, where the portable graph spends ~20 onnxruntime nodes a layer on them: portable C++ (GCC's and Clang's
 vector extension; int8 → float written for AVX-512, AVX2 and NEON) built for the host (-march=native), for any CPU
 that MatMulQ4 does not serve — an Arm board, an AVX2 laptop. On the reference shape, 2 threads, an active adapter
 decodes at 0.87–0.94× the merged model where the portable graph's branches gave 0.60–0.70× (BENCHMARKS.md,
-Runtime). An `adapters` export for a profile that lists it carries a graph that uses it (export/lora_graph.py),
+Runtime). An `adapters` export for a profile that lists it carries a graph that uses it (export/kernel_graphs/lora_add.py),
 over the portable graph's own weights.
 
 `library()` builds an op with the host's C++ compiler once, into a cache keyed by the sources, the flags, the
@@ -43,11 +43,13 @@ LORA_ADD = "lora_add"
 DOMAIN = "ai.edge_lora"
 TILE = 16  # MatMulQ4's columns per tile
 BLOCKS = (32, 64)  # the int4 block sizes (weights per scale) it takes
-SOURCES = {MATMUL_Q4: HERE / "matmul_q4.cc", LORA_ADD: HERE / "lora_add.cc"}
+SRC = HERE / "src"
+ORT_HEADERS = HERE / "third_party" / "onnxruntime"
+SOURCES = {MATMUL_Q4: SRC / "matmul_q4.cc", LORA_ADD: SRC / "lora_add.cc"}
 # The graph format each kernel takes, recorded in export.json beside its graph: a graph in another format (an
 # older export) does not run; the next graph the export carries does. matmul_q4 2: float16 scales (1 had fp32 ones, and no "format" key).
 FORMATS = {MATMUL_Q4: 2, LORA_ADD: 1}
-HEADERS = (HERE / "onnxruntime_c_api.h", HERE / "op_common.h")
+HEADERS = (ORT_HEADERS / "onnxruntime_c_api.h", SRC / "op_common.h")
 BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared"]
 # What each op is compiled for. matmul_q4: the instruction sets it needs, named, so that a cached library never
 # holds code for another CPU than the flags that cpu_problem() checks. lora_add: the host's own (its cache key
@@ -126,7 +128,7 @@ def library(name: str = MATMUL_Q4, cache: Path | None = None) -> Path:
     # built beside its final name and renamed into place: a process loading it never sees half a file
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        result = subprocess.run([compiler, *FLAGS[name], f"-I{HERE}", str(SOURCES[name]), "-o", str(built)],
+        result = subprocess.run([compiler, *FLAGS[name], f"-I{ORT_HEADERS}", str(SOURCES[name]), "-o", str(built)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])

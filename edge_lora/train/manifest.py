@@ -1,0 +1,77 @@
+"""The adapter manifest, `edge_lora.json`: what a trained adapter was made from and how."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from edge_lora.formats import ADAPTER_MANIFEST
+
+FORMAT_VERSION = 1
+MANIFEST = ADAPTER_MANIFEST
+LIBRARIES = ("edge-lora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
+# Keys of config.json that describe how a model was saved, not what it computes.
+VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "quantization_config"}
+
+
+def fingerprint(model_dir: str | Path) -> dict:
+    """Identity of a base model: its config, its tensor names and shapes, and a digest of its weight files."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config = {k: v for k, v in sorted(config.items()) if k not in VOLATILE_CONFIG_KEYS}
+    shapes: dict[str, list[int]] = {}
+    weights = hashlib.sha256()
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = list(f.get_slice(name).get_shape())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                weights.update(chunk)
+    config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    shapes_digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
+    weights_digest = weights.hexdigest()
+    return {
+        "digest": hashlib.sha256(f"{config_digest}{shapes_digest}{weights_digest}".encode()).hexdigest(),
+        "config_sha256": config_digest,
+        "tensors_sha256": shapes_digest,
+        "weights_sha256": weights_digest,
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_type": config.get("model_type"),
+        "num_tensors": len(shapes),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write(adapter_dir: Path, manifest: dict) -> Path:
+    path = Path(adapter_dir) / MANIFEST
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2) + "\n")
+    return path
+
+
+def read(adapter_dir: str | Path) -> dict:
+    from edge_lora.errors import UsageError
+
+    path = Path(adapter_dir) / MANIFEST
+    if not Path(adapter_dir).is_dir():
+        raise UsageError(f"adapter dir {adapter_dir} does not exist — pass the --output dir of edge-lora train")
+    if not path.exists():
+        raise UsageError(f"{adapter_dir} has no {MANIFEST} — pass a dir written by edge-lora train")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON ({e}) — retrain or restore the file") from None

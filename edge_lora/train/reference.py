@@ -1,0 +1,74 @@
+"""The PyTorch models an export is made from and checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_lora.train import manifest as adapter_manifest
+from edge_lora.train.config import QuantConfig
+from edge_lora.errors import UsageError
+from edge_lora.train.qlora import load_quantized_base, resolve_model_dir
+
+
+def base_dir_of(adapter_dir: Path, manifest: dict, base: str | None, force: bool) -> Path:
+    """The base model dir: `base` if given (its fingerprint must match the adapter's unless `force`)."""
+    model_dir = resolve_model_dir(base or manifest["base_model"])
+    if base is not None and not force:
+        expected = manifest["base_fingerprint"]["digest"]
+        actual = adapter_manifest.fingerprint(model_dir)["digest"]
+        if actual != expected:
+            raise UsageError(
+                f"--base {base} has fingerprint {actual[:12]}… but {adapter_dir} was trained on "
+                f"{manifest['base_model']} ({expected[:12]}…) — pass that base, or --force to export anyway"
+            )
+    return model_dir
+
+
+def qlora_model(adapter_dirs: Path | list[Path], model_dir: Path, manifest: dict, names: list[str] | None = None):
+    """The trained model: the 4-bit base (as it was quantized for training) with the adapter(s) on top, in eval
+    mode, computing in fp32. Several adapters load side by side under `names`, the first one active.
+
+    fp32 even when training computed in bf16 or fp16: the weights are the same, and the reference is then
+    exact, so that a parity figure measures the export alone and not the training dtype's rounding as well.
+    """
+    quant = QuantConfig(**manifest["training"]["quant"] | {"compute_dtype": "float32"})
+    return with_adapters(load_quantized_base(model_dir, quant), adapter_dirs, names)
+
+
+def fp32_twin(quantized, model_dir: Path, adapter_dirs: Path | list[Path], names: list[str] | None = None):
+    """The model `quantized` (from qlora_model) computes, as plain fp32 layers: the full-precision base holding
+    the 4-bit weights dequantized, with the same adapters on top.
+
+    On a CPU bitsandbytes computes a 4-bit layer in fp32 as dequantize-then-matmul, so the twin gives the same
+    logits without dequantizing every weight again at every token — several times faster for the parity
+    gate's greedy runs. The gate checks the twin against `quantized` before trusting it (see parity.check).
+    """
+    import torch
+
+    from edge_lora.train.qlora import dequantized_weights
+
+    base = full_precision_base(model_dir)
+    with torch.no_grad():
+        for name, weight in dequantized_weights(quantized).items():
+            base.get_parameter(name).copy_(weight)
+    return with_adapters(base, adapter_dirs, names)
+
+
+def with_adapters(base, adapter_dirs: Path | list[Path], names: list[str] | None = None):
+    """`base` with the adapters of `adapter_dirs` loaded under `names` (the first one active), in eval mode."""
+    from peft import PeftModel
+
+    dirs = adapter_dirs if isinstance(adapter_dirs, (list, tuple)) else [adapter_dirs]
+    names = names or ["default"]
+    model = PeftModel.from_pretrained(base, dirs[0], adapter_name=names[0])
+    for name, adapter_dir in zip(names[1:], dirs[1:]):
+        model.load_adapter(adapter_dir, adapter_name=name)
+    model.set_adapter(names[0])
+    return model.eval()
+
+
+def full_precision_base(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

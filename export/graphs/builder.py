@@ -1,0 +1,226 @@
+"""Merged PyTorch model → fused ONNX decoder graph, written by onnxruntime-genai's model builder.
+
+The builder writes about 14 nodes a layer (MatMulNBits or MatMul with q, k and v packed, GroupQueryAttention with
+the rotary embedding inside, SkipSimplifiedLayerNormalization) where optimum's exporter writes about 105 (RoPE, the
+causal mask, repeat-kv and the KV Concat as chains of shape ops): 1.9× decode at one thread on the DESIGN.md
+reference shape (BENCHMARKS.md, "Runtime"). Its graph's GroupQueryAttention reads and writes the KV cache in place
+in one max-length buffer per layer, which runtime/cache.py binds as both past and present.
+
+The head runs on the last position alone unless asked for more (head_on_last_position): a prompt's prefill needs
+the logits of its last token only, and the head is the model's widest matrix (vocab × hidden: 28 M multiply-adds a
+token on the DESIGN.md reference shape, a fifth of the forward's), so a 128-token prefill ran it 127 times for nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from edge_lora.errors import UsageError
+from edge_lora.formats import LOGITS_START, PORTABLE_GRAPH
+
+# Architectures (config.json model_type) whose builder graph the runtime drives with input_ids, attention_mask and
+# past/present KV alone (the builder's Llama-family classes), each checked against transformers' forward in
+# tests/export/test_builder_graph.py: Llama end to end, Mistral and Qwen2 (q/k/v biases, tied embeddings) by their logits.
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+PRECISIONS = ("fp32", "int4")
+GENAI_CONFIG = "genai_config.json"
+# The inputs and outputs runtime/cache.py binds; a builder graph with any other (position_ids, inputs_embeds, ...)
+# is refused at export rather than failing on the device.
+PAST_NAMES = "past_key_values.{layer}.{kind}"
+PRESENT_NAMES = "present.{layer}.{kind}"
+
+
+def check_supported(model_type: str | None, model_dir: Path) -> None:
+    """One line naming the architectures the builder path takes, for any other."""
+    if model_type not in MODEL_TYPES:
+        raise UsageError(f"{model_dir}: architecture {model_type!r} cannot be exported with --graph builder — "
+                         f"supported: {', '.join(MODEL_TYPES)}; use --graph optimum for it")
+
+
+def build_graph(model, tokenizer_dir: Path, out_dir: Path, precision: str, int4_block_size: int,
+                int4_accuracy_level: int, int4_head: bool, hf_files: tuple[str, ...]) -> Path:
+    """Write the builder's graph of the in-memory `model` (fp32, merged) into `out_dir`: model.onnx with its weights
+    in model.onnx.data, genai_config.json, and `hf_files` as transformers saves them (the model's configs, the
+    tokenizer of `tokenizer_dir`), as optimum's exporter leaves them beside its graph. Returns the model path.
+
+    The builder reads an HF dir, so the model is saved to a temporary one first. A tied embedding is shared with the
+    head: at fp32 one matrix, at int4 the head's int4 blocks read by GatherBlockQuantized (the builder shares them
+    only with its round-to-nearest quantizer, "rtn": symmetric blocks of `int4_block_size`, as its default one).
+    """
+    from transformers import AutoTokenizer
+
+    options = {"hf_token": "false", "hf_remote": False, "filename": PORTABLE_GRAPH}
+    if precision == "int4":
+        options |= {"int4_block_size": int4_block_size, "int4_accuracy_level": int4_accuracy_level,
+                    "int4_algo_config": "rtn"}
+        if not int4_head:
+            options["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
+        if model.config.hidden_size % int4_block_size:
+            # The builder (0.13) shares a tied embedding by reshaping the head's blocks to (vocab, hidden / 2), which
+            # fails at run time when the last block is padded (hidden 576 in blocks of 128): the embedding stays
+            # a matrix of its own there.
+            options["shared_embeddings"] = False
+    with tempfile.TemporaryDirectory(prefix="edge-lora-builder-") as tmp:
+        hf_dir, cache_dir, built = Path(tmp) / "hf", Path(tmp) / "cache", Path(tmp) / "onnx"
+        model.save_pretrained(hf_dir)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(hf_dir)
+        run_builder(hf_dir, built, cache_dir, precision, options)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (PORTABLE_GRAPH, PORTABLE_GRAPH + ".data", GENAI_CONFIG):
+            shutil.move(built / name, out_dir / name)
+        for name in hf_files:
+            if (hf_dir / name).exists():
+                shutil.copy2(hf_dir / name, out_dir / name)
+    head_on_last_position(out_dir / PORTABLE_GRAPH)
+    check_signature(out_dir / PORTABLE_GRAPH, model.config.num_hidden_layers)
+    return out_dir / PORTABLE_GRAPH
+
+
+def run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, options: dict) -> None:
+    """onnxruntime_genai.models.builder.create_model in this process, its prints and INFO logs kept off the terminal
+    (it reports every node it quantizes); they are shown if it fails."""
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its import sets INFO levels)
+    from onnxruntime_genai.models.builder import create_model
+
+    for name in ("", "onnxruntime.quantization.matmul_nbits_quantizer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    log = io.StringIO()
+    try:
+        with head_by_identity(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            create_model(None, str(hf_dir), str(out_dir), precision, "cpu", str(cache_dir), **options)
+    except Exception as e:
+        raise RuntimeError(f"onnxruntime-genai's model builder failed: {e}\n{log.getvalue()[-4000:]}") from e
+
+
+@contextlib.contextmanager
+def head_by_identity():
+    """While the builder runs, only the model's own output embedding counts as its LM head.
+
+    The builder (0.13, builders/base.py `has_lm_head`) takes every nn.Linear with vocab_size outputs for the head, so
+    a model whose MLP is as wide as its vocabulary (the tests' tiny Llama: intermediate 128, vocab 128) gets its head
+    rebuilt from each layer's gate and up projections, and logits off by units. The models edge-lora exports are
+    transformers ones, whose get_output_embeddings() names the head.
+    """
+    from builders.base import Model  # onnxruntime_genai.models puts its builders/ on sys.path
+
+    builder_rule = Model.has_lm_head
+    Model.has_lm_head = lambda self, module: module is self.weights.get_output_embeddings()
+    try:
+        yield
+    finally:
+        Model.has_lm_head = builder_rule
+
+
+def head_on_last_position(model_path: Path) -> None:
+    """Put Slice(hidden, start=logits_start, axis 1) in front of the head; logits_start is an overridable
+    initializer (an initializer listed as a graph input), so a session run that does not bind it gets its default,
+    -1, and the logits of the last position only, and one that binds [0] gets them at every position, as the
+    parity gate and perplexity need.
+
+    onnxruntime runs every node of a graph whatever outputs a run asks for, so a second head output for all
+    positions would cost as much as the unpruned head; and the builder's own prune_lm_head (0.13) gathers position
+    -1 with a constant, which leaves no way to get the logits of every position, nor of each row's own last token
+    in a right-padded batch (runtime/cache.py asks for all positions then). Only model.onnx is rewritten: its
+    weights stay in model.onnx.data, where the external-data references point.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    graph = proto.graph
+    at, head = next((i, n) for i, n in enumerate(graph.node) if "logits" in n.output)
+    hidden, sliced = head.input[0], f"{head.input[0]}/{LOGITS_START}"
+    graph.initializer.extend([helper.make_tensor(LOGITS_START, TensorProto.INT64, [1], [-1]),
+                              helper.make_tensor(f"{LOGITS_START}/end", TensorProto.INT64, [1], [2**63 - 1]),
+                              helper.make_tensor(f"{LOGITS_START}/axis", TensorProto.INT64, [1], [1])])
+    graph.input.append(helper.make_tensor_value_info(LOGITS_START, TensorProto.INT64, [1]))
+    graph.node.insert(at, helper.make_node("Slice", [hidden, LOGITS_START, f"{LOGITS_START}/end",
+                                                     f"{LOGITS_START}/axis"], [sliced], name=f"/lm_head/{LOGITS_START}"))
+    head.input[0] = sliced
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+    onnx.save(proto, str(model_path))
+
+
+MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")  # a PEFT target's module name
+QKV = ("q_proj", "k_proj", "v_proj")  # the builder packs them, in this order, into one qkv_proj MatMul
+
+
+def add_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]], config) -> None:
+    """The `adapters` flavor of a builder graph: each of `modules` ({module name: (in, out)}) gets the LoRA branch
+    of export/adapters.py, its A and B overridable graph inputs (rank 0, adding zeros, when no adapter feeds them).
+
+    The builder names each projection's MatMul (MatMulNBits at int4, named …/MatMul_Q4) by layer and role, and packs
+    q, k and v into one qkv_proj: there the branches of q, k and v are concatenated along the output and added to
+    the packed product, so all three get inputs when any of them is adapted (an adapter of q and v leaves k's at
+    rank 0). The LoRA MatMuls stay fp32, as in the optimum graph's adapters flavor. Only model.onnx is rewritten.
+    """
+    import onnx
+    from onnx import helper
+
+    from edge_lora.export.adapters import _topological_sort, add_to_product, lora_branch
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    graph = proto.graph
+    products = {re.sub(r"_Q\d+$", "", n.name): n for n in graph.node if n.op_type in ("MatMul", "MatMulNBits")}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    qkv_out = {"q_proj": config.num_attention_heads * head_dim, "k_proj": config.num_key_value_heads * head_dim,
+               "v_proj": config.num_key_value_heads * head_dim}
+    targets: dict[str, list[str]] = {}  # builder scope → the modules whose branches add to its product, in order
+    for module in sorted(modules):
+        match = MODULE.fullmatch(module)
+        if match is None:
+            raise ValueError(f"{module}: the builder graph has no place for a LoRA branch there (decoder layers' "
+                             "attention and MLP projections only)")
+        layer, role, proj = match.groups()
+        packed = f"/model/layers.{layer}/attn/qkv_proj"
+        if proj in QKV and f"{packed}/MatMul" in products:
+            targets[packed] = [f"model.layers.{layer}.self_attn.{p}" for p in QKV]
+        else:
+            targets[f"/model/layers.{layer}/{'attn' if role == 'self_attn' else 'mlp'}/{proj}"] = [module]
+    new_nodes = []
+    for scope, parts in targets.items():
+        node = products.get(f"{scope}/MatMul")
+        if node is None:
+            raise ValueError(f"no MatMul for {', '.join(parts)} in the builder graph (looked for {scope}/MatMul)")
+        deltas = []
+        for module in parts:
+            fan_in, fan_out = modules.get(module) or (config.hidden_size, qkv_out[module.rpartition(".")[2]])
+            branch, delta = lora_branch(graph, module, fan_in, fan_out, node.input[0], f"{scope}/{module}")
+            new_nodes += branch
+            deltas.append(delta)
+        if len(deltas) > 1:
+            new_nodes.append(helper.make_node("Concat", deltas, [f"{scope}/lora_up"], axis=-1, name=f"{scope}/lora/Concat"))
+            deltas = [f"{scope}/lora_up"]
+        new_nodes.append(add_to_product(graph, node, deltas[0], scope))
+    graph.node.extend(new_nodes)
+    _topological_sort(graph)
+    onnx.save(proto, str(model_path))
+
+
+def check_signature(model_path: Path, num_layers: int) -> None:
+    """The graph has the inputs and outputs runtime/cache.py binds, or the builder changed: fail the export."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    kinds = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+    expected_in = {"input_ids", "attention_mask", LOGITS_START, *(PAST_NAMES.format(layer=i, kind=k) for i, k in kinds)}
+    expected_out = {"logits", *(PRESENT_NAMES.format(layer=i, kind=k) for i, k in kinds)}
+    got_in, got_out = {v.name for v in graph.input}, {v.name for v in graph.output}
+    if got_in != expected_in or got_out != expected_out:
+        raise RuntimeError(f"{model_path}: the builder wrote inputs {sorted(got_in)} and outputs {sorted(got_out)}, "
+                           f"not the {sorted(expected_in)} → {sorted(expected_out)} the runtime binds")
+    if not any(n.op_type == "GroupQueryAttention" for n in graph.node):
+        raise RuntimeError(f"{model_path}: the builder wrote no GroupQueryAttention, whose shared KV buffer the runtime relies on")
+
+
+# What export.json's kv_cache says beside the shape (the rest is as for an optimum graph).
+KV_CACHE = {"layout": "(batch, kv_heads, max_length, head_dim): one buffer per layer and kind, bound as past and "
+                      "present at once; GroupQueryAttention writes each new position in place",
+            "shared_buffer": True}

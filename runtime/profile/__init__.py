@@ -1,0 +1,2 @@
+"""The latency profiler: sweeps of an export's settings (sweep), one measured process each (worker), and the
+reports (report, compare, trace)."""

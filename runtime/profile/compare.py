@@ -1,0 +1,148 @@
+"""Profile reports side by side: ratios against the first report, and a regression gate a CI job can use.
+
+Configurations are matched by (precision, adapter, provider, threads, prompt length): the same shape measured by
+another run, on another device or with another build. Within a report, each adapter-on configuration is also set
+against the same one with no adapter. DESIGN.md: speed is a ratio against an anchor, not a number alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from edge_lora.runtime.profile.sweep import SCHEMA, SCHEMA_VERSION, ProfileError
+from edge_lora.runtime.profile.report import adapter_pairs, render_adapter_table, short
+
+PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
+
+
+def load_report(path: str | Path) -> dict:
+    """A profile.json written by `edge-lora profile`, checked to be a report of this schema version."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"{path} does not exist — pass a profile.json written by edge-lora profile")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProfileError(f"{path} is not JSON ({err}) — pass a profile.json written by edge-lora profile") from None
+    check_report(report, str(path))
+    return report
+
+
+def check_report(report: object, name: str) -> None:
+    """Raise ProfileError unless `report` is a profile report of SCHEMA_VERSION."""
+    schema = report.get("schema") if isinstance(report, dict) else None
+    if schema != SCHEMA:
+        raise ProfileError(f"{name} is not a profile report: schema {schema!r}, expected {SCHEMA!r} — "
+                           "pass a profile.json written by edge-lora profile")
+    if report.get("schema_version") != SCHEMA_VERSION:
+        raise ProfileError(f"{name} has schema_version {report.get('schema_version')!r}, expected {SCHEMA_VERSION} — "
+                           "profile again with this edge-lora to compare it")
+
+
+def parse_margin(text: str, option: str = "--fail-if-slower") -> float:
+    """A percentage such as "10%" as the fraction 0.10."""
+    match = PERCENT.fullmatch(text.strip())
+    if not match:
+        raise ProfileError(f"{option} {text!r} is not a percentage — write a number followed by %, for example 10%")
+    return float(match.group(1)) / 100
+
+
+def _key(config: dict) -> tuple:
+    return (config["export"]["precision"], config["adapter"], config["provider"], config["threads"],
+            config["prompt_len"])
+
+
+def _show(key: tuple) -> str:
+    precision, adapter, provider, threads, prompt_len = key
+    adapter = f" +{adapter}" if adapter else ""
+    return f"{precision}{adapter} {short(provider)} threads {threads} prompt {prompt_len}"
+
+
+def _index(report: dict, name: str) -> dict[tuple, dict]:
+    configs: dict[tuple, dict] = {}
+    for config in report["configurations"]:
+        key = _key(config)
+        if key in configs:
+            raise ProfileError(f"{name} has two configurations of {_show(key)} — compare reports whose exports "
+                               "differ in precision, or profile them one per report")
+        configs[key] = config
+    return configs
+
+
+def _ratios(base: dict, later: dict) -> tuple[float, float, float]:
+    """later ÷ base of decode tokens/s, TTFT p50 and e2e p50."""
+    b, s = base["summary"], later["summary"]
+    return (s["decode_tokens_s"] / b["decode_tokens_s"], s["ttft_p50_s"] / b["ttft_p50_s"],
+            s["e2e_p50_s"] / b["e2e_p50_s"])
+
+
+def compare(reports: list[dict], fail_if_slower: float | None = None,
+            names: list[str] | None = None) -> tuple[str, list[str]]:
+    """A Markdown ratio table of every later report against the first, then for each report with adapters a table
+    of adapter on ÷ off; and the regressions beyond the margin.
+
+    A regression is a configuration measured in both whose decode tokens/s is lower, or whose e2e p50 is higher,
+    than the first report's by more than the fraction `fail_if_slower` (None: no gate, no regressions). One report
+    alone is compared only with itself, adapter on against off.
+    """
+    names = names or [f"#{i + 1}" for i in range(len(reports))]
+    if not reports or (len(reports) == 1 and not adapter_pairs(reports[0])):
+        raise ProfileError(f"compare needs two or more reports, or one with adapter-on and adapter-off "
+                           f"configurations, got {len(reports)} report(s) — pass a baseline and the runs to set "
+                           "against it")
+    if len(names) != len(reports):
+        raise ProfileError(f"{len(names)} names for {len(reports)} reports — give one name per report")
+    if fail_if_slower is not None and not fail_if_slower >= 0:
+        raise ProfileError(f"fail_if_slower={fail_if_slower} must be a fraction >= 0, for example 0.10 for 10%")
+    for report, name in zip(reports, names):
+        check_report(report, name)
+    base, *later = [_index(report, name) for report, name in zip(reports, names)]
+    adapter_tables = "".join(f"\nAdapters against the base model in {name} (on ÷ off: decode above 1 is faster, TTFT "
+                             f"and e2e below 1 are faster):\n\n{table}"
+                             for report, name in zip(reports, names) if (table := render_adapter_table(report)))
+    if not later:
+        return adapter_tables.lstrip("\n"), []
+
+    header = ["export", "adapter", "provider", "threads", "prompt", f"decode tok/s ({names[0]})", f"TTFT p50 ms ({names[0]})",
+              f"e2e p50 ms ({names[0]})"]
+    for name in names[1:]:
+        header += [f"decode × ({name})", f"TTFT × ({name})", f"e2e × ({name})"]
+    rows = [header, ["---"] * 3 + ["---:"] * (len(header) - 3)]
+    regressions = []
+    for key, config in base.items():
+        precision, adapter, provider, threads, prompt_len = key
+        row = [precision, adapter or "—", short(provider), str(threads), str(prompt_len)]
+        if config["status"] == "ok":
+            s = config["summary"]
+            row += [f"{s['decode_tokens_s']:.1f}", f"{s['ttft_p50_s'] * 1e3:.1f}", f"{s['e2e_p50_s'] * 1e3:.1f}"]
+        else:
+            row += [config["status"], "—", "—"]
+        for name, configs in zip(names[1:], later):
+            other = configs.get(key)
+            if other is None or config["status"] != "ok" or other["status"] != "ok":
+                row += ["missing" if other is None else "unavailable", "—", "—"]
+                continue
+            decode, ttft, e2e = _ratios(config, other)
+            row += [f"{decode:.2f}", f"{ttft:.2f}", f"{e2e:.2f}"]
+            if fail_if_slower is None:
+                continue
+            if decode < 1 - fail_if_slower:
+                regressions.append(
+                    f"{name}: {_show(key)}: decode {config['summary']['decode_tokens_s']:.1f} → "
+                    f"{other['summary']['decode_tokens_s']:.1f} tok/s, {1 - decode:.0%} lower "
+                    f"(margin {fail_if_slower:.0%})")
+            if e2e > 1 + fail_if_slower:
+                regressions.append(
+                    f"{name}: {_show(key)}: e2e p50 {config['summary']['e2e_p50_s'] * 1e3:.1f} → "
+                    f"{other['summary']['e2e_p50_s'] * 1e3:.1f} ms, {e2e - 1:.0%} higher (margin {fail_if_slower:.0%})")
+        rows.append(row)
+
+    table = "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    notes = [f"\nRatios are each report ÷ {names[0]}: decode above 1 is faster, TTFT and e2e below 1 are faster.\n"]
+    for name, configs in zip(names[1:], later):
+        extra = [_show(key) for key in configs if key not in base]
+        if extra:
+            notes.append(f"Only in {name}, not compared: {'; '.join(extra)}.\n")
+    return table + "".join(notes) + adapter_tables, regressions
