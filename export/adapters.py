@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.formats import ADAPTER_SUFFIX
 
 RANK_DIM = "lora_rank"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -84,12 +85,15 @@ def check(reference_model, generator, prompts: list[str], precision: str) -> Par
 TASK_SAMPLES = 32
 
 
-def task_accuracy(reference_model, generator, tokenizer, samples: list[dict]) -> dict:
-    """Held-out exact match of the ONNX model and of the PyTorch reference on the same eval samples."""
-    from edge_lora.eval.accuracy import runtime_exact_match, torch_exact_match
+def task_accuracy(reference_model, generator, tokenizer_dir: Path, samples: list[dict]) -> dict:
+    """Held-out exact match of the ONNX model and of the PyTorch reference on the same eval samples, both through
+    eval's greedy runner (tokenized with `tokenizer_dir`'s tokenizer.json)."""
+    from edge_lora.eval import targets
+    from edge_lora.eval.run import exact_match
 
     samples = samples[:TASK_SAMPLES]
-    longest = max(len(tokenizer(s["completion"], add_special_tokens=False)["input_ids"]) for s in samples)
-    onnx = runtime_exact_match(generator, samples, longest + 2)
-    reference = torch_exact_match(reference_model, tokenizer, samples, longest + 2)
-    return {"samples": len(samples), "onnx": onnx.value, "reference": reference.value}
+    onnx_target = targets.RuntimeTarget(targets.TargetSpec(generator.export.path, "export"), generator=generator)
+    reference = targets.TorchTarget(targets.TargetSpec(tokenizer_dir, "adapter"), model=reference_model)
+    longest = max(len(reference.tokenizer.encode(s["completion"], add_special_tokens=False)) for s in samples)
+    return {"samples": len(samples), "onnx": exact_match(onnx_target, samples, longest + 2).value,
+            "reference": exact_match(reference, samples, longest + 2).value}

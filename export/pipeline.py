@@ -414,21 +414,18 @@ def run_parity(export_dir: Path, reference, names: list[str], manifests: list[di
     Where an adapter's manifest names an eval set of prompt/completion records, its report also gives the
     task accuracy of the ONNX model beside the reference's. `kernels`: the graph for those kernels, not the
     portable one."""
-    from transformers import AutoTokenizer
-
     from edge_lora import runtime
     from edge_lora.export.parity import task_accuracy
 
     generator = runtime.load(export_dir, device=options.device, kernels=kernels)
     if tuple(kernels) != ((generator.kernel,) if generator.kernel else ()):
         raise RuntimeError(f"{export_dir}: asked for kernels {kernels}, the runtime took {generator.kernel}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     def report(gen, manifest: dict) -> dict:
         result = check(reference, gen, parity_prompts(manifest), options.precision).to_dict()
         samples = eval_samples(manifest)
         if samples:
-            result["task_accuracy"] = task_accuracy(reference, gen, tokenizer, samples)
+            result["task_accuracy"] = task_accuracy(reference, gen, tokenizer_dir, samples)
         return result
 
     if options.flavor == "merged":

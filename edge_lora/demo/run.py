@@ -115,18 +115,17 @@ def train_adapter(config: TrainConfig) -> Path:
 
 
 def torch_accuracy(base_dir: Path, adapter_dir: Path, eval_path: Path) -> dict:
-    from transformers import AutoTokenizer
-
-    from edge_lora.eval.accuracy import torch_exact_match
+    from edge_lora.eval import targets
+    from edge_lora.eval.run import exact_match
+    from edge_lora.train import manifest as adapter_manifest
     from edge_lora.train.reference import qlora_model
 
     samples = [json.loads(line) for line in eval_path.read_text().splitlines()]
-    manifest = json.loads((adapter_dir / ADAPTER_MANIFEST).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = qlora_model(adapter_dir, base_dir, manifest)
-    qlora = torch_exact_match(model, tokenizer, samples, MAX_NEW_TOKENS)
+    model = qlora_model(adapter_dir, base_dir, adapter_manifest.read(adapter_dir))
+    target = targets.TorchTarget(targets.spec(adapter_dir), model=model)
+    qlora = exact_match(target, samples, MAX_NEW_TOKENS)
     with model.disable_adapter():  # the same 4-bit base without the adapter
-        base = torch_exact_match(model, tokenizer, samples, MAX_NEW_TOKENS)
+        base = exact_match(target, samples, MAX_NEW_TOKENS)
     return {"base": base.value, "qlora": qlora.value, "total": len(samples)}
 
 

@@ -76,6 +76,24 @@ class FileResult:
 
 
 @dataclass(frozen=True)
+class Accuracy:
+    correct: int
+    total: int
+
+    @property
+    def value(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+
+def exact_match(target: targets.Target, records: list[dict], max_new_tokens: int) -> Accuracy:
+    """Held-out exact match of a target's greedy completions of prompt/completion records: the task accuracy the
+    export's parity gate and the demo report, through the same greedy runner as `evaluate`."""
+    prompts = [target.tokenizer.encode(r["prompt"]) for r in records]
+    outputs = target.complete_batch(prompts, max_new_tokens)
+    return Accuracy(int(sum(metrics.exact(o, r["completion"]) for o, r in zip(outputs, records))), len(records))
+
+
+@dataclass(frozen=True)
 class EvalReport:
     target: str
     metric: MetricName

@@ -106,16 +106,23 @@ class Target:
         """Greedy completion text and its wall time in seconds."""
         raise NotImplementedError
 
+    def complete_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy completion texts of several prompts, where no per-sample latency is wanted."""
+        return [self.complete(ids, max_new_tokens)[0] for ids in prompts]
+
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits (len(ids), vocab) as float32."""
         raise NotImplementedError
 
 
 class RuntimeTarget(Target):
-    def __init__(self, spec_: TargetSpec, device: str | None = None, threads: int | None = None):
+    def __init__(self, spec_: TargetSpec, device: str | None = None, threads: int | None = None, generator=None):
+        """`generator`: an already loaded runtime.Generator for the export at spec_.path (the parity gate's)."""
         from edge_lora import runtime
 
-        self.generator = runtime.load(spec_.path, device=device, threads=threads).with_adapter(spec_.adapter)
+        if generator is None:
+            generator = runtime.load(spec_.path, device=device, threads=threads).with_adapter(spec_.adapter)
+        self.generator = generator
         super().__init__(spec_, self.generator.export.manifest["eos_token_ids"], self.generator.context_length)
 
     def complete(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, float]:
@@ -130,12 +137,18 @@ class RuntimeTarget(Target):
 
 
 class TorchTarget(Target):
-    def __init__(self, spec_: TargetSpec, base: str | None = None):
-        from edge_lora.train import manifest as adapter_manifest
-        from edge_lora.train.reference import base_dir_of, qlora_model
+    BATCH = 64  # prompts per generate call in complete_batch
 
-        manifest = adapter_manifest.read(spec_.path)
-        self.model = qlora_model(spec_.path, base_dir_of(spec_.path, manifest, base, force=False), manifest)
+    def __init__(self, spec_: TargetSpec, base: str | None = None, model=None):
+        """`model`: an already loaded PyTorch model of the adapter at spec_.path (the export's reference), else the
+        4-bit base with the adapter on top, loaded as the export's reference is."""
+        if model is None:
+            from edge_lora.train import manifest as adapter_manifest
+            from edge_lora.train.reference import base_dir_of, qlora_model
+
+            manifest = adapter_manifest.read(spec_.path)
+            model = qlora_model(spec_.path, base_dir_of(spec_.path, manifest, base, force=False), manifest)
+        self.model = model
         eos = self.model.config.eos_token_id
         super().__init__(spec_, list(eos) if isinstance(eos, (list, tuple)) else [eos],
                          self.model.config.max_position_embeddings)
@@ -150,9 +163,28 @@ class TorchTarget(Target):
             out = self.model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(self.eos_ids),
                                       pad_token_id=self.pad_id)
-        new = out[0, len(prompt_ids):].tolist()
+        return self.cut_at_eos(out[0, len(prompt_ids):].tolist()), time.perf_counter() - start
+
+    def complete_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy completions BATCH prompts at a time, left-padded so that every row's next token comes last."""
+        import torch
+
+        texts = []
+        for start in range(0, len(prompts), self.BATCH):
+            chunk = prompts[start : start + self.BATCH]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            with torch.no_grad():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          do_sample=False, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+            texts += [self.cut_at_eos(row[width:].tolist()) for row in out]
+        return texts
+
+    def cut_at_eos(self, new: list[int]) -> str:
+        """The text of the tokens up to and including the first end-of-sequence token."""
         cut = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), len(new))
-        return self.tokenizer.decode(new[:cut]), time.perf_counter() - start
+        return self.tokenizer.decode(new[:cut])
 
     def logits(self, ids: list[int]) -> np.ndarray:
         import torch

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_lora.train.config import LoraConfig, QuantConfig
 from edge_lora.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # bitsandbytes tries, at import, to fetch an optional CPU kernel from a hub and warns when it cannot; it then

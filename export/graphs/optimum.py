@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from edge_lora.formats import PORTABLE_GRAPH, Precision
+from edge_lora.formats import PORTABLE_GRAPH, PRECISIONS, Precision
 
 # onnxruntime and protobuf cannot hold a graph over 2 GB in one file: weights go to external data above this.
 EXTERNAL_DATA_BYTES = 1 << 30
