@@ -1,12 +1,26 @@
-"""The vocabulary the stages share: option sets, the default device, and the names of the files each stage writes.
+"""The vocabulary the stages share, and the typed manifests they hand each other (docs/formats.md lists every key).
 
-Standard library only: the runtime, the devices loader and the CLI import it without pulling in a training
-library. Every module that names one of these uses it from here.
+    AdapterManifest   edge_lora.json in an adapter dir (edge-lora train writes it, export and eval read it)
+    ExportManifest    export.json in an export dir (edge-lora export writes it, the runtime reads it)
+    ProfileReport     profile.json (edge-lora profile writes it, `profile compare` reads it)
+
+Each has `load` (read, check, and raise one error whose one line names the file, the problem and the fix), `save`
+and `to_dict`. Keys this version does not know are kept and written back. Standard library only: the runtime, the
+devices loader and the CLI import this module without pulling in a training library.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import dataclasses
+import functools
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args
+
+from edge_lora.errors import UsageError
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
@@ -33,3 +47,332 @@ KERNEL_ADAPTER_SUFFIX = ".q4.onnx_adapter"  # an adapter as the kernel graphs' o
 # A builder graph's overridable initializer in front of the head: -1 runs the head on the last position alone,
 # 0 on every position (edge_lora.export.graphs.builder writes it, edge_lora.runtime.cache binds it).
 LOGITS_START = "logits_start"
+# profile.json (edge-lora profile): its schema name and the version `profile compare` reads.
+PROFILE_REPORT = "profile.json"
+PROFILE_SCHEMA = "edge-lora/profile"
+PROFILE_SCHEMA_VERSION = 3
+
+
+class ManifestError(UsageError):
+    """A manifest that is missing, not JSON, or not of the shape this version reads."""
+
+
+class AdapterError(ManifestError):
+    """The adapter dir is missing or its edge_lora.json unreadable; the message says which and how to fix it."""
+
+
+class ExportError(ManifestError):
+    """The export directory is missing, incomplete or altered; the message says which and how to fix it."""
+
+
+class ProfileError(ManifestError):
+    """Settings or reports the profiler cannot work with; the message says which value and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A JSON object with typed fields: from_dict checks every field's type and collects every problem into one
+    error, naming the file; keys without a field are kept in `extra` and written back by to_dict."""
+
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+    given: frozenset[str] | None = field(default=None, repr=False, compare=False, kw_only=True)
+    """The keys the source object had (None: built in code): to_dict leaves out an optional field it lacked."""
+    error: ClassVar[type[ManifestError]] = ManifestError
+    fix: ClassVar[str] = "re-create the file with this edge-lora"
+
+    @classmethod
+    def from_dict(cls, doc: object, where: str) -> typing.Self:
+        if not isinstance(doc, dict):
+            raise cls.error(f"{where} is not a JSON object — {cls.fix}")
+        hints = _hints(cls)
+        values, problems = {}, []
+        for f in dataclasses.fields(cls):
+            if f.name in ("extra", "given"):
+                continue
+            if f.name not in doc:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    problems.append(f"lacks {f.name!r}")
+                continue
+            try:
+                values[f.name] = _convert(hints[f.name], doc[f.name], f"{f.name}")
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise cls.error(f"{where}: {'; '.join(problems)} — {cls.fix}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**values, extra={k: v for k, v in doc.items() if k not in names}, given=frozenset(doc))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", "given") and (self.given is None or f.name in self.given):
+                out[f.name] = _plain(getattr(self, f.name))
+        return out | self.extra
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    """`value` checked against the annotation `hint`, nested Records built; ValueError names the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, key)
+    if isinstance(hint, type) and issubclass(hint, Record):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key!r} is {_kind(value)}, expected an object")
+        return _record(hint, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key!r} is {value!r}, expected one of {', '.join(map(str, args))}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key!r} is {_kind(value)}, expected an object")
+        return {k: _convert(args[1], v, f"{key}.{k}") for k, v in value.items()} if args else value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ValueError(f"{key!r} is {_kind(value)}, expected a list")
+        item = args[0] if args else Any
+        items = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ValueError(f"{key!r} is {_kind(value)}, expected {hint.__name__}")
+    return value
+
+
+def _record(cls: type[Record], value: dict, key: str) -> Record:
+    """A nested Record: its problems are the parent's, prefixed with the key that holds it."""
+    try:
+        return cls.from_dict(value, key)
+    except ManifestError as e:
+        raise ValueError(str(e).rsplit(" — ", 1)[0]) from None
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _read_json(path: Path, error: type[ManifestError], fix: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e}) — {fix}") from None
+
+
+def _write_json(record: Record, path: Path) -> Path:
+    path.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+    return path
+
+
+# ---- edge_lora.json ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterManifest(Record):
+    """What an adapter dir was trained from and how: enough to rebuild the trained model and check a base."""
+
+    error: ClassVar = AdapterError
+    fix: ClassVar = "retrain with edge-lora train or restore the file"
+
+    base_model: str
+    """The base model dir or hub id training loaded."""
+    base_fingerprint: dict[str, Any]
+    """{"digest": sha256 over config, tensor names/shapes and weights, ...}: what a --base must match."""
+    training: dict[str, Any]
+    """TrainConfig as a dict (its "quant" entry rebuilds the 4-bit base)."""
+    lora: dict[str, Any]
+    format_version: int = 1
+    kind: str = "adapter"
+    quantization: dict[str, Any] = field(default_factory=dict)
+    data_card: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    distributed: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_digest(self) -> str:
+        return self.base_fingerprint.get("digest", "")
+
+    @property
+    def eval_data_path(self) -> Path | None:
+        """The eval file training recorded, if it named one and it still exists."""
+        record = (self.data or {}).get("eval")
+        path = Path(record["path"]) if isinstance(record, dict) and record.get("path") else None
+        return path if path is not None and path.exists() else None
+
+    @classmethod
+    def load(cls, adapter_dir: str | Path) -> AdapterManifest:
+        adapter_dir = Path(adapter_dir)
+        if not adapter_dir.is_dir():
+            raise AdapterError(f"adapter dir {adapter_dir} does not exist — pass the --output dir of edge-lora train")
+        path = adapter_dir / ADAPTER_MANIFEST
+        if not path.exists():
+            raise AdapterError(f"{adapter_dir} has no {ADAPTER_MANIFEST} — pass a dir written by edge-lora train")
+        return cls.from_dict(_read_json(path, AdapterError, cls.fix), str(path))
+
+    def save(self, adapter_dir: str | Path) -> Path:
+        return _write_json(self, Path(adapter_dir) / ADAPTER_MANIFEST)
+
+
+# ---- export.json ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVCache(Record):
+    """How the graph's KV cache is laid out and named."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    context_length: int
+    layout: str = "(batch, kv_heads, seq, head_dim)"
+    past_names: str = "past_key_values.{layer}.{key|value}"
+    present_names: str = "present.{layer}.{key|value}"
+    shared_buffer: bool = False
+    """A builder graph's: one buffer per layer and kind, preallocated and bound as both past and present."""
+
+
+@dataclass(frozen=True)
+class AdapterFile(Record):
+    """One adapter of an `adapters` export, as a graph takes it."""
+
+    file: str
+    """Its file, relative to the export dir."""
+
+
+@dataclass(frozen=True)
+class KernelGraph(Record):
+    """A graph for edge-lora's own ops, written beside the portable one over the same weights."""
+
+    model_file: str
+    format: int = 1
+    """The op's input format the graph was written for; the runtime skips a graph of another format."""
+    adapters: dict[str, AdapterFile] = field(default_factory=dict)
+    data_files: tuple[str, ...] = ()
+    """External data files it shares with another graph (the portable graph's weights)."""
+    lora_slots: list[Any] | None = None
+    weight_bytes: int | None = None
+    weight_bytes_per_token: int | None = None
+
+
+@dataclass(frozen=True)
+class ExportManifest(Record):
+    """What an export dir holds and how the runtime runs it; `files` lists every file with its sha256."""
+
+    error: ClassVar = ExportError
+    fix: ClassVar = "re-run edge-lora export"
+
+    model_file: str
+    files: dict[str, str]
+    kv_cache: KVCache
+    flavor: Flavor = "merged"
+    graph: Graph = "optimum"
+    precision: Precision = "fp32"
+    format_version: int = 1
+    kind: str = "export"
+    opset: int | None = None
+    device: str | None = None
+    """The device profile the export was made for."""
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    vocab_size: int | None = None
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    adapters: dict[str, AdapterFile] = field(default_factory=dict)
+    kernels: dict[str, KernelGraph] = field(default_factory=dict)
+    """{kernel name: its graph}, in the order the runtime prefers them."""
+    weight_bytes: int | None = None
+    weight_bytes_per_token: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    source_adapter: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def graph_entry(self, kernel: str | None = None) -> ExportManifest | KernelGraph:
+        """The portable graph's entry (None) or `kernel`'s: model_file, adapters, weight bytes."""
+        return self.kernels[kernel] if kernel else self
+
+    @property
+    def data_files(self) -> tuple[str, ...]:
+        """The portable graph shares no other graph's data files (a KernelGraph's may name the portable one's)."""
+        return ()
+
+    @property
+    def has_logits(self) -> bool:
+        return any(o.get("name") == "logits" for o in self.outputs)
+
+    @classmethod
+    def load(cls, export_dir: str | Path) -> ExportManifest:
+        export_dir = Path(export_dir)
+        if not export_dir.is_dir():
+            raise ExportError(f"export dir {export_dir} does not exist — pass the --output dir of edge-lora export")
+        path = export_dir / EXPORT_MANIFEST
+        if not path.exists():
+            raise ExportError(f"{export_dir} is not an export: no {EXPORT_MANIFEST} — pass a dir written by "
+                              "edge-lora export")
+        return cls.from_dict(_read_json(path, ExportError, cls.fix), str(path))
+
+    def save(self, export_dir: str | Path) -> Path:
+        return _write_json(self, Path(export_dir) / EXPORT_MANIFEST)
+
+
+# ---- profile.json --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileReport(Record):
+    """One `edge-lora profile` run: the host, the device profile, the exports, the settings, and per configuration
+    (export x adapter x provider x threads x prompt length) every raw sample and the summary."""
+
+    error: ClassVar = ProfileError
+    fix: ClassVar = "pass a profile.json written by edge-lora profile"
+
+    schema: str
+    schema_version: int
+    host: dict[str, Any]
+    device_profile: dict[str, Any]
+    exports: list[dict[str, Any]]
+    settings: dict[str, Any]
+    configurations: list[dict[str, Any]]
+    created: str = ""
+
+    @classmethod
+    def from_dict(cls, doc: object, where: str) -> ProfileReport:
+        schema = doc.get("schema") if isinstance(doc, dict) else None
+        if schema != PROFILE_SCHEMA:
+            raise ProfileError(f"{where} is not a profile report: schema {schema!r}, expected {PROFILE_SCHEMA!r} — "
+                               f"{cls.fix}")
+        if doc.get("schema_version") != PROFILE_SCHEMA_VERSION:
+            raise ProfileError(f"{where} has schema_version {doc.get('schema_version')!r}, expected "
+                               f"{PROFILE_SCHEMA_VERSION} — profile again with this edge-lora to compare it")
+        return super().from_dict(doc, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProfileReport:
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"{path} does not exist — {cls.fix}")
+        return cls.from_dict(_read_json(path, ProfileError, cls.fix), str(path))
+
+    def save(self, path: str | Path) -> Path:
+        return _write_json(self, Path(path))
