@@ -329,8 +329,8 @@ def test_uploads_in_the_portable_form_fit_a_kernel_graph(q4_export, second_adapt
 def test_a_profile_names_only_known_kernels(tmp_path):
     from edge_lora import devices
 
-    text = (devices._HERE / "cpu-x86-64.toml").read_text().replace('kernels = ["matmul_q4", "lora_add"]',
-                                                                    'kernels = ["matmul_q8"]')
+    text = devices.load("cpu-x86-64").path.read_text().replace('kernels = ["matmul_q4", "lora_add"]',
+                                                               'kernels = ["matmul_q8"]')
     path = tmp_path / "cpu-x86-64.toml"
     path.write_text(text)
     with pytest.raises(devices.DeviceProfileError, match=r"runtime.kernels = \[\"matmul_q8\"\]: expected a list of edge-lora kernels, each one of matmul_q4, lora_add"):

@@ -1,5 +1,6 @@
 """edge-lora's portable LoRA op (runtime/kernels, LoraAdd): built on this host for this host, equal to the branches
-it replaces, its graph written by the export (export/kernel_graphs/lora_add.py) and taken by the runtime where MatMulQ4 is not."""
+it replaces, its graph written by the export (export/kernel_graphs/lora_add.py) and taken by the runtime where
+MatMulQ4 is not."""
 
 import json
 import shutil
@@ -12,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edge_lora.runtime import kernels
-from edge_lora.runtime.kernels import LORA_ADD, lora_blob, lora_table
+from edge_lora.runtime.kernels import LORA_ADD, build, lora_blob, lora_table
 
 CHECK = Path(__file__).parent / "lora_add_check.cc"
 
@@ -96,7 +97,7 @@ def test_the_cache_key_holds_the_cpu(tmp_path, monkeypatch):
     """-march=native: a library built for one CPU is not taken on another (a cache shared over NFS, a moved disk)."""
     first = kernels.library(LORA_ADD, cache=tmp_path)
     assert kernels.library(LORA_ADD, cache=tmp_path) == first
-    monkeypatch.setattr(kernels, "cpu_signature", lambda: "model name : another CPU")
+    monkeypatch.setattr(build, "cpu_signature", lambda: "model name : another CPU")
     assert kernels.library(LORA_ADD, cache=tmp_path) != first
 
 

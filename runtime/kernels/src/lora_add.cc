@@ -1,17 +1,17 @@
 // LoraAdd: an adapter's LoRA branches added to a projection's output in one node, an onnxruntime custom op (domain
 // "ai.edge_lora") in portable C++: GCC's and Clang's vector extension, lowered for the host it is built on (NEON on
-// an Arm board, AVX2 or AVX-512 on x86-64), with only int8 → float written per instruction set (and in plain C++ for
-// any other). export/kernel_graphs/lora_add.py writes the graph that uses it: the portable graph with each projection's MatMul →
-// MatMul (→ Concat) → Add LoRA branches, 3–4 onnxruntime nodes a projection and ~20 a layer, replaced by one LoraAdd
-// after the projection's MatMulNBits (BENCHMARKS.md, Runtime).
+// an Arm board, AVX2 or AVX-512 on x86-64), with only int8 → float written per instruction set (and in plain C++
+// for any other). export/kernel_graphs/lora_add.py writes the graph that uses it: the portable graph with each
+// projection's MatMul → MatMul (→ Concat) → Add LoRA branches, 3–4 onnxruntime nodes a projection and ~20 a
+// layer, replaced by one LoraAdd after the projection's MatMulNBits (BENCHMARKS.md, Runtime).
 //
 //   z = y + concat_g((x · A_g) · B_g)
 //
-// Inputs: y (…, N) float, the projection's output; x (…, K) float, its input; lora uint8, the graph's one LoRA input
-// (op_common.h: find_slot, parse_lora), of which the node's attribute lora_slot picks its blob: one to three pairs —
-// q, k and v share one packed product — of A_g (K, r_g) int8 with a scale per column and B_g (r_g, n_g) int8 with
-// a scale per row, B's columns in tiles of 16, Σ n_g = N. The same blobs as MatMulQ4's (matmul_q4.cc). Output z,
-// y's shape, which onnxruntime may place in y's buffer.
+// Inputs: y (…, N) float, the projection's output; x (…, K) float, its input; lora uint8, the graph's one LoRA
+// input (op_common.h: find_slot, parse_lora), of which the node's attribute lora_slot picks its blob: one to three
+// pairs — q, k and v share one packed product — of A_g (K, r_g) int8 with a scale per column and B_g (r_g, n_g)
+// int8 with a scale per row, B's columns in tiles of 16, Σ n_g = N. The same blobs as MatMulQ4's (matmul_q4.cc).
+// Output z, y's shape, which onnxruntime may place in y's buffer.
 //
 // Written against onnxruntime's C API alone (onnxruntime_c_api.h, version 21 — onnxruntime 1.21 and later).
 #include "onnxruntime_c_api.h"
@@ -236,7 +236,7 @@ void compute(OrtKernelContext* context, const Kernel& kernel) {
   if (w.z != y_data && w.m > 0 && w.n > 0) std::memcpy(w.z, y_data, sizeof(float) * w.m * w.n);  // not given y's buffer
   for (const Pair& p : w.pairs) w.rank_total += p.r;
   if (w.m == 0 || w.rank_total == 0) return;
-  if (w.m == 1) {  // decode: ~3 µs of work, less than a ParallelFor round trip costs (measured; BENCHMARKS.md)
+  if (w.m == 1) {  // decode: less work than a ParallelFor round trip costs (BENCHMARKS.md, Runtime)
     add_rows(w, 0, 1);
     return;
   }

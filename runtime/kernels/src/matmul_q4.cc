@@ -6,11 +6,11 @@
 //
 // Inputs: x (…, K) float; w (N/16, K/B, 8·B) uint8 and s (N/16, K/B, 16) float16: MatMulNBits' 4-bit weights
 // (blocks of B = 32 or 64, no zero points) repacked into tiles of 16 columns (below), the scales rounded to
-// float16 as llama.cpp's Q4_0 keeps them (2 bytes a block of a column where fp32 took 4: 5.5% fewer bytes a
-// token at the reference shape; a chain of its products 4% faster, a whole token about 1%); optionally the
-// node's LoRA weights, its slot of the graph's one LoRA input (op_common.h): one to three pairs — q, k
-// and v share one packed product — of A_g (K, r_g) int8 with a scale per column and B_g (r_g, n_g) int8 with a
-// scale per row, B's columns in tiles of 16 as W's, so that a tile's share of B is one contiguous run; Σ n_g = N.
+// float16 as llama.cpp's Q4_0 keeps them (2 bytes a block of a column, not fp32's 4: fewer bytes read a token;
+// BENCHMARKS.md, Runtime); optionally the node's LoRA weights, its slot of the graph's one LoRA input
+// (op_common.h): one to three pairs — q, k and v share one packed product — of A_g (K, r_g) int8 with a scale per
+// column and B_g (r_g, n_g) int8 with a scale per row, B's columns in tiles of 16 as W's, so that a tile's share
+// of B is one contiguous run; Σ n_g = N.
 // Output y (…, N) float.
 //
 // Tile layout: for tile t (columns 16t … 16t+15) and block b (k = Bb … Bb+B-1), 8·B bytes = G = B/8 vectors of
@@ -43,7 +43,7 @@ namespace {
 constexpr const char* kOpName = "MatMulQ4";
 #include "op_common.h"
 
-constexpr int64_t kPrefetch = 4096;  // bytes ahead in the weight stream: measured best of 0/1k/2k/4k
+constexpr int64_t kPrefetch = 4096;  // bytes ahead in the weight stream (BENCHMARKS.md, Runtime)
 
 struct Work {
   int64_t m, k, n, block, blocks, tiles, tiles_per_task;
@@ -84,7 +84,8 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t block, int8_t* 
       const float amax = _mm512_reduce_max_ps(mx), scale = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
       __m512i sum = _mm512_setzero_si512();
       for (int i = 0; i < block; i += 16) {
-        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + i), _mm512_set1_ps(inv)));  // round to nearest even
+        // round to nearest even
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + i), _mm512_set1_ps(inv)));
         sum = _mm512_add_epi32(sum, v);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + row * k + b * block + i), _mm512_cvtsepi32_epi8(v));
       }
@@ -107,7 +108,7 @@ void lora_down_range(const Work& w, const float* x, int64_t k0, int64_t k1, floa
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       int64_t k = k0;
       for (; k + 4 <= k1; k += 4) {
-        if (c == 0)  // the first group's pass brings A in, kPrefetch ahead as W's stream (2 KB ahead cost ~0.2 µs a node)
+        if (c == 0)  // the first group's pass brings A in, kPrefetch ahead as W's stream
           for (int64_t at = k * p.r; at < (k + 4) * p.r; at += 64)
             _mm_prefetch(reinterpret_cast<const char*>(p.a) + kPrefetch + at, _MM_HINT_T0);
         a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), load(k), a0);
@@ -163,8 +164,8 @@ inline __m512 lora_up(const Work& w, const float* t, int64_t col, __m512 acc) {
 }
 
 // Decode: u = t · B for every column, two tiles of B at once. One thread does all of it right after t, in one pass
-// over B, and each tile then adds its 16 columns of u: the same multiply-adds spread over the tiles (lora_up on
-// each) cost 2–3 times as much, on a chain that the int4 product waits for (BENCHMARKS.md, Runtime).
+// over B, and each tile then adds its 16 columns of u: cheaper than the same multiply-adds spread over the tiles
+// (lora_up on each), on a chain that the int4 product waits for (BENCHMARKS.md, Runtime).
 void lora_up_all(const Work& w, const float* t_all, float* u) {
   const float* t = t_all;
   for (const Pair& p : w.pairs) {
@@ -172,7 +173,8 @@ void lora_up_all(const Work& w, const float* t_all, float* u) {
     int64_t c = 0;
     for (; c + 2 <= tiles; c += 2) {
       const int8_t* b = p.b + c * row;
-      for (int64_t line = 0; line < 2 * row; line += 64) _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + line, _MM_HINT_T0);
+      for (int64_t line = 0; line < 2 * row; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + line, _MM_HINT_T0);
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, c0 = a0, c1 = a0;
       int64_t j = 0;
       for (; j + 2 <= p.r; j += 2) {
@@ -207,7 +209,8 @@ void gemv_tiles_g(const Work& w, const float* lora_u, int64_t t0, int64_t t1) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     for (int64_t b = 0; b < w.blocks; ++b, wp += 64 * G, sp += kTile) {
       for (int i = 0; i < 64 * G; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch + i, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(sp + kPrefetch / (64 * G) * kTile), _MM_HINT_T0);  // the same blocks' scales
+      // the same blocks' scales
+      _mm_prefetch(reinterpret_cast<const char*>(sp + kPrefetch / (64 * G) * kTile), _MM_HINT_T0);
       const int32_t* xb = xq + b * (2 * G);
       __m512i d0 = _mm512_setzero_si512(), d1 = d0;
 #pragma GCC unroll 8
@@ -304,15 +307,16 @@ void gemm_tiles(const Work& w, int64_t t0, int64_t t1) {
 // Decode: each invocation claims chunks of tiles from the node's counter, each tile's int4 product with its
 // columns of u = (x · A) · B added. Invocations beyond the threads that exist find nothing left and return.
 //
-// With an adapter, the first invocation to arrive computes t = x · A (all of A: 9–28 KB a node at the reference
-// shape), then u = t · B (all of B, 9–25 KB), and publishes u; the others start on their tiles at once and add u to
-// the tiles they claimed before it was ready once it is: A and B are each read by one thread, not each, and no
-// thread waits at a barrier (BENCHMARKS.md, Runtime, measures both against this).
+// With an adapter, the first invocation to arrive computes t = x · A (all of A), then u = t · B (all of B), and
+// publishes u; the others start on their tiles at once and add u to the tiles they claimed before it was ready
+// once it is: A and B are each read by one thread, not each, and no thread waits at a barrier (BENCHMARKS.md,
+// Runtime).
 constexpr int kMaxDeferred = 64;  // claims a thread may finish before u is ready; past that it waits for u
 
 void add_lora_u(const Work& w, const float* u, int64_t t0, int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile)
-    _mm512_storeu_ps(w.y + tile * kTile, _mm512_add_ps(_mm512_loadu_ps(w.y + tile * kTile), _mm512_loadu_ps(u + tile * kTile)));
+    _mm512_storeu_ps(w.y + tile * kTile,
+                     _mm512_add_ps(_mm512_loadu_ps(w.y + tile * kTile), _mm512_loadu_ps(u + tile * kTile)));
 }
 
 void run_decode(void* data, size_t) {
@@ -355,7 +359,7 @@ void run_prefill(void* data, size_t task) {
 struct Kernel {
   int64_t slot = -1;  // the node's place in the LoRA input's table (-1: a node without LoRA input)
   // w's and s's shapes when both are initializers, read once here: each shape query costs onnxruntime a heap
-  // allocation, ~0.3 µs; the two were ~2% of a token at the reference shape
+  // allocation, and a node would ask for both every token
   bool constant_weights = false;
   Dims w_shape, s_shape;
 };
@@ -393,8 +397,7 @@ void compute(OrtKernelContext* context, const Kernel& kernel) {
   w.s = data_of<const uint16_t>(ws);
   w.y = data_of<float>(y);
   if (w.m == 0) return;
-  if (lora) {  // (asking for the next node's blob, or its A, to come into L2 during a node's own work measured
-               // slower or within noise; BENCHMARKS.md, Runtime)
+  if (lora) {
     if (kernel.slot < 0) throw Error("a node with a LoRA input needs its lora_slot attribute");
     const Slot own = find_slot(data_of<const uint8_t>(lora), shape_of(lora).elements(), kernel.slot);
     parse_lora(own.blob, static_cast<size_t>(own.bytes), w.k, w.n, w.pairs);
@@ -426,9 +429,8 @@ void compute(OrtKernelContext* context, const Kernel& kernel) {
     check(api->KernelContext_ParallelFor(context, run_prefill, static_cast<size_t>(w.tiles), 0, &w));
     return;
   }
-  // Decode: claims of ~64 KB of weights. Each claim is an atomic add on a line the threads share; at 8 KB a claim
-  // the claims cost more than they balance (a chain of the reference shape's 151 products: 3.8 ms a token at
-  // 8 KB, 2.2–2.3 ms at 64 and 128 KB, 2.6 ms at 256 KB; 2 threads).
+  // Decode: claims of ~64 KB of weights. Each claim is an atomic add on a line the threads share: much smaller
+  // claims cost more than they balance (BENCHMARKS.md, Runtime).
   w.tiles_per_task = std::max<int64_t>(1, 65536 / (w.blocks * w.tile_bytes));
   w.tile_tasks = (w.tiles + w.tiles_per_task - 1) / w.tiles_per_task;
   // more invocations than an edge CPU has threads: the surplus find nothing to claim and return

@@ -1,6 +1,6 @@
 // What edge-lora's onnxruntime ops share (matmul_q4.cc, lora_add.cc): errors as onnxruntime statuses, shapes
 // without heap allocations, and the LoRA input — one uint8 table for every node of the graph, each node's slot a
-// blob of one to three (A, B) pairs in int8 (runtime/kernels/__init__.py writes them: lora_blob, lora_table).
+// blob of one to three (A, B) pairs in int8 (runtime/kernels/blobs.py writes them: lora_blob, lora_table).
 // Each op includes it once, inside its own anonymous namespace after defining kOpName: every library holds its
 // own copy.
 // The includer includes onnxruntime_c_api.h, <climits>, <cstdint>, <cstring>, <new> and <string> first.
@@ -100,9 +100,9 @@ void parse_lora(const uint8_t* blob, size_t bytes, int64_t k, int64_t n, Pairs& 
     throw Error("the LoRA input's size or widths do not match its header and the node");
 }
 
-// The graph's LoRA input is one uint8 tensor for every node (one input where one a node cost onnxruntime 2% of a
-// token to bind): a table — int64 count, then count + 1 byte offsets, padded to 64 bytes — of the nodes' blobs
-// in the order the nodes run, each node finding its own by its attribute lora_slot.
+// The graph's LoRA input is one uint8 tensor for every node (one input to bind a token, not one a node): a table —
+// int64 count, then count + 1 byte offsets, padded to 64 bytes — of the nodes' blobs in the order the nodes run,
+// each node finding its own by its attribute lora_slot.
 struct Slot {
   const uint8_t* blob = nullptr;
   int64_t bytes = 0;
