@@ -11,10 +11,10 @@ A batch is right-padded: each row's prompt starts at position 0 of its buffer an
 where GroupQueryAttention puts them; the padding's keys sit past the row's length, where they are never read, and
 are overwritten by the row's next tokens.
 
-An export since the head was pruned has an overridable initializer `logits_start` in front of its head
+A builder graph may carry an overridable initializer `logits_start` in front of its head
 (export/graphs/builder.py): bound to -1 the head runs on each run's last position alone, to 0 on all of them. A
 prefill binds -1 when the last position is every row's last token (one row, or rows of one length), 0 otherwise
-and when all positions are asked for; a decode step has one position either way. Graphs without it run the head
+and when all positions are asked for; a decode step has one position either way. A graph without it runs the head
 on every position.
 """
 
@@ -24,7 +24,6 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_lora.formats import LOGITS_START
-
 
 
 class SharedCache:
@@ -41,7 +40,7 @@ class SharedCache:
         self.ids = np.zeros((batch, width), dtype=np.int64)
         for i, prompt in enumerate(prompts):
             self.ids[i, :len(prompt)] = prompt
-        # The mask has one column per position written so far, 1 where a row has a token (graph: ReduceSum → seqlens_k).
+        # One column per position written so far, 1 where a row has a token (the graph: ReduceSum → seqlens_k).
         self.mask = np.zeros((batch, width + max_new_tokens), dtype=np.int64)
         for i, length in enumerate(self.lengths):
             self.mask[i, :length] = 1
@@ -78,7 +77,7 @@ class SharedCache:
 
     def step(self, tokens: list[int], n: int) -> np.ndarray:
         """Run the n-th new token of each row (n from 0); logits (batch, vocab) after it, a view of the buffer the
-        next step writes (a copy measured about 1% of a token at the reference shape)."""
+        next step writes: a copy would add to every token's time (BENCHMARKS.md, Runtime)."""
         self.mask[np.arange(len(self.lengths)), self.lengths + n] = 1
         self._run(np.array(tokens, dtype=np.int64)[:, None], self.mask[:, :self.width + n + 1], self.logits, -1)
         return self.logits[:, 0]

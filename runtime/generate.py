@@ -79,11 +79,11 @@ class Generator:
         """The model's chat template, or None when its tokenizer has none."""
         self._inputs = {i.name for i in session.get_inputs()}
         self._outputs = [o.name for o in session.get_outputs()]
-        self._dtype = np.float16 if export.manifest["precision"] == "fp16" else np.float32
-        # Exports written before the builder path have no "graph": theirs is optimum's.
+        self._dtype = cache_dtype(export)
+        # An export.json without "graph" describes an optimum graph.
         self.graph = export.manifest.get("graph", "optimum")
         """"optimum": a cache handed from present.* to past.* (_GrowingCache); "builder": one shared KV buffer per
-        layer and kind, bound once per generation (fused.SharedCache)."""
+        layer and kind, bound once per generation (cache.SharedCache)."""
         self.adapters = adapters or {}
         """Loaded adapters by name (lora.Adapter)."""
         self.adapter: str | None = None
@@ -133,7 +133,7 @@ class Generator:
                 attention_mask: np.ndarray | None = None,
                 position_ids: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """Logits (batch, seq, vocab) for `ids` (batch, seq) at positions start.., and the grown cache (an optimum
-        graph's; a builder graph runs through fused.SharedCache).
+        graph's; a builder graph runs through cache.SharedCache).
 
         Without a mask every row is real tokens; a left-padded batch passes attention_mask (batch, start + seq),
         0 on padding, and position_ids (batch, seq), each row's own positions.
@@ -142,8 +142,8 @@ class Generator:
         input array in place and returns outputs as views of its own buffers. That is why this is not an
         IOBinding of OrtValues: the optimum graph concatenates past and new keys into present.* (so a step
         writes a new cache whichever way it is bound), and binding the previous step's present.* OrtValues as
-        the next step's past measured up to 9% slower per decode step and never faster (int4, 2 threads, hidden
-        64 and 576, caches of 16 to 1024 tokens): the binding calls cost more than they save.
+        the next step's past adds binding calls that cost more than they save: a decode step is no faster that
+        way at any cache length, and slower at some.
         """
         batch, seq = ids.shape
         feeds = {"input_ids": ids, **past}
@@ -309,6 +309,11 @@ class _GrowingCache:
         logits, self.past = self.forward(np.array(tokens, dtype=np.int64)[:, None], self.past, self.width + n,
                                          self.mask, positions)
         return logits[:, -1].astype(np.float32)
+
+
+def cache_dtype(export: ExportDir) -> type[np.floating]:
+    """The dtype of the KV cache the export's graph takes: its precision's float type (fp16, else fp32)."""
+    return np.float16 if export.manifest["precision"] == "fp16" else np.float32
 
 
 def generation_eos_ids(export: ExportDir) -> set[int]:

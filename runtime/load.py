@@ -101,9 +101,11 @@ def has_overridable_initializers(manifest: dict) -> bool:
     return manifest["flavor"] == "adapters" or manifest.get("graph") == "builder"
 
 
-def first_line(error: Exception) -> str:
+def first_line(error: Exception, limit: int = 200) -> str:
+    """The first line of an error's message, at most `limit` characters (its type's name when it has none): a
+    library's multi-line message, shown inside one line of ours."""
     lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
+    return lines[0][:limit] if lines else type(error).__name__
 
 
 def load_adapters(export: ExportDir, kernel: str | None = None) -> dict:

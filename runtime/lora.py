@@ -2,7 +2,7 @@
 
 onnxruntime applies a LoraAdapter made active in RunOptions on `session.run` only: `run_with_iobinding` ignores it
 (1.32 logs "run_with_iobinding has active adapters specified, but won't have an effect"). The builder graph runs
-through IOBinding (fused.SharedCache), so there the adapter's tensors are bound as the graph's LoRA inputs
+through IOBinding (cache.SharedCache), so there the adapter's tensors are bound as the graph's LoRA inputs
 instead, as OrtValues over the same file's pages (`map_tensors`): each adapter costs page cache that the kernel
 can share and drop, not a private copy per adapter and per process.
 """

@@ -10,7 +10,6 @@ from pathlib import Path
 from edge_lora.formats import EXPORT_MANIFEST, TOKENIZER_FILE
 
 
-
 class ExportError(ValueError):
     """The export directory is missing, incomplete or altered; the message says which and how to fix it."""
 
@@ -93,7 +92,8 @@ def open_export(path: str | Path, verify: bool = True) -> ExportDir:
         raise ExportError(f"{manifest_path} is not valid JSON ({e}) — re-run edge-lora export") from None
     for key in ("model_file", "files", "kv_cache"):
         if key not in manifest:
-            raise ExportError(f"{manifest_path} lacks {key!r} — it was not written by this edge-lora; re-run edge-lora export")
+            raise ExportError(f"{manifest_path} lacks {key!r} — it was not written by this edge-lora; "
+                              "re-run edge-lora export")
     export = ExportDir(path, manifest)
     if verify:
         for name in manifest["files"]:

@@ -29,15 +29,16 @@ def choose_providers(requested: list[tuple[str, dict]], strict: bool = False) ->
     chosen = []
     for name, options in requested:
         if name not in known:
-            raise ProviderError(f"execution provider {name!r} does not exist — available here: {', '.join(available)}")
+            raise ProviderError(f"execution provider {name!r} does not exist — available here: "
+                                f"{', '.join(available)}")
         if name in available:
             chosen.append((name, options))
         elif strict:
-            raise ProviderError(
-                f"execution provider {name} is not available in this onnxruntime build — available: {', '.join(available)}"
-            )
+            raise ProviderError(f"execution provider {name} is not available in this onnxruntime build — available: "
+                                f"{', '.join(available)}")
         else:
-            warnings.warn(f"execution provider {name} is not available here; falling back to the next one", stacklevel=3)
+            warnings.warn(f"execution provider {name} is not available here; falling back to the next one",
+                          stacklevel=3)
     if not any(name == "CPUExecutionProvider" for name, _ in chosen):
         chosen.append(("CPUExecutionProvider", {}))
     return chosen

@@ -2,7 +2,8 @@
 
 Configurations are matched by (precision, adapter, provider, threads, prompt length): the same shape measured by
 another run, on another device or with another build. Within a report, each adapter-on configuration is also set
-against the same one with no adapter. DESIGN.md: speed is a ratio against an anchor, not a number alone.
+against the same one with no adapter. Speed is shown as a ratio against an anchor: a figure alone depends on the
+machine and its load as much as on the change under test.
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ import re
 from pathlib import Path
 
 from edge_lora.runtime.profile.sweep import SCHEMA, SCHEMA_VERSION, ProfileError
-from edge_lora.runtime.profile.report import adapter_pairs, render_adapter_table, short
+from edge_lora.runtime.profile.report import adapter_pairs, markdown_table, render_adapter_table, short
 
 PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
+PASS_A_REPORT = "pass a profile.json written by edge-lora profile"
 
 
 def load_report(path: str | Path) -> dict:
     """A profile.json written by `edge-lora profile`, checked to be a report of this schema version."""
     path = Path(path)
     if not path.is_file():
-        raise ProfileError(f"{path} does not exist — pass a profile.json written by edge-lora profile")
+        raise ProfileError(f"{path} does not exist — {PASS_A_REPORT}")
     try:
         report = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ProfileError(f"{path} is not JSON ({err}) — pass a profile.json written by edge-lora profile") from None
+        raise ProfileError(f"{path} is not JSON ({err}) — {PASS_A_REPORT}") from None
     check_report(report, str(path))
     return report
 
@@ -35,7 +37,7 @@ def check_report(report: object, name: str) -> None:
     schema = report.get("schema") if isinstance(report, dict) else None
     if schema != SCHEMA:
         raise ProfileError(f"{name} is not a profile report: schema {schema!r}, expected {SCHEMA!r} — "
-                           "pass a profile.json written by edge-lora profile")
+                           f"{PASS_A_REPORT}")
     if report.get("schema_version") != SCHEMA_VERSION:
         raise ProfileError(f"{name} has schema_version {report.get('schema_version')!r}, expected {SCHEMA_VERSION} — "
                            "profile again with this edge-lora to compare it")
@@ -88,6 +90,35 @@ def compare(reports: list[dict], fail_if_slower: float | None = None,
     alone is compared only with itself, adapter on against off.
     """
     names = names or [f"#{i + 1}" for i in range(len(reports))]
+    _check_inputs(reports, names, fail_if_slower)
+    base, *later = [_index(report, name) for report, name in zip(reports, names)]
+    adapter_tables = "".join(f"\nAdapters against the base model in {name} (on ÷ off: decode above 1 is faster, TTFT "
+                             f"and e2e below 1 are faster):\n\n{table}"
+                             for report, name in zip(reports, names) if (table := render_adapter_table(report)))
+    if not later:
+        return adapter_tables.lstrip("\n"), []
+    header = ["export", "adapter", "provider", "threads", "prompt", f"decode tok/s ({names[0]})",
+              f"TTFT p50 ms ({names[0]})", f"e2e p50 ms ({names[0]})"]
+    for name in names[1:]:
+        header += [f"decode × ({name})", f"TTFT × ({name})", f"e2e × ({name})"]
+    rows, regressions = [], []
+    for key, config in base.items():
+        row = _base_cells(key, config)
+        for name, configs in zip(names[1:], later):
+            cells, found = _against(name, key, config, configs.get(key), fail_if_slower)
+            row += cells
+            regressions += found
+        rows.append(row)
+    notes = [f"\nRatios are each report ÷ {names[0]}: decode above 1 is faster, TTFT and e2e below 1 are faster.\n"]
+    for name, configs in zip(names[1:], later):
+        extra = [_show(key) for key in configs if key not in base]
+        if extra:
+            notes.append(f"Only in {name}, not compared: {'; '.join(extra)}.\n")
+    return markdown_table(header, rows) + "".join(notes) + adapter_tables, regressions
+
+
+def _check_inputs(reports: list[dict], names: list[str], fail_if_slower: float | None) -> None:
+    """Raise ProfileError unless there is something to compare, one name per report and a margin >= 0."""
     if not reports or (len(reports) == 1 and not adapter_pairs(reports[0])):
         raise ProfileError(f"compare needs two or more reports, or one with adapter-on and adapter-off "
                            f"configurations, got {len(reports)} report(s) — pass a baseline and the runs to set "
@@ -98,51 +129,34 @@ def compare(reports: list[dict], fail_if_slower: float | None = None,
         raise ProfileError(f"fail_if_slower={fail_if_slower} must be a fraction >= 0, for example 0.10 for 10%")
     for report, name in zip(reports, names):
         check_report(report, name)
-    base, *later = [_index(report, name) for report, name in zip(reports, names)]
-    adapter_tables = "".join(f"\nAdapters against the base model in {name} (on ÷ off: decode above 1 is faster, TTFT "
-                             f"and e2e below 1 are faster):\n\n{table}"
-                             for report, name in zip(reports, names) if (table := render_adapter_table(report)))
-    if not later:
-        return adapter_tables.lstrip("\n"), []
 
-    header = ["export", "adapter", "provider", "threads", "prompt", f"decode tok/s ({names[0]})", f"TTFT p50 ms ({names[0]})",
-              f"e2e p50 ms ({names[0]})"]
-    for name in names[1:]:
-        header += [f"decode × ({name})", f"TTFT × ({name})", f"e2e × ({name})"]
-    rows = [header, ["---"] * 3 + ["---:"] * (len(header) - 3)]
+
+def _base_cells(key: tuple, config: dict) -> list[str]:
+    """The first report's cells of one configuration: its key, and its figures or its status."""
+    precision, adapter, provider, threads, prompt_len = key
+    cells = [precision, adapter or "—", short(provider), str(threads), str(prompt_len)]
+    if config["status"] != "ok":
+        return cells + [config["status"], "—", "—"]
+    s = config["summary"]
+    return cells + [f"{s['decode_tokens_s']:.1f}", f"{s['ttft_p50_s'] * 1e3:.1f}", f"{s['e2e_p50_s'] * 1e3:.1f}"]
+
+
+def _against(name: str, key: tuple, config: dict, other: dict | None,
+             fail_if_slower: float | None) -> tuple[list[str], list[str]]:
+    """The ratio cells of report `name`'s configuration `other` against the first report's `config`, and its
+    regressions beyond the margin."""
+    if other is None or config["status"] != "ok" or other["status"] != "ok":
+        return ["missing" if other is None else "unavailable", "—", "—"], []
+    decode, ttft, e2e = _ratios(config, other)
+    cells = [f"{decode:.2f}", f"{ttft:.2f}", f"{e2e:.2f}"]
+    if fail_if_slower is None:
+        return cells, []
+    b, s, margin = config["summary"], other["summary"], f"(margin {fail_if_slower:.0%})"
     regressions = []
-    for key, config in base.items():
-        precision, adapter, provider, threads, prompt_len = key
-        row = [precision, adapter or "—", short(provider), str(threads), str(prompt_len)]
-        if config["status"] == "ok":
-            s = config["summary"]
-            row += [f"{s['decode_tokens_s']:.1f}", f"{s['ttft_p50_s'] * 1e3:.1f}", f"{s['e2e_p50_s'] * 1e3:.1f}"]
-        else:
-            row += [config["status"], "—", "—"]
-        for name, configs in zip(names[1:], later):
-            other = configs.get(key)
-            if other is None or config["status"] != "ok" or other["status"] != "ok":
-                row += ["missing" if other is None else "unavailable", "—", "—"]
-                continue
-            decode, ttft, e2e = _ratios(config, other)
-            row += [f"{decode:.2f}", f"{ttft:.2f}", f"{e2e:.2f}"]
-            if fail_if_slower is None:
-                continue
-            if decode < 1 - fail_if_slower:
-                regressions.append(
-                    f"{name}: {_show(key)}: decode {config['summary']['decode_tokens_s']:.1f} → "
-                    f"{other['summary']['decode_tokens_s']:.1f} tok/s, {1 - decode:.0%} lower "
-                    f"(margin {fail_if_slower:.0%})")
-            if e2e > 1 + fail_if_slower:
-                regressions.append(
-                    f"{name}: {_show(key)}: e2e p50 {config['summary']['e2e_p50_s'] * 1e3:.1f} → "
-                    f"{other['summary']['e2e_p50_s'] * 1e3:.1f} ms, {e2e - 1:.0%} higher (margin {fail_if_slower:.0%})")
-        rows.append(row)
-
-    table = "".join("| " + " | ".join(row) + " |\n" for row in rows)
-    notes = [f"\nRatios are each report ÷ {names[0]}: decode above 1 is faster, TTFT and e2e below 1 are faster.\n"]
-    for name, configs in zip(names[1:], later):
-        extra = [_show(key) for key in configs if key not in base]
-        if extra:
-            notes.append(f"Only in {name}, not compared: {'; '.join(extra)}.\n")
-    return table + "".join(notes) + adapter_tables, regressions
+    if decode < 1 - fail_if_slower:
+        regressions.append(f"{name}: {_show(key)}: decode {b['decode_tokens_s']:.1f} → {s['decode_tokens_s']:.1f} "
+                           f"tok/s, {1 - decode:.0%} lower {margin}")
+    if e2e > 1 + fail_if_slower:
+        regressions.append(f"{name}: {_show(key)}: e2e p50 {b['e2e_p50_s'] * 1e3:.1f} → {s['e2e_p50_s'] * 1e3:.1f} "
+                           f"ms, {e2e - 1:.0%} higher {margin}")
+    return cells, regressions

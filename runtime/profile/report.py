@@ -40,18 +40,23 @@ def adapter_pairs(report: dict) -> list[tuple[dict, dict]]:
 def render_adapter_table(report: dict) -> str:
     """A Markdown table of each adapter-on configuration against the same one with no adapter (the base model):
     decode tokens/s, TTFT p50 and e2e p50 as ratios on ÷ off. Empty when the report has no such pairs."""
-    rows = [["export", "adapter", "provider", "threads", "prompt", "decode tok/s off", "decode tok/s on",
-             "decode ×", "TTFT ×", "e2e ×", "bytes/token ×"]]
-    rows.append(["---"] * 3 + ["---:"] * (len(rows[0]) - 3))
+    header = ["export", "adapter", "provider", "threads", "prompt", "decode tok/s off", "decode tok/s on", "decode ×",
+              "TTFT ×", "e2e ×", "bytes/token ×"]
+    rows = []
     for off, on in adapter_pairs(report):
         a, b = off["summary"], on["summary"]
         rows.append([off["export"]["precision"], on["adapter"], short(on["provider"]), str(on["threads"]),
                      str(on["prompt_len"]), f"{a['decode_tokens_s']:.1f}", f"{b['decode_tokens_s']:.1f}",
                      f"{b['decode_tokens_s'] / a['decode_tokens_s']:.2f}", f"{b['ttft_p50_s'] / a['ttft_p50_s']:.2f}",
                      f"{b['e2e_p50_s'] / a['e2e_p50_s']:.2f}", f"{b['bytes_per_token'] / a['bytes_per_token']:.2f}"])
-    if len(rows) == 2:
-        return ""
-    return "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    return markdown_table(header, rows) if rows else ""
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table whose first three columns (export, adapter, provider) are text, left-aligned, and whose
+    others are figures, right-aligned."""
+    lines = [header, ["---"] * 3 + ["---:"] * (len(header) - 3), *rows]
+    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
 
 
 # Columns of the Markdown table: its header, and the cell of one measured configuration (its summary as `s`).
@@ -75,15 +80,14 @@ FIGURE_COLUMNS = (
 
 def render_table(report: dict) -> str:
     """One Markdown table row per configuration; an unavailable one says so in place of its figures."""
-    columns = [header for header, _ in KEY_COLUMNS + FIGURE_COLUMNS]
-    rows = [columns, ["---"] * 3 + ["---:"] * (len(columns) - 3)]
+    rows = []
     for c in report["configurations"]:
         keys = [cell(c) for _, cell in KEY_COLUMNS]
         if c["status"] == "ok":
             rows.append(keys + [cell(c["summary"]) for _, cell in FIGURE_COLUMNS])
         else:
             rows.append(keys + [c["status"]] + ["—"] * (len(FIGURE_COLUMNS) - 1))
-    return "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    return markdown_table([header for header, _ in KEY_COLUMNS + FIGURE_COLUMNS], rows)
 
 
 # Flat columns of profile.csv: the configuration's keys, then every scalar of its summary (empty when unavailable).
@@ -92,9 +96,9 @@ CSV_KEYS = ("status", "reason", "export_path", "precision", "export_digest", "ad
 CSV_FIGURES = ("runs", "load_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "prefill_tokens_s",
                "decode_tokens_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
                *(f"e2e_p{p}_ci95_{end}_s" for p in (50, 90, 99) for end in ("low", "high")), "e2e_mean_s",
-               "e2e_mean_ci95_low_s", "e2e_mean_ci95_high_s", "rss_before_load_mb", "peak_rss_mb", "model_bytes", "weight_bytes_per_token",
-               "adapter_bytes_per_token", "kv_cache_bytes_per_token", "bytes_per_token", "bandwidth_gbs",
-               "bandwidth_source", "bound_tokens_s", "decode_fraction_of_bound", "trace_file")
+               "e2e_mean_ci95_low_s", "e2e_mean_ci95_high_s", "rss_before_load_mb", "peak_rss_mb", "model_bytes",
+               "weight_bytes_per_token", "adapter_bytes_per_token", "kv_cache_bytes_per_token", "bytes_per_token",
+               "bandwidth_gbs", "bandwidth_source", "bound_tokens_s", "decode_fraction_of_bound", "trace_file")
 CSV_COLUMNS = CSV_KEYS + CSV_FIGURES
 
 

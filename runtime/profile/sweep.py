@@ -4,9 +4,9 @@ A sweep runs every export (one per precision, say) × adapter (none, and each of
 provider × thread count × prompt length. Each configuration is measured in a process of its own
 (edge_lora.runtime.profile.worker), so that its peak RSS is its own: build a session, warm it up, then time whole
 generations until both a minimum number of runs and a minimum measured time are reached. Every raw sample is kept
-next to the summary, and decode speed is set against the memory-bandwidth bound (DESIGN.md: measuring). A provider
-this host lacks gives an "unavailable" row. Reports are written by edge_lora.runtime.profile.report and compared by
-edge_lora.runtime.profile.compare.
+next to the summary, and decode speed is set against the memory-bandwidth bound, so that a figure says how far it
+is from what the memory allows. A provider this host lacks gives an "unavailable" row. Reports are written by
+edge_lora.runtime.profile.report and compared by edge_lora.runtime.profile.compare.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -26,19 +25,21 @@ import onnxruntime as ort
 import psutil
 
 from edge_lora import devices, runtime
+from edge_lora.runtime.generate import cache_dtype
 from edge_lora.runtime.package import ExportDir, open_export
 from edge_lora.runtime.profile.report import short
+from edge_lora.runtime.profile.summary import Facts, summarize
+from edge_lora.runtime.profile.worker import BAD_INPUT
 from edge_lora.runtime.profile.weights import read_graph_weights
 
 SCHEMA = "edge-lora/profile"
 SCHEMA_VERSION = 3
-PERCENTILES = (50, 90, 99)
 # Weight files of the graph: model.onnx and its external data (model.onnx.data, model.onnx_data).
 MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data")
 MEASURED_BANDWIDTH_SOURCE = "measured on this host: best-of-5 single-thread memcpy of 256 MiB (devices.detect)"
 WORKER = "edge_lora.runtime.profile.worker"
-# The errors a worker reports by name (edge_lora.runtime.profile.worker.BAD_INPUT), raised here again.
-WORKER_ERRORS = {cls.__name__: cls for cls in (runtime.ExportError, runtime.ProviderError, runtime.PromptError)}
+# The errors a worker reports by name, raised here again.
+WORKER_ERRORS = {cls.__name__: cls for cls in BAD_INPUT}
 
 
 class ProfileError(ValueError):
@@ -100,39 +101,10 @@ class ProfileSettings:
             elif len(set(self.providers)) < len(self.providers):
                 problems.append(f"providers={list(self.providers)} names one twice — list each once")
         if self.adapters is not None and (not self.adapters or len(set(self.adapters)) < len(self.adapters)):
-            problems.append(f"adapters={list(self.adapters)} must name one or more adapters, each once — or pass None "
-                            "for every adapter of the export")
+            problems.append(f"adapters={list(self.adapters)} must name one or more adapters, each once — or pass "
+                            "None for every adapter of the export")
         if problems:
             raise ProfileError("; ".join(problems))
-
-
-@dataclasses.dataclass(frozen=True)
-class Facts:
-    """What one configuration's summary records beside its timings: measured by its worker, or read from the export."""
-
-    load_s: float
-    """Session build time: graph optimisation, weights into memory, kernels prepared (the export's sha256 excluded)."""
-    rss_before_load_mb: float
-    """Resident set size of the configuration's worker process before the session loads: Python, numpy,
-    onnxruntime and tokenizers imported. peak_rss_mb minus this is what the model and its runs added."""
-    peak_rss_mb: float
-    """Peak resident set size of the worker process that measured this configuration alone, from its start to its
-    last measured run (the kernel's high-water mark: VmHWM on Linux, the peak working set on Windows): the
-    interpreter, the session, its arena and the KV cache."""
-    model_bytes: int
-    """Bytes of the export's graph files on disk (model.onnx and its external data; adapter files not included)."""
-    weight_bytes_per_token: int
-    """Bytes of the graph's weights one decode step reads (edge_lora.runtime.profile.weights): every initializer once,
-    except the tables only an embedding lookup reads (one row per token) and weights no node reads."""
-    adapter_bytes_per_token: int
-    """Bytes of the active adapter's tensors (its LoRA A and B, all read each step); 0 without an adapter."""
-    kv_cache_bytes_per_token: int
-    """Bytes of the past KV cache one decode step reads, averaged over the run's decode steps. Attention reads the
-    cache once; the graph's Concat of past and new keys also copies it into present.*, so real traffic is higher."""
-    bandwidth_gbs: float
-    """Memory bandwidth the bound is computed from, in GB/s."""
-    bandwidth_source: str
-    """Where bandwidth_gbs comes from: the device profile (with its own source) or this host's measurement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,32 +125,15 @@ def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSet
 
     With settings.trace, raw traces are written to trace_dir (None: a new temporary dir) and kept there.
     """
-    dirs = [export_dirs] if isinstance(export_dirs, (str, Path)) else list(export_dirs)
-    if not dirs:
-        raise ProfileError("no export dir given — pass one or more dirs written by edge-lora export")
-    # Verified once here, so that the digest in the report stands for the files measured; each configuration
-    # then loads without hashing again, and load_s is the session build alone.
-    exports = [open_export(path, verify=True) for path in dirs]
-    for export in exports:
-        context = export.manifest["kv_cache"]["context_length"]
-        for prompt_len in settings.prompt_lens:
-            if prompt_len + settings.new_tokens > context:
-                raise ProfileError(
-                    f"{export.path}: prompt_len {prompt_len} + new_tokens {settings.new_tokens} exceeds the context "
-                    f"of {context} tokens — use shorter prompt lengths or fewer new tokens"
-                )
+    exports = _open_exports(export_dirs, settings)
     adapters = [_adapters(export, settings.adapters) for export in exports]
     if settings.adapters is not None and not any(adapters):
         raise ProfileError(f"adapters={list(settings.adapters)} were asked for, but no export given is of flavor "
-                           "adapters — profile an export made with edge-lora export --flavor adapters, or drop --adapters")
+                           "adapters — profile an export made with edge-lora export --flavor adapters, or drop "
+                           "--adapters")
     device_profile = runtime.device_profile(exports[0], settings.device)
     host = dataclasses.asdict(devices.detect(ort.get_available_providers())) | {"onnxruntime": ort.__version__}
-    # The schema requires a bandwidth in every device profile; the host's measurement replaces it on request,
-    # for instance when the profile describes a device class rather than this machine.
-    if settings.measure_bandwidth:
-        bandwidth = host["measured_bandwidth_gbs"], MEASURED_BANDWIDTH_SOURCE
-    else:
-        bandwidth = device_profile.bandwidth_gbs, f"device profile {device_profile.name}: {device_profile.bandwidth_source}"
+    bandwidth = _bandwidth(settings, device_profile, host)
     if settings.trace:
         trace_dir = Path(trace_dir) if trace_dir is not None else Path(tempfile.mkdtemp(prefix="edge-lora-trace-"))
         trace_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +161,38 @@ def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSet
         "settings": dataclasses.asdict(settings),
         "configurations": configurations,
     }
+
+
+def _open_exports(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSettings) -> list[ExportDir]:
+    """The exports to sweep, each verified and checked to hold every prompt length plus new_tokens in its context.
+
+    Verified once here, so that the digest in the report stands for the files measured; each configuration then
+    loads without hashing again, and load_s is the session build alone.
+    """
+    dirs = [export_dirs] if isinstance(export_dirs, (str, Path)) else list(export_dirs)
+    if not dirs:
+        raise ProfileError("no export dir given — pass one or more dirs written by edge-lora export")
+    exports = [open_export(path, verify=True) for path in dirs]
+    for export in exports:
+        context = export.manifest["kv_cache"]["context_length"]
+        for prompt_len in settings.prompt_lens:
+            if prompt_len + settings.new_tokens > context:
+                raise ProfileError(
+                    f"{export.path}: prompt_len {prompt_len} + new_tokens {settings.new_tokens} exceeds the context "
+                    f"of {context} tokens — use shorter prompt lengths or fewer new tokens"
+                )
+    return exports
+
+
+def _bandwidth(settings: ProfileSettings, device_profile: devices.DeviceProfile, host: dict) -> tuple[float, str]:
+    """(GB/s, where it comes from) of the bandwidth bound: the device profile's, or this host's measurement.
+
+    The schema requires a bandwidth in every device profile; the host's measurement replaces it on request, for
+    instance when the profile describes a device class rather than this machine.
+    """
+    if settings.measure_bandwidth:
+        return host["measured_bandwidth_gbs"], MEASURED_BANDWIDTH_SOURCE
+    return device_profile.bandwidth_gbs, f"device profile {device_profile.name}: {device_profile.bandwidth_source}"
 
 
 def _adapters(export: ExportDir, asked: tuple[str, ...] | None) -> list[str]:
@@ -261,7 +248,7 @@ def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, st
 def kv_cache_bytes_per_token(export: ExportDir, prompt_len: int, new_tokens: int) -> int:
     """Past KV cache bytes a decode step reads, averaged over the new_tokens - 1 decode steps of one run."""
     kv = export.manifest["kv_cache"]
-    itemsize = 2 if export.manifest["precision"] == "fp16" else 4  # the cache's dtype, as the Generator feeds it
+    itemsize = np.dtype(cache_dtype(export)).itemsize  # the cache's dtype, as the Generator feeds it
     per_position = kv["num_layers"] * 2 * kv["num_kv_heads"] * kv["head_dim"] * itemsize  # keys and values
     # Decode step k (1 .. new_tokens - 1) reads a past of prompt_len + k - 1 positions.
     mean_past = prompt_len + (new_tokens - 2) / 2
@@ -324,64 +311,3 @@ def _run_worker(job: dict) -> dict:
     if "error" in result:
         raise WORKER_ERRORS[result["error"]["type"]](result["error"]["message"])
     return result
-
-
-def summarize(samples: list[dict], prompt_len: int, new_tokens: int, facts: Facts) -> dict:
-    """The figures of one configuration from its raw samples, with its facts."""
-    ttft = np.array([s["ttft_s"] for s in samples])
-    decode = np.array([s["decode_s"] for s in samples])
-    e2e = np.array([s["e2e_s"] for s in samples])
-    decode_tokens = new_tokens - 1  # the first new token is timed with prefill, in ttft
-    ttft_p = _percentiles(ttft)
-    decode_tokens_s = float(np.median(decode_tokens / decode))
-    # Decode reads the weights (one row of an embedding table), the active adapter and the past KV cache once per
-    # token, so tokens/s <= bandwidth / those bytes. Caches, the KV cache's copy into present.* and activations are
-    # left out, so the bound is a guide, not a ceiling to the percent.
-    bytes_per_token = facts.weight_bytes_per_token + facts.adapter_bytes_per_token + facts.kv_cache_bytes_per_token
-    bound_tokens_s = facts.bandwidth_gbs * 1e9 / bytes_per_token
-    e2e_mean = float(e2e.mean())
-    # Normal approximation of the 95% interval of the mean, 1.96·s/√n: with few runs it is somewhat narrower
-    # than the t-interval would be. One run has no spread to estimate, hence no interval.
-    ci95 = None
-    if len(e2e) > 1:
-        half_width = 1.96 * float(np.std(e2e, ddof=1)) / np.sqrt(len(e2e))
-        ci95 = [e2e_mean - half_width, e2e_mean + half_width]
-    return {
-        "runs": len(samples),
-        **dataclasses.asdict(facts),
-        **{f"ttft_p{p}_s": v for p, v in ttft_p.items()},
-        "tpot_p50_s": float(np.percentile(decode / decode_tokens, 50, method="linear")),
-        "prefill_tokens_s": prompt_len / ttft_p[50],
-        "decode_tokens_s": decode_tokens_s,
-        **{f"e2e_p{p}_s": v for p, v in _percentiles(e2e).items()},
-        **{f"e2e_p{p}_ci95_s": percentile_ci95(e2e, p) for p in PERCENTILES},
-        "e2e_mean_s": e2e_mean,
-        "e2e_mean_ci95_s": ci95,
-        "bytes_per_token": bytes_per_token,
-        "bound_tokens_s": bound_tokens_s,
-        "decode_fraction_of_bound": decode_tokens_s / bound_tokens_s,
-    }
-
-
-def percentile_ci95(values: np.ndarray, percentile: float) -> list[float] | None:
-    """A distribution-free 95% interval of a percentile: two order statistics of the samples, chosen from the
-    binomial distribution of how many samples fall below the true percentile (as MLPerf's early-stopping
-    criterion reasons). None when there are too few samples to bound it at 95% on both sides: at least 6 for
-    p50, 36 for p90 and 368 for p99 (with fewer, even the largest sample is too likely to lie below the percentile).
-    Unlike the mean's interval, it assumes nothing of the latency distribution's shape."""
-    n, q = len(values), percentile / 100
-    # cdf[k] = P(B <= k) for B ~ Binomial(n, q): the chance that at most k samples fall below the percentile.
-    log_pmf = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-               + (k * math.log(q) if k else 0.0) + ((n - k) * math.log1p(-q) if n - k else 0.0) for k in range(n + 1)]
-    cdf = np.cumsum(np.exp(log_pmf))
-    # [x_(lo), x_(hi)] (1-based order statistics) covers the percentile with probability P(lo <= B < hi).
-    lo = int(np.searchsorted(cdf, 0.025, side="right"))  # the largest lo with P(B < lo) <= 0.025
-    hi = int(np.searchsorted(cdf, 0.975, side="left")) + 1  # the smallest hi with P(B < hi) >= 0.975
-    if lo < 1 or hi > n:
-        return None
-    ordered = np.sort(values)
-    return [float(ordered[lo - 1]), float(ordered[hi - 1])]
-
-
-def _percentiles(values: np.ndarray) -> dict[int, float]:
-    return {p: float(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES, method="linear"))}

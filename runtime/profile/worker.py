@@ -2,7 +2,8 @@
 
 The profiler (edge_lora.runtime.profile.sweep) starts one such process per configuration, so that the process's peak
 resident set size belongs to that configuration alone: in one process, the peak of the first configuration would
-mask every later one, and memory a freed session leaves with the allocator would be counted against the next. The job comes in as JSON on stdin; the raw measurements go out as JSON on stdout.
+mask every later one, and memory a freed session leaves with the allocator would be counted against the next. The
+job comes in as JSON on stdin; the raw measurements go out as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -56,10 +57,15 @@ def prompt_ids(vocab_size: int, prompt_len: int) -> list[int]:
     return np.random.default_rng(PROMPT_SEED).integers(FIRST_PROMPT_ID, vocab_size, prompt_len).tolist()
 
 
+def workload(generator: runtime.Generator, job: dict) -> tuple[list[int], SamplingConfig]:
+    """The prompt and sampling of every run of a job: prompt_len ids, then new_tokens past any end-of-sequence."""
+    prompt = prompt_ids(generator.export.manifest["vocab_size"], job["prompt_len"])
+    return prompt, SamplingConfig(max_new_tokens=job["new_tokens"], ignore_eos=True)
+
+
 def timed_runs(generator: runtime.Generator, job: dict) -> list[dict]:
     """Warm up, then time generations until both minimums are met: the raw samples."""
-    prompt = prompt_ids(generator.export.manifest["vocab_size"], job["prompt_len"])
-    sampling = SamplingConfig(max_new_tokens=job["new_tokens"], ignore_eos=True)
+    prompt, sampling = workload(generator, job)
     for _ in range(job["warmup_runs"]):
         generator.generate(prompt, sampling)
     samples = []
@@ -83,8 +89,7 @@ def traced_run(job: dict, providers: list[str] | None, prefix: Path) -> dict:
     """Warm up a profiling session, trace one generation, and summarise the trace kept at prefix + ".json"."""
     generator = runtime.load(job["export"], providers=providers, device=job["device"], threads=job["threads"],
                              verify=False, profile_file_prefix=str(prefix)).with_adapter(job["adapter"])
-    prompt = prompt_ids(generator.export.manifest["vocab_size"], job["prompt_len"])
-    sampling = SamplingConfig(max_new_tokens=job["new_tokens"], ignore_eos=True)
+    prompt, sampling = workload(generator, job)
     for _ in range(job["warmup_runs"] + 1):
         generator.generate(prompt, sampling)
     # onnxruntime names the file prefix_<date>_<time>.json; a name without the clock lets a rerun replace it.

@@ -15,7 +15,7 @@ A version goes live only once onnxruntime reads it as an adapter, each of its te
 inputs with the graph's type and shape (ranks free, A and B agreeing), every value is finite, and one forward
 pass with it active gives finite logits; otherwise the answer is 422 and the live version stays. An adapter
 trained on another base that happens to have the same shapes cannot be told apart here: its lineage can
-(edge-lora inspect). Requests already running keep the version they started with (serve_models).
+(edge-lora inspect). Requests already running keep the version they started with (serve.registry).
 
 Admin endpoints need the API key; a server started without one answers them 404, as if they did not exist, so
 that a server on an open port cannot have its model replaced by whoever reaches it. Their bodies have a limit
@@ -38,11 +38,12 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edge_lora.formats import ADAPTER_SUFFIX
+from edge_lora.runtime.load import first_line
 from edge_lora.runtime.lora import Adapter, map_tensors
 from edge_lora.runtime.serve.gate import Gate
 from edge_lora.runtime.serve.metrics import ServerMetrics
 from edge_lora.runtime.serve.registry import VERSION_CHARS, ModelEntry, ModelRegistry
-from edge_lora.formats import ADAPTER_SUFFIX
 from edge_lora.runtime.serve.schema import APIError
 
 log = logging.getLogger("edge_lora.serve")
@@ -184,7 +185,7 @@ def validated(registry: ModelRegistry, name: str, version: str, path: Path) -> M
     try:
         logits = registry.view(entry).logits([0])  # (1, vocab) for one token: any id of the vocabulary does
     except Exception as e:  # onnxruntime's errors have no common base class
-        raise refused(f"a forward pass with it failed ({str(e).strip().splitlines()[0][:160]})") from None
+        raise refused(f"a forward pass with it failed ({first_line(e, 160)})") from None
     if not np.isfinite(logits).all():
         raise refused("it makes the model's logits NaN or inf")
     return entry

@@ -2,12 +2,12 @@
 
     POST /v1/completions, POST /v1/chat/completions   (stream: server-sent events)
     GET  /v1/models, GET /health, GET /metrics         (Prometheus text format)
-    GET, POST /admin/adapters...                       (new adapter versions and rollback: serve_admin)
+    GET, POST /admin/adapters...                       (new adapter versions and rollback: serve.admin)
 
-Requests go through the gate (serve_http: API key, body size, metrics), are validated (serve_schema), resolved
-to a model (serve_models), tokenized and checked against the context on the event loop's thread pool, and then
-queued for a generation worker (serve_work). A bad request is answered before it reaches the model. Every answer
-names the model version that produced it (serve_answers), and /metrics counts requests by model and version.
+Requests go through the gate (serve.gate: API key, body size, metrics), are validated (serve.schema), resolved
+to a model (serve.registry), tokenized and checked against the context on the event loop's thread pool, and then
+queued for a generation worker (serve.workers). A bad request is answered before it reaches the model. Every
+answer names the model version that produced it (serve.answers), and /metrics counts requests by model and version.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,7 @@ class ServeConfig:
     """TCP port; 0 picks a free one."""
     api_key: str | None = None
     """When set, every endpoint but /health needs `Authorization: Bearer <api_key>`; when not, the admin endpoints
-    (adapter roll-out, serve_admin) are off."""
+    (adapter roll-out, serve.admin) are off."""
     workers: int | None = None
     """Generations that run at once; None: as many as the device profile's threads per worker fit the host's
     physical cores (at least 1)."""
@@ -89,28 +89,91 @@ class ServeConfig:
 
 def create_app(generator: Generator, config: ServeConfig, base_name: str, workers: int) -> FastAPI:
     """The ASGI app serving `generator`'s export under `base_name`, and its adapters under their names."""
-    registry = ModelRegistry(generator, base_name)
-    metrics = ServerMetrics()
-    store = AdapterStore()
-    pool = WorkerPool(workers, config.queue_size, config.queue_timeout_s, config.retry_after_s)
-    metrics.workers.set(workers)
-    metrics.queue_depth.set_function(lambda: pool.queue_depth)
-    metrics.busy_workers.set_function(lambda: workers - pool.free)
-    for entry in registry.entries:
-        metrics.models.labels(entry.name, entry.version).set(1)
+    server = ServerState.build(generator, config, base_name, workers)
+    app = FastAPI(title="edge-lora", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pool, app.state.metrics = server.pool, server.metrics
+    app.state.registry, app.state.store = server.registry, server.store
+    install_error_handlers(app)
+    app.add_middleware(Gates, metrics=server.metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       admin_max_body_bytes=config.admin_max_body_bytes)
+    install_admin(app, server.registry, server.metrics, server.store, config.api_key)
+    install_status_routes(app, server)
+    install_model_routes(app, server)
+    return app
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What the endpoints share: the model and its registry, the worker pool, the metrics, the upload store."""
+
+    generator: Generator
+    config: ServeConfig
+    registry: ModelRegistry
+    pool: WorkerPool
+    metrics: ServerMetrics
+    store: AdapterStore
+    workers: int
+
+    @classmethod
+    def build(cls, generator: Generator, config: ServeConfig, base_name: str, workers: int) -> ServerState:
+        """The registry of the export's models, a pool of `workers`, and metrics that watch both."""
+        registry = ModelRegistry(generator, base_name)
+        metrics = ServerMetrics()
+        pool = WorkerPool(workers, config.queue_size, config.queue_timeout_s, config.retry_after_s)
+        metrics.workers.set(workers)
+        metrics.queue_depth.set_function(lambda: pool.queue_depth)
+        metrics.busy_workers.set_function(lambda: workers - pool.free)
+        for entry in registry.entries:
+            metrics.models.labels(entry.name, entry.version).set(1)
+        return cls(generator, config, registry, pool, metrics, AdapterStore(), workers)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Runs while the app serves; once uvicorn's grace period is over, stops what still runs."""
         yield
-        await run_in_threadpool(pool.close)  # after uvicorn's grace period: stop what still runs
-        store.close()
+        await run_in_threadpool(self.pool.close)
+        self.store.close()
 
-    app = FastAPI(title="edge-lora", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.pool, app.state.metrics, app.state.registry, app.state.store = pool, metrics, registry, store
-    install_error_handlers(app)
-    app.add_middleware(Gates, metrics=metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       admin_max_body_bytes=config.admin_max_body_bytes)
-    install_admin(app, registry, metrics, store, config.api_key)
+    async def answer(self, request: Request, body: SamplingFields, entry: ModelEntry, view: Generator,
+                     ids: list[int], sampling: SamplingConfig, chat: bool) -> Response:
+        """Run the prompt `ids` on a worker; the whole answer, or its stream when the body asks for one."""
+        try:
+            view.fit_prompt(ids, sampling)  # a prompt too long for the context is refused here, not in a worker
+        except PromptError as e:
+            raise APIError(400, str(e), "context_length_exceeded", param="max_tokens") from None
+        job = await self.start_job(request, entry, view, ids, sampling)
+        if job is None:
+            return Response(status_code=499)
+        shape = ChatShape(entry) if chat else TextShape(entry)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(sse(job, shape, len(ids), include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              **version_header(entry)})
+        return JSONResponse(await whole(job, shape, len(ids)), headers=version_header(entry))
+
+    async def start_job(self, request: Request, entry: ModelEntry, view: Generator, ids: list[int],
+                        sampling: SamplingConfig) -> Job | None:
+        """Wait for a worker and start the generation on it; None when the client left while it waited."""
+        arrived = time.perf_counter()
+        await self.pool.acquire()
+        try:
+            job = Job(view, ids, sampling, entry.name, self.metrics, arrived, asyncio.get_running_loop())
+            if await request.is_disconnected():  # it left while queued: give the worker to the next one
+                self.pool.release()
+                return None
+            self.metrics.prompt_tokens.labels(entry.name).inc(len(ids))
+            self.metrics.model_requests.labels(entry.name, entry.version).inc()
+            self.pool.start(job)
+        except BaseException:
+            self.pool.release()
+            raise
+        return job
+
+
+def install_status_routes(app: FastAPI, server: ServerState) -> None:
+    """GET /health (503 once the server is stopping) and GET /metrics (Prometheus text format)."""
+    pool, workers = server.pool, server.workers
 
     @app.get("/health")
     async def health():
@@ -120,8 +183,13 @@ def create_app(generator: Generator, config: ServeConfig, base_name: str, worker
 
     @app.get("/metrics")
     async def prometheus():
-        content, content_type = metrics.exposition()
+        content, content_type = server.metrics.exposition()
         return Response(content, media_type=content_type)
+
+
+def install_model_routes(app: FastAPI, server: ServerState) -> None:
+    """GET /v1/models, POST /v1/completions and POST /v1/chat/completions."""
+    generator, registry = server.generator, server.registry
 
     @app.get("/v1/models")
     async def models():
@@ -136,7 +204,7 @@ def create_app(generator: Generator, config: ServeConfig, base_name: str, worker
         text = checked_text(body.prompt_text(), "prompt")
         ids = await run_in_threadpool(prompt_ids, lambda: view.encode_prompt(text))
         sampling = sampling_config(body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
-        return await answer(request, body, entry, view, ids, sampling, chat=False)
+        return await server.answer(request, body, entry, view, ids, sampling, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -149,37 +217,8 @@ def create_app(generator: Generator, config: ServeConfig, base_name: str, worker
             checked_text(m["content"], f"messages[{i}].content")
         ids = await run_in_threadpool(prompt_ids, lambda: view.render_chat(messages))
         room = generator.context_length - len(ids)
-        sampling = sampling_config(body, body.max_tokens or max(1, min(config.chat_max_tokens, room)))
-        return await answer(request, body, entry, view, ids, sampling, chat=True)
-
-    async def answer(request: Request, body: SamplingFields, entry: ModelEntry, view: Generator, ids: list[int],
-                     sampling: SamplingConfig, chat: bool) -> Response:
-        try:
-            view.fit_prompt(ids, sampling)  # a prompt too long for the context is refused here, not in a worker
-        except PromptError as e:
-            raise APIError(400, str(e), "context_length_exceeded", param="max_tokens") from None
-        arrived = time.perf_counter()
-        await pool.acquire()
-        try:
-            job = Job(view, ids, sampling, entry.name, metrics, arrived, asyncio.get_running_loop())
-            if await request.is_disconnected():  # it left while queued: give the worker to the next one
-                pool.release()
-                return Response(status_code=499)
-            metrics.prompt_tokens.labels(entry.name).inc(len(ids))
-            metrics.model_requests.labels(entry.name, entry.version).inc()
-            pool.start(job)
-        except BaseException:
-            pool.release()
-            raise
-        shape = ChatShape(entry) if chat else TextShape(entry)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(sse(job, shape, len(ids), include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                              **version_header(entry)})
-        return JSONResponse(await whole(job, shape, len(ids)), headers=version_header(entry))
-
-    return app
+        sampling = sampling_config(body, body.max_tokens or max(1, min(server.config.chat_max_tokens, room)))
+        return await server.answer(request, body, entry, view, ids, sampling, chat=True)
 
 
 def checked_text(text: str, param: str) -> str:

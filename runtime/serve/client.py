@@ -1,6 +1,6 @@
 """The client side of a roll-out (`edge-lora serve-admin`): push an adapter version to a running server, roll it
 back, list what it serves. Standard library only (urllib), so that it runs wherever the CLI does, with or without
-the `serve` extra; the endpoints are in serve_admin.
+the `serve` extra; the endpoints are in edge_lora.runtime.serve.admin.
 """
 
 from __future__ import annotations

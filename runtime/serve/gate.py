@@ -2,8 +2,9 @@
 
 The gate is plain ASGI middleware, outermost, so that it counts and times every answer (401s and 413s too),
 refuses a request without the API key before its body is read, and limits the body whether or not it
-announces its length. It is written here rather than taken from Starlette because Starlette's body limit is
-recent and answers in plain text, and every error of this server is in OpenAI's JSON shape.
+announces its length. It is written here rather than taken from Starlette because Starlette's body limit
+answers in plain text (and only its recent releases have one), and every error of this server is in OpenAI's JSON
+shape.
 """
 
 from __future__ import annotations

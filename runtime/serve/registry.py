@@ -3,10 +3,10 @@
 A request's `model` field is only ever a key into this registry: nothing in a request names a file. Entries are
 immutable and held in a dict that is replaced, never changed in place, so a request that has resolved its entry
 keeps that version until it is answered while a new one goes live. Loading a new version of an adapter (POST
-/admin/adapters/{name}, serve_admin) puts a new entry under the same name and keeps the one it replaces, with its
+/admin/adapters/{name}, serve.admin) puts a new entry under the same name and keeps the one it replaces, with its
 loaded adapter (lora.Adapter), for rollback: rolling back puts that very entry back, so outputs are restored exactly.
 
-Changes happen on the event loop's thread only (serve_admin), each in one step with no await inside it, so they
+Changes happen on the event loop's thread only (serve.admin), each in one step with no await inside it, so they
 need no lock: a request sees the registry before a change or after it, never half of one.
 """
 

@@ -18,8 +18,8 @@ import pytest
 from edge_lora.runtime import ExportError
 from edge_lora.runtime.profile.compare import compare, load_report, parse_margin
 from edge_lora.runtime.package import open_export, sha256_file
-from edge_lora.runtime.profile.sweep import (MEASURED_BANDWIDTH_SOURCE, Facts, ProfileError, ProfileSettings,
-                                       percentile_ci95, profile, summarize)
+from edge_lora.runtime.profile.summary import Facts, percentile_ci95, summarize
+from edge_lora.runtime.profile.sweep import MEASURED_BANDWIDTH_SOURCE, ProfileError, ProfileSettings, profile
 from edge_lora.runtime.profile.report import CSV_COLUMNS, CSV_FIGURES, PLOTS_SKIPPED, render_table, write_report
 from edge_lora.runtime.profile.weights import read_graph_weights
 
@@ -27,7 +27,7 @@ CONTEXT = 256
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"  # this CPU-only onnxruntime build lacks CUDA
 SETTINGS = ProfileSettings(threads=(1, 2), prompt_lens=(8, 16), new_tokens=8, warmup_runs=1, min_runs=3,
                            min_seconds=0.1, providers=(CPU, CUDA))
-# What the runtime must never bring into a process (DESIGN.md: layout).
+# What the runtime must never bring into a process: the training and export stack.
 HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "optimum", "accelerate",
                  "edge_lora.export", "edge_lora.train.loop", "edge_lora.train.qlora", "edge_lora.tiny")
 

@@ -137,7 +137,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(generator):
         with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
-        # 200 tokens take 4 s here: the worker must be free long before that
+        # 200 tokens at 0.02 s each take 4 s: the worker must be free long before that
         wait_for(lambda: live.metric("edge_lora_busy_workers") == 0, timeout=2)
         generated = live.metric("edge_lora_generated_tokens_total", model="tiny")
         assert 1 <= generated < 50
