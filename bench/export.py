@@ -1,5 +1,5 @@
 """Export benchmark: edge-lora's export (merge → ONNX with KV cache → quantize → parity gate) against optimum's
-own CLI on the same merged weights, at the DESIGN.md reference shape (SmolLM2-135M-shaped Llama, random weights).
+own CLI on the same merged weights, at the reference shape (SmolLM2-135M-shaped Llama, random weights).
 
     .venv/bin/python bench/export.py            # the reference shape
     .venv/bin/python bench/export.py --quick    # a tiny model, under a minute
@@ -9,7 +9,7 @@ edge-lora's fp32 run includes its parity gate (a PyTorch 4-bit + LoRA reference 
 includes its own validation (ONNX against the PyTorch model), its default. The int4 runs skip the gate (see below).
 Both of edge-lora's graph writers are measured: the default (graph auto: onnxruntime-genai's model builder for this
 Llama), the int4 export `--device cpu-x86-64` writes (blocks of 64), and optimum's exporter (`--graph optimum`,
-what architectures the builder lacks get). Targets (issue 4): int4 ≤ 30% of the fp32
+what architectures the builder lacks get). Targets: int4 ≤ 30% of the fp32
 size; edge-lora's fp32 export no slower than optimum-cli's. The last line is one JSON object.
 """
 

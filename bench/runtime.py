@@ -1,5 +1,5 @@
-"""Runtime benchmark (issue 5): edge-lora's onnxruntime runtime against llama.cpp, onnxruntime-genai and optimum,
-on the same random weights, shape, prompt and threads (DESIGN.md "Measuring").
+"""Runtime benchmark: edge-lora's onnxruntime runtime against llama.cpp, onnxruntime-genai and optimum,
+on the same random weights, shape, prompt and threads, as ratios measured side by side in one run.
 
     .venv/bin/python bench/runtime.py                  # the reference shape (SmolLM2-135M-shaped Llama), 2 threads
     .venv/bin/python bench/runtime.py --quick          # a tiny model, about a minute once built
@@ -31,8 +31,7 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
   default mixture: the tied output/embedding tensor wants Q6_K and, 576 not being a multiple of 256, falls back
   to Q8_0). The converter comes from the llama.cpp sources in llama-cpp-python's sdist (fetched once with
   `pip download`, or `--llama-cpp-src DIR`). The base carries a byte-level BPE tokenizer with GPT-2's
-  pre-tokenizer, for which llama.cpp has no hash of its own; the converter is told it is "gpt-2" (the issue's
-  suggestion). Weight values are the base's; no text is ever tokenized. On a CPU with AMX, llama-cpp-python must
+  pre-tokenizer, for which llama.cpp has no hash of its own; the converter is told it is "gpt-2". Weight values are the base's; no text is ever tokenized. On a CPU with AMX, llama-cpp-python must
   be built without ggml's AMX kernels (BENCHMARKS.md, "Runtime"): 0.3.36's AMX matmul crashes on these models.
 - `genai`: onnxruntime-genai's `Generator` on the graph of its own model builder (`python -m
   onnxruntime_genai.models.builder -i BASE -o OUT -p int4 -e cpu`, its defaults), threads set by a config overlay.
@@ -67,13 +66,14 @@ import threading
 import time
 from pathlib import Path
 
-# As in bench/export.py: the DESIGN.md reference shape, and a tiny one for checking the script.
+# As in bench/export.py: the reference shape (SmolLM2-135M's), and a tiny one for checking the script.
 REFERENCE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
 QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256)
 
-# DESIGN.md anchors (2-core AMD EPYC, reference shape, prompt 128, 64 new tokens, 2 threads).
+# The anchors' figures on a 2-core AMD EPYC (reference shape, prompt 128, 64 new tokens, 2 threads), against which
+# vs_anchor_llamacpp_decode compares this host's llama.cpp.
 ANCHOR = {"llamacpp_decode_tok_s": 197.0, "llamacpp_ttft_s": 0.14, "genai_decode_tok_s": (112.0, 125.0),
           "genai_ttft_s": 0.31, "optimum_whole_run_tok_s": 30.0}
 SYSTEMS = ("edge_lora", "edge_lora_builder", "edge_lora_adapters", "edge_lora_builder_adapters", "llamacpp", "genai",
@@ -81,11 +81,6 @@ SYSTEMS = ("edge_lora", "edge_lora_builder", "edge_lora_adapters", "edge_lora_bu
            "edge_lora_builder_adapters_lora")
 PORTABLE = "_portable"  # the same export as the system without it, run on its portable graph (kernels=())
 LORA = "_lora"  # the same export as the system without it, run on its graph for the LoRA op (kernels=("lora_add",))
-
-
-def export_system(system: str) -> str:
-    """The system whose export `system` runs (itself, or without its _portable or _lora suffix)."""
-    return system.removesuffix(PORTABLE).removesuffix(LORA)
 MIN_UNCONTENDED = 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0–3, as edge_lora.tiny's configs expect
 ADAPTER = "adapter"  # the adapter dir's name, which names the adapter in an `adapters` export
@@ -232,6 +227,28 @@ EXPORT_ARTIFACTS = {"edge_lora": "edge-int4", "edge_lora_builder": "edge-int4-bu
 ARTIFACTS = {"base": "base", "adapter": ADAPTER, **EXPORT_ARTIFACTS, "gguf": "model-q4_0.gguf", "genai": "genai-int4"}
 
 
+def graph_variant(system: str) -> str:
+    """PORTABLE or LORA when `system` is an export system with that suffix, else "".
+
+    A suffix counts only when what is left names an export system: "edge_lora" itself ends in "_lora".
+    """
+    for suffix in (PORTABLE, LORA):
+        if system.endswith(suffix) and system.removesuffix(suffix) in EXPORT_ARTIFACTS:
+            return suffix
+    return ""
+
+
+def export_system(system: str) -> str:
+    """The system whose export `system` runs: itself, or itself without its graph variant's suffix."""
+    variant = graph_variant(system)
+    return system.removesuffix(variant) if variant else system
+
+
+def kernels_for(system: str) -> tuple[str, ...] | None:
+    """runtime.load's `kernels` for `system`: the default order (None), none (portable), or the LoRA op's alone."""
+    return {PORTABLE: (), LORA: ("lora_add",)}.get(graph_variant(system))
+
+
 def name_artifacts(int4_block_size: int) -> None:
     """Suffix the edge-lora exports' dirs with their block size, so that each size is built once and kept."""
     for system, name in EXPORT_ARTIFACTS.items():
@@ -242,7 +259,7 @@ def build_all(work: Path, systems: list[str]) -> None:
     artifact = {"llamacpp": "gguf", "optimum": "edge_lora"}  # the others' artifacts have their names
     artifact |= {s: export_system(s) for s in SYSTEMS if export_system(s) != s}
     needed = ["base", "adapter", *dict.fromkeys(artifact.get(s, s) for s in systems)]
-    for system in (s for s in systems if s.endswith(LORA)):  # an export cached before it had the LoRA op's graph
+    for system in (s for s in systems if graph_variant(s) == LORA):  # an export cached before the LoRA op's graph
         manifest = work / ARTIFACTS[export_system(system)] / "export.json"
         if manifest.exists() and "lora_add" not in json.loads(manifest.read_text()).get("kernels", {}):
             print(f"{manifest.parent} has no graph for the LoRA op: exporting it again", flush=True)
@@ -269,13 +286,12 @@ def prompt_ids(seed: int, vocab_size: int, length: int) -> list[int]:
 def open_edge_lora(work: Path, args, system: str):
     from edge_lora import runtime
 
-    portable, lora = system.endswith(PORTABLE), system.endswith(LORA)
+    variant, kernels = graph_variant(system), kernels_for(system)
     system = export_system(system)
-    g = runtime.load(work / ARTIFACTS[system], threads=args.threads,
-                     kernels=() if portable else ("lora_add",) if lora else None)
-    if not portable and system == "edge_lora_builder" and g.kernel is None:
+    g = runtime.load(work / ARTIFACTS[system], threads=args.threads, kernels=kernels)
+    if variant != PORTABLE and system == "edge_lora_builder" and g.kernel is None:
         print(f"{system}: no kernel graph runs here (the export predates it, or the kernel does not build)", file=sys.stderr)
-    if lora and g.kernel != "lora_add":
+    if variant == LORA and g.kernel != "lora_add":
         raise SystemExit(f"{system}{LORA}: the export has no graph for the LoRA op, or the op does not build here")
     adapters = system.endswith("_adapters")
     if adapters:
@@ -639,7 +655,7 @@ def main() -> None:
         export_dir = work / ARTIFACTS[export_system(system)]
         # the graph that system runs: a kernel's where the export has one (and the system is not _portable)
         manifest = json.loads((export_dir / "export.json").read_text())
-        kernel = None if system.endswith(PORTABLE) else "lora_add" if system.endswith(LORA) else "matmul_q4"
+        kernel = {PORTABLE: None, LORA: "lora_add"}.get(graph_variant(system), "matmul_q4")
         graph = manifest.get("kernels", {}).get(kernel) or manifest
         model = graph["model_file"]
         adapters = [export_dir / e["file"] for e in graph.get("adapters", {}).values()]

@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 6): `edge-lora serve` against llama-cpp-python's OpenAI server on the same weights,
+"""Serving benchmark: `edge-lora serve` against llama-cpp-python's OpenAI server on the same weights,
 shape and threads: requests/s and p50/p99 time to first token at 1, 4 and 16 concurrent streaming clients.
 
     .venv/bin/python bench/serve.py                          # the reference shape, 2 threads, edge-lora 1 worker
@@ -365,7 +365,7 @@ def main() -> None:
         ratios[f"vs_llamacpp_ttft_p99_c{c}"] = ratio(edge[c]["ttft_p99_s"], llama[c]["ttft_p99_s"])
         ratios[f"vs_llamacpp_latency_p99_c{c}"] = ratio(edge[c]["latency_p99_s"], llama[c]["latency_p99_s"])
         ratios[f"vs_llamacpp_cpu_per_request_c{c}"] = ratio(edge[c]["cpu_s_per_request"], llama[c]["cpu_s_per_request"])
-    # The issue's target: requests/s at least llama.cpp's and p99 TTFT at most llama.cpp's, at every level.
+    # The target: requests/s at least llama.cpp's and p99 TTFT at most llama.cpp's, at every level.
     target = all((ratios[f"vs_llamacpp_rps_c{c}"] or 0) >= 1 and (ratios[f"vs_llamacpp_ttft_p99_c{c}"] or 9) <= 1
                  for c in levels)
     keep = ("rps", "tok_s", "ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s", "cpu_share",

@@ -1,6 +1,6 @@
 """Training benchmark: edge-lora's packed QLoRA loop against the transformers `Trainer` recipe.
 
-    .venv/bin/python bench/train.py                 # the issue's reference run (16.8M Llama, batch 8)
+    .venv/bin/python bench/train.py                 # the reference run (16.8M Llama, batch 8)
     .venv/bin/python bench/train.py --quick         # smoke run on a tiny model, about a minute
 
 Both sides train the same random-weight Llama (NF4 base via bitsandbytes, PEFT LoRA r 16 / alpha 32 on every
@@ -27,7 +27,7 @@ are the loss-bearing ones (label != -100), counted from the batches each side ac
 figures use only the pairs in which both processes had their cores (see `uncontended`) when there are at
 least MIN_UNCONTENDED of them, and all pairs otherwise; `speedup_basis` says which.
 
-The last line printed is one JSON object (DESIGN.md, "Measuring").
+The last line printed is one JSON object with the figures and their ratios against the anchor.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-# The issue's reference run: the Trainer recipe on 2 CPU cores, batch 8, lengths uniform in 16–256.
+# The anchor: the Trainer recipe's reference run on 2 CPU cores, batch 8, lengths uniform in 16–256.
 ANCHOR_TRAINER_TOK_S = 338.0
 ANCHOR_TRAINER_PADDING = 0.43
 ANCHOR_TRAINER_RSS_MB = 1087.0
@@ -195,7 +195,8 @@ def run_edge_lora(work: Path, args, clock: TurnClock) -> dict:
     """edge-lora's trainer as shipped; `pack`, `add_lora` and `progress_bar` are wrapped only to observe it."""
     import torch
 
-    import edge_lora.train.loop as trainer
+    # (not `import edge_lora.train.loop as ...`: the attribute edge_lora.train is the train() function)
+    from edge_lora.train import loop as trainer
     from edge_lora.train.config import LoraConfig, QuantConfig, TrainConfig
 
     torch.set_num_threads(args.threads)
@@ -510,7 +511,7 @@ def print_report(edge: dict, hf: dict, result: dict, warmup: int) -> None:
         print(f"loss per step ({name}) ".ljust(28), " ".join(f"{x:.3f}" for x in side["losses"]))
     print(f"speedup {result['speedup']}x (median over {result['speedup_basis']}, IQR {result['speedup_p25_p75']}; "
           f"all pairs {result['speedup_all_pairs']}x; whole-window means {result['speedup_of_means']}x), peak RSS ratio {result['rss_ratio']}, Trainer padding "
-          f"{result['trainer_padding_fraction']:.0%} (issue: {ANCHOR_TRAINER_PADDING:.0%}), last-10 loss "
+          f"{result['trainer_padding_fraction']:.0%} (anchor: {ANCHOR_TRAINER_PADDING:.0%}), last-10 loss "
           f"{result['edge_lora_final_loss']} vs {result['trainer_final_loss']} "
           f"({'within' if result['loss_within_noise'] else 'outside'} noise)")
 
