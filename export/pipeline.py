@@ -14,7 +14,7 @@ from edge_lora import devices
 from edge_lora.train import manifest as adapter_manifest
 from edge_lora.train.data import read_jsonl
 from edge_lora.errors import UsageError
-from edge_lora.export.graphs import builder as builder_graph
+from edge_lora.export.graphs import builder as builder_graph, lora_inputs
 from edge_lora.export.graphs.builder import PRECISIONS as BUILDER_PRECISIONS
 from edge_lora.export.merge import MergeInto, merged_weights
 from edge_lora.export.graphs.optimum import export_onnx, quantize, supported_model_types
@@ -142,13 +142,14 @@ def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportO
                 builder_graph.build_graph(model, model_dir, final, options.precision, options.int4_block_size,
                                           options.int4_accuracy_level, options.int4_head, TOKENIZER_FILES)
                 if options.flavor == "adapters":
-                    builder_graph.add_lora_inputs(final / PORTABLE_GRAPH, lora_modules(reference), model.config)
+                    lora_inputs.add_builder_lora_inputs(final / PORTABLE_GRAPH, lora_inputs.lora_modules(reference),
+                                                        model.config)
                 advance(1, "builder graph")
             else:
                 fp32_dir = work / "fp32"
                 graph = export_onnx(model, fp32_dir, options.opset)
                 if options.flavor == "adapters":
-                    add_lora_to_graph(graph, reference)
+                    lora_inputs.rewrite_optimum_graph(graph, lora_inputs.lora_modules(reference))
                 advance(1, "ONNX graph")
                 final.mkdir()
                 quantize(graph, final / PORTABLE_GRAPH, options.precision, options.int4_block_size,
@@ -249,26 +250,6 @@ def reference_prompt_ids(tokenizer_dir: Path, manifest: dict) -> list[list[int]]
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return [tokenizer(p)["input_ids"] for p in parity_prompts(manifest)]
-
-
-def lora_modules(reference) -> dict[str, tuple[int, int]]:
-    """{base module name: (in_features, out_features)} of every layer any adapter adapts."""
-    from peft.tuners.lora import LoraLayer
-
-    from edge_lora.train.qlora import base_param_name
-
-    return {base_param_name(name).removesuffix(".weight"): (layer.in_features, layer.out_features)
-            for name, layer in reference.named_modules() if isinstance(layer, LoraLayer)}
-
-
-def add_lora_to_graph(graph_path: Path, reference) -> None:
-    """Rewrite the exported base graph in place with LoRA inputs for every layer any adapter adapts."""
-    import onnx
-
-    from edge_lora.export.adapters import add_lora_inputs
-    from edge_lora.export.graphs.optimum import save_model
-
-    save_model(add_lora_inputs(onnx.load(str(graph_path)), lora_modules(reference)), graph_path)
 
 
 def write_adapters(export_dir: Path, reference, names: list[str], dirs: list[Path], manifests: list[dict],

@@ -99,11 +99,12 @@ def adapters_export_dir(export_dir, tmp_path_factory):
     random weights (latency does not depend on weight values)."""
     import onnx
 
-    from edge_lora.export.adapters import add_lora_inputs, input_names, write_adapter
+    from edge_lora.export.adapters import write_adapter
+    from edge_lora.export.graphs.lora_inputs import add_optimum_lora_inputs, input_names
 
     out = tmp_path_factory.mktemp("export") / "adapters"
     shutil.copytree(export_dir, out)
-    onnx.save(add_lora_inputs(onnx.load(str(export_dir / "model.onnx")), LORA_MODULES), str(out / "model.onnx"))
+    onnx.save(add_optimum_lora_inputs(onnx.load(str(export_dir / "model.onnx")), LORA_MODULES), str(out / "model.onnx"))
     (out / "adapters").mkdir()
     rng = np.random.default_rng(0)
     for name, rank in ADAPTER_RANKS.items():
