@@ -46,3 +46,17 @@ def write_adapter(tensors: dict[str, np.ndarray], path: Path) -> Path:
     fmt.export_adapter(str(path))
     return path
 
+
+def write_adapters(export_dir: Path, peft_model, names: list[str], dirs: list[Path], manifests: list[dict],
+                   precision: str) -> dict:
+    """adapters/<name>.onnx_adapter for each adapter of `peft_model`; their entries for export.json."""
+    (export_dir / "adapters").mkdir()
+    dtype = np.float16 if precision == "fp16" else np.float32  # the graph's LoRA inputs' type
+    entries = {}
+    for name, adapter_dir, manifest in zip(names, dirs, manifests):
+        tensors = adapter_tensors(peft_model, name, dtype)
+        file = f"adapters/{name}{ADAPTER_SUFFIX}"
+        write_adapter(tensors, export_dir / file)
+        entries[name] = {"file": file, "inputs": sorted(tensors), "source_adapter": str(adapter_dir.resolve()),
+                         "lora": manifest["lora"], "base_fingerprint": manifest["base_fingerprint"]["digest"]}
+    return entries

@@ -80,7 +80,7 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
 ])
 def test_auto_graph_is_the_builder_where_it_applies(model_type, options, graph):
     from edge_lora.export import ExportOptions
-    from edge_lora.export.pipeline import auto_graph
+    from edge_lora.export.options import auto_graph
 
     assert auto_graph(model_type, ExportOptions(graph="auto", **options)) == graph
 
