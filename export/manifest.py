@@ -1,5 +1,5 @@
 """export.json: what the runtime and the profiler read about an export — its graph's signature, KV-cache layout,
-source adapters and lineage — and every file's sha256, written last."""
+weight bytes, source adapters and lineage — and every file's sha256, written last."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ FORMAT_VERSION = 1
 
 
 def describe(export_dir: Path, inputs: ExportInputs, models: Models) -> dict:
-    """export.json without adapters, kernel graphs, files and parity: graph signature, KV-cache layout, source,
-    lineage and the merge report."""
+    """export.json without adapters, kernel graphs, files and parity: graph signature, weight bytes, KV-cache
+    layout, source, lineage and the merge report."""
     import onnx
+
+    from edge_lora.export.graphs.weight_bytes import weight_bytes
 
     options, config = inputs.options, models.model.config
     graph_path = export_dir / PORTABLE_GRAPH
@@ -36,6 +38,7 @@ def describe(export_dir: Path, inputs: ExportInputs, models: Models) -> dict:
         "options": options.__dict__,
         "device": options.device,
         "model_file": PORTABLE_GRAPH,
+        **weight_bytes(graph_path),
         "source_adapter": {"path": str(inputs.dirs[0].resolve()), "manifest": inputs.manifests[0]},
         "inputs": _signature(proto.graph.input),
         "outputs": _signature(proto.graph.output),

@@ -11,8 +11,9 @@ def write_kernel_graphs(export_dir: Path, adapters: dict[str, dict], options) ->
     """{kernel: export.json entry} for each kernel graph written beside the portable one, in the order the runtime
     prefers them: matmul_q4's, then, for an `adapters` export, lora_add's, which takes matmul_q4's adapter files
     where the two take the same LoRA input. `adapters`: export.json's adapter entries; `options`: the export's
-    ExportOptions."""
+    ExportOptions. Each entry records its graph's weight bytes as the portable graph's are (manifest.py)."""
     from edge_lora import devices
+    from edge_lora.export.graphs.weight_bytes import weight_bytes
     from edge_lora.export.kernel_graphs import lora_add, q4
 
     kernels = devices.load(options.device).kernels if options.kernels is None else options.kernels
@@ -27,4 +28,4 @@ def write_kernel_graphs(export_dir: Path, adapters: dict[str, dict], options) ->
         entry = lora_add.write(export_dir, adapters, shared=written.get("matmul_q4"))
         if entry:
             written["lora_add"] = entry
-    return written
+    return {kernel: entry | weight_bytes(export_dir / entry["model_file"]) for kernel, entry in written.items()}

@@ -28,7 +28,6 @@ import psutil
 from edge_lora import devices, runtime
 from edge_lora.runtime.package import ExportDir, open_export
 from edge_lora.runtime.profile.report import short
-from edge_lora.runtime.profile.weights import read_graph_weights
 
 SCHEMA = "edge-lora/profile"
 SCHEMA_VERSION = 3
@@ -121,9 +120,10 @@ class Facts:
     interpreter, the session, its arena and the KV cache."""
     model_bytes: int
     """Bytes of the export's graph files on disk (model.onnx and its external data; adapter files not included)."""
-    weight_bytes_per_token: int
-    """Bytes of the graph's weights one decode step reads (edge_lora.runtime.profile.weights): every initializer once,
-    except the tables only an embedding lookup reads (one row per token) and weights no node reads."""
+    weight_bytes_per_token: int | None
+    """Bytes of the graph's weights one decode step reads, as export.json records them (the export counts them,
+    edge_lora.export.graphs.weight_bytes): every initializer once, except the tables only an embedding lookup reads
+    (one row per token) and weights no node reads. None for an export that does not record them."""
     adapter_bytes_per_token: int
     """Bytes of the active adapter's tensors (its LoRA A and B, all read each step); 0 without an adapter."""
     kv_cache_bytes_per_token: int
@@ -227,22 +227,19 @@ def _describe(export: ExportDir) -> dict:
 def _describe_fully(export: ExportDir, adapters: list[str]) -> dict:
     """The export as the report lists it: what _describe says, plus its flavor and byte counts — of the portable
     graph, and under "kernel_graphs" of each graph an edge-lora kernel runs (the one a row ran is its model_file)."""
-    kernel_graphs = {kernel: _graph_bytes(export, entry["model_file"], {name: entry["adapters"][name]["file"]
-                                                                          for name in adapters},
+    kernel_graphs = {kernel: _graph_bytes(export, entry, {name: entry["adapters"][name]["file"] for name in adapters},
                                           entry.get("data_files", ()))
                      for kernel, entry in export.manifest.get("kernels", {}).items()}
-    portable = _graph_bytes(export, export.manifest["model_file"],
+    portable = _graph_bytes(export, export.manifest,
                             {name: export.manifest["adapters"][name]["file"] for name in adapters})
     return _describe(export) | {"flavor": export.manifest["flavor"], **portable, "kernel_graphs": kernel_graphs}
 
 
-def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, str], data_files=()) -> dict:
+def _graph_bytes(export: ExportDir, entry: dict, adapter_files: dict[str, str], data_files=()) -> dict:
     """One graph's files (the graph and its external data: its own, and `data_files` it shares with another
-    graph), weights and per-token reads, and its adapters'."""
-    try:
-        weights = read_graph_weights(export.path / model_file)
-    except ValueError as err:
-        raise runtime.ExportError(f"{err} — re-run edge-lora export") from None
+    graph), weights and per-token reads (as `entry`, its part of export.json, records them; None where it does
+    not), and its adapters'."""
+    model_file = entry["model_file"]
     adapter_bytes = {}
     for name, file in adapter_files.items():
         # Read with onnxruntime's own reader of its adapter format: every tensor of it is fed to the graph.
@@ -252,8 +249,8 @@ def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, st
         "model_file": model_file,
         "model_bytes": sum((export.path / name).stat().st_size for name in export.manifest["files"]
                            if (name.startswith(model_file) and name.endswith(MODEL_FILE_SUFFIXES)) or name in data_files),
-        "weight_bytes": weights.total_bytes,
-        "weight_bytes_per_token": weights.bytes_per_token,
+        "weight_bytes": entry.get("weight_bytes"),
+        "weight_bytes_per_token": entry.get("weight_bytes_per_token"),
         "adapter_bytes": adapter_bytes,
     }
 
@@ -336,9 +333,11 @@ def summarize(samples: list[dict], prompt_len: int, new_tokens: int, facts: Fact
     decode_tokens_s = float(np.median(decode_tokens / decode))
     # Decode reads the weights (one row of an embedding table), the active adapter and the past KV cache once per
     # token, so tokens/s <= bandwidth / those bytes. Caches, the KV cache's copy into present.* and activations are
-    # left out, so the bound is a guide, not a ceiling to the percent.
-    bytes_per_token = facts.weight_bytes_per_token + facts.adapter_bytes_per_token + facts.kv_cache_bytes_per_token
-    bound_tokens_s = facts.bandwidth_gbs * 1e9 / bytes_per_token
+    # left out, so the bound is a guide, not a ceiling to the percent. Without the weights' bytes there is no bound.
+    bytes_per_token = bound_tokens_s = None
+    if facts.weight_bytes_per_token is not None:
+        bytes_per_token = facts.weight_bytes_per_token + facts.adapter_bytes_per_token + facts.kv_cache_bytes_per_token
+        bound_tokens_s = facts.bandwidth_gbs * 1e9 / bytes_per_token
     e2e_mean = float(e2e.mean())
     # Normal approximation of the 95% interval of the mean, 1.96·s/√n: with few runs it is somewhat narrower
     # than the t-interval would be. One run has no spread to estimate, hence no interval.
@@ -359,7 +358,7 @@ def summarize(samples: list[dict], prompt_len: int, new_tokens: int, facts: Fact
         "e2e_mean_ci95_s": ci95,
         "bytes_per_token": bytes_per_token,
         "bound_tokens_s": bound_tokens_s,
-        "decode_fraction_of_bound": decode_tokens_s / bound_tokens_s,
+        "decode_fraction_of_bound": None if bound_tokens_s is None else decode_tokens_s / bound_tokens_s,
     }
 
 

@@ -66,6 +66,13 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
 
     kernel = manifest["kernels"]["matmul_q4"]
     assert kernel["model_file"] in manifest["files"] and kernel["matmulnbits_left"] == 0
+    # export.json records each graph's weight bytes for the profiler, the kernel graph's in its entry
+    from edge_lora.export.graphs.weight_bytes import weight_bytes
+
+    for entry in (manifest, kernel):
+        assert {key: entry[key] for key in ("weight_bytes", "weight_bytes_per_token")} == \
+            weight_bytes(builder_int4 / entry["model_file"])
+    assert kernel["weight_bytes_per_token"] < kernel["weight_bytes"]
     if kernels.cpu_problem() is None:
         report = kernel["parity"]["merged"]
         assert report["passed"] and abs(report["greedy_agreement"] - parity["greedy_agreement"]) <= 0.1
