@@ -505,9 +505,9 @@ def read_bandwidth_gb_s(threads: int, mb_per_thread: int = 512, repeats: int = 5
 
 
 def onnx_bytes_per_token(model_path: Path) -> int:
-    """Bytes of the initializers a decode step reads, as edge-lora's profiler counts them (runtime/profile/weights.py):
+    """Bytes of the initializers a decode step reads, as edge-lora's export counts them (export/graphs/weight_bytes.py):
     one row of a table only a Gather reads (through Reshapes: a shared embedding's), all of every other."""
-    from edge_lora.runtime.profile.weights import read_graph_weights
+    from edge_lora.export.graphs.weight_bytes import read_graph_weights
 
     return read_graph_weights(model_path).bytes_per_token
 

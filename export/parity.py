@@ -1,11 +1,23 @@
-"""The parity gate: the ONNX model must compute what the trained PyTorch model computes."""
+"""The parity gate: the ONNX model must compute what the trained PyTorch model computes.
+
+check() compares one ONNX generator with the reference model on a few prompts; gate() runs it on an export's
+portable graph, each adapter and the base, and each kernel graph where this host runs the kernel, records the
+reports in export.json, and refuses the export (ParityError) if any fails.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from edge_lora.errors import UsageError
+from edge_lora.train.data import read_jsonl
+
+if TYPE_CHECKING:
+    from edge_lora.export.inputs import ExportInputs
 
 # Gates by precision: (max |Δlogit| allowed or None, minimum greedy agreement).
 GATES = {
@@ -17,6 +29,12 @@ GATES = {
 }
 GREEDY_TOKENS = 64
 FALLBACK_PROMPTS = ("The quick brown fox", "edge-lora exports", "1 2 3 4", "Hello, world!")
+PARITY_PROMPTS = 4
+TWIN_TOLERANCE = 1e-4  # a tenth of the fp32 gate: within it the twin is the trained model for the gate's purpose
+
+
+class ParityError(UsageError):
+    """The export does not compute what the trained model computes; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +71,8 @@ def check(reference_model, generator, prompts: list[str], precision: str) -> Par
     generated position the reference's first choice against the token the ONNX model chose.
 
     Teacher-forcing the reference on the ONNX model's tokens, rather than letting it generate its own, costs one
-    forward pass instead of 64 generation steps (the slowest part of an export when it generated), checks the
-    text the export will actually produce, and finds the first divergence of the two greedy runs all the same:
-    up to it, both runs are the same tokens.
+    forward pass instead of 64 generation steps, checks the text the export will actually produce, and finds the
+    first divergence of the two greedy runs all the same: up to it, both runs are the same tokens.
     """
     from edge_lora.runtime import SamplingConfig
 
@@ -97,3 +114,118 @@ def task_accuracy(reference_model, generator, tokenizer_dir: Path, samples: list
     longest = max(len(reference.tokenizer.encode(s["completion"], add_special_tokens=False)) for s in samples)
     return {"samples": len(samples), "onnx": exact_match(onnx_target, samples, longest + 2).value,
             "reference": exact_match(reference, samples, longest + 2).value}
+
+
+def parity_prompts(manifest: dict) -> list[str]:
+    """The first prompts of the adapter's eval set when it names one, else fixed generic prompts."""
+    eval_data = (manifest.get("data") or {}).get("eval")
+    if eval_data and Path(eval_data["path"]).exists():
+        records = read_jsonl(eval_data["path"])[:PARITY_PROMPTS]
+        prompts = [r.get("prompt") or r.get("text", "")[:64] for _, r in records]
+        if all(prompts):
+            return prompts
+    return list(FALLBACK_PROMPTS)
+
+
+def reference_prompt_ids(tokenizer_dir: Path, manifest: dict) -> list[list[int]]:
+    """The parity prompts of the adapter with `manifest`, tokenized by the tokenizer in `tokenizer_dir`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return [tokenizer(p)["input_ids"] for p in parity_prompts(manifest)]
+
+
+def eval_samples(manifest: dict) -> list[dict]:
+    """The adapter's eval file's prompt/completion records, if it names one that still exists."""
+    eval_data = (manifest.get("data") or {}).get("eval")
+    if not eval_data or not Path(eval_data["path"]).exists():
+        return []
+    records = [r for _, r in read_jsonl(eval_data["path"])]
+    return [r for r in records if isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)]
+
+
+def gate(export_dir: Path, export_json: dict, inputs: ExportInputs, reference) -> None:
+    """Check the export in `export_dir` (its export.json written) against the trained model `reference`: the
+    portable graph, then each kernel graph of export_json["kernels"] where this host runs its kernel (the device
+    checks it otherwise). Records the reports in `export_json`; ParityError when any fails."""
+    twin, export_json["parity_reference"] = parity_reference(reference, inputs)
+    export_json["parity"] = run_parity(export_dir, twin, inputs)
+    kernel_graphs = export_json.get("kernels", {})
+    for kernel, entry in kernel_graphs.items():
+        problem = kernel_problem(kernel)
+        entry["parity"] = {"skipped": problem} if problem else run_parity(export_dir, twin, inputs, kernels=(kernel,))
+    reports = {**export_json["parity"], **{f"{k} {name}": p for k, e in kernel_graphs.items()
+                                           for name, p in e.get("parity", {}).items() if name != "skipped"}}
+    failed = {k: v for k, v in reports.items() if not v["passed"]}
+    if failed:
+        which, p = next(iter(failed.items()))
+        raise ParityError(
+            f"parity gate failed for {inputs.options.precision} ({which}): max |Δlogit| "
+            f"{p['max_abs_logit_diff']:.2e}, greedy agreement {p['greedy_agreement']:.1%} (gate {p['gate']}) — "
+            "nothing was written; try a higher precision, or --no-validate to export anyway"
+        )
+
+
+def parity_reference(reference, inputs: ExportInputs):
+    """The model the parity gate generates with: the fp32 twin of the trained 4-bit model (reference.fp32_twin)
+    when its logits match the 4-bit model's on the parity prompts, for every adapter, within TWIN_TOLERANCE;
+    else the 4-bit model itself. Returns it and a record of the check for export.json."""
+    import torch
+
+    from edge_lora.train.reference import fp32_twin
+
+    twin = fp32_twin(reference, inputs.model_dir, inputs.dirs, inputs.names)
+    prompts = [torch.tensor([ids]) for ids in reference_prompt_ids(inputs.dirs[0], inputs.manifests[0])]
+    gap = 0.0
+    with torch.no_grad():
+        for name in inputs.names:
+            reference.set_adapter(name)
+            twin.set_adapter(name)
+            gap = max(gap, *((twin(ids).logits - reference(ids).logits).abs().max().item() for ids in prompts))
+    reference.set_adapter(inputs.names[0])
+    twin.set_adapter(inputs.names[0])
+    record = {"twin_max_abs_logit_diff": gap, "tolerance": TWIN_TOLERANCE}
+    if gap <= TWIN_TOLERANCE:
+        return twin, record | {"model": "fp32 twin of the 4-bit model (dequantized weights, same adapters)"}
+    return reference, record | {"model": "4-bit model (its fp32 twin differed beyond the tolerance)"}
+
+
+def run_parity(export_dir: Path, reference, inputs: ExportInputs, kernels: tuple[str, ...] = ()) -> dict:
+    """Parity reports by what was checked: "merged"; or each adapter by name and "base" (no adapter active).
+    Where an adapter's manifest names an eval set of prompt/completion records, its report also gives the
+    task accuracy of the ONNX model beside the reference's. `kernels`: the graph for those kernels, not the
+    portable one."""
+    from edge_lora import runtime
+
+    precision = inputs.options.precision
+    generator = runtime.load(export_dir, device=inputs.options.device, kernels=kernels)
+    if tuple(kernels) != ((generator.kernel,) if generator.kernel else ()):
+        raise RuntimeError(f"{export_dir}: asked for kernels {kernels}, the runtime took {generator.kernel}")
+
+    def report(gen, manifest: dict) -> dict:
+        result = check(reference, gen, parity_prompts(manifest), precision).to_dict()
+        samples = eval_samples(manifest)
+        if samples:
+            result["task_accuracy"] = task_accuracy(reference, gen, inputs.dirs[0], samples)
+        return result
+
+    if inputs.options.flavor == "merged":
+        return {"merged": report(generator, inputs.manifests[0])}
+    reports = {}
+    for name, manifest in zip(inputs.names, inputs.manifests):
+        reference.set_adapter(name)
+        reports[name] = report(generator.with_adapter(name), manifest)
+    with reference.disable_adapter():
+        reports["base"] = check(reference, generator, parity_prompts(inputs.manifests[0]), precision).to_dict()
+    return reports
+
+
+def kernel_problem(kernel: str) -> str | None:
+    """Why this host cannot run `kernel` (None when it can): its parity is then left to the device."""
+    from edge_lora.runtime import kernels
+
+    try:
+        kernels.library(kernel)
+    except kernels.KernelUnavailable as e:
+        return f"not checked on the exporting host: {e}"
+    return None

@@ -1,14 +1,14 @@
 """Merged PyTorch model → fused ONNX decoder graph, written by onnxruntime-genai's model builder.
 
-The builder writes about 14 nodes a layer (MatMulNBits or MatMul with q, k and v packed, GroupQueryAttention with
-the rotary embedding inside, SkipSimplifiedLayerNormalization) where optimum's exporter writes about 105 (RoPE, the
-causal mask, repeat-kv and the KV Concat as chains of shape ops): 1.9× decode at one thread on the DESIGN.md
-reference shape (BENCHMARKS.md, "Runtime"). Its graph's GroupQueryAttention reads and writes the KV cache in place
-in one max-length buffer per layer, which runtime/cache.py binds as both past and present.
+The builder writes a few nodes a layer (MatMulNBits or MatMul with q, k and v packed, GroupQueryAttention with
+the rotary embedding inside, SkipSimplifiedLayerNormalization) where optimum's exporter writes chains of shape ops
+for RoPE, the causal mask, repeat-kv and the KV Concat; it decodes faster (BENCHMARKS.md, Runtime). Its graph's
+GroupQueryAttention reads and writes the KV cache in place in one max-length buffer per layer, which
+runtime/cache.py binds as both past and present.
 
 The head runs on the last position alone unless asked for more (head_on_last_position): a prompt's prefill needs
-the logits of its last token only, and the head is the model's widest matrix (vocab × hidden: 28 M multiply-adds a
-token on the DESIGN.md reference shape, a fifth of the forward's), so a 128-token prefill ran it 127 times for nothing.
+the logits of its last token only, and the head is the model's widest matrix (vocab × hidden), which would
+otherwise run once for every prompt position.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +25,8 @@ from edge_lora.formats import LOGITS_START, PORTABLE_GRAPH
 
 # Architectures (config.json model_type) whose builder graph the runtime drives with input_ids, attention_mask and
 # past/present KV alone (the builder's Llama-family classes), each checked against transformers' forward in
-# tests/export/test_builder_graph.py: Llama end to end, Mistral and Qwen2 (q/k/v biases, tied embeddings) by their logits.
+# tests/export/test_builder_graph.py: Llama end to end, Mistral and Qwen2 (q/k/v biases, tied embeddings) by their
+# logits.
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 PRECISIONS = ("fp32", "int4")
 GENAI_CONFIG = "genai_config.json"
@@ -140,67 +140,11 @@ def head_on_last_position(model_path: Path) -> None:
                               helper.make_tensor(f"{LOGITS_START}/end", TensorProto.INT64, [1], [2**63 - 1]),
                               helper.make_tensor(f"{LOGITS_START}/axis", TensorProto.INT64, [1], [1])])
     graph.input.append(helper.make_tensor_value_info(LOGITS_START, TensorProto.INT64, [1]))
-    graph.node.insert(at, helper.make_node("Slice", [hidden, LOGITS_START, f"{LOGITS_START}/end",
-                                                     f"{LOGITS_START}/axis"], [sliced], name=f"/lm_head/{LOGITS_START}"))
+    slice_inputs = [hidden, LOGITS_START, f"{LOGITS_START}/end", f"{LOGITS_START}/axis"]
+    graph.node.insert(at, helper.make_node("Slice", slice_inputs, [sliced], name=f"/lm_head/{LOGITS_START}"))
     head.input[0] = sliced
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_length"
-    onnx.save(proto, str(model_path))
-
-
-MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")  # a PEFT target's module name
-QKV = ("q_proj", "k_proj", "v_proj")  # the builder packs them, in this order, into one qkv_proj MatMul
-
-
-def add_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]], config) -> None:
-    """The `adapters` flavor of a builder graph: each of `modules` ({module name: (in, out)}) gets the LoRA branch
-    of export/adapters.py, its A and B overridable graph inputs (rank 0, adding zeros, when no adapter feeds them).
-
-    The builder names each projection's MatMul (MatMulNBits at int4, named …/MatMul_Q4) by layer and role, and packs
-    q, k and v into one qkv_proj: there the branches of q, k and v are concatenated along the output and added to
-    the packed product, so all three get inputs when any of them is adapted (an adapter of q and v leaves k's at
-    rank 0). The LoRA MatMuls stay fp32, as in the optimum graph's adapters flavor. Only model.onnx is rewritten.
-    """
-    import onnx
-    from onnx import helper
-
-    from edge_lora.export.adapters import _topological_sort, add_to_product, lora_branch
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    graph = proto.graph
-    products = {re.sub(r"_Q\d+$", "", n.name): n for n in graph.node if n.op_type in ("MatMul", "MatMulNBits")}
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    qkv_out = {"q_proj": config.num_attention_heads * head_dim, "k_proj": config.num_key_value_heads * head_dim,
-               "v_proj": config.num_key_value_heads * head_dim}
-    targets: dict[str, list[str]] = {}  # builder scope → the modules whose branches add to its product, in order
-    for module in sorted(modules):
-        match = MODULE.fullmatch(module)
-        if match is None:
-            raise ValueError(f"{module}: the builder graph has no place for a LoRA branch there (decoder layers' "
-                             "attention and MLP projections only)")
-        layer, role, proj = match.groups()
-        packed = f"/model/layers.{layer}/attn/qkv_proj"
-        if proj in QKV and f"{packed}/MatMul" in products:
-            targets[packed] = [f"model.layers.{layer}.self_attn.{p}" for p in QKV]
-        else:
-            targets[f"/model/layers.{layer}/{'attn' if role == 'self_attn' else 'mlp'}/{proj}"] = [module]
-    new_nodes = []
-    for scope, parts in targets.items():
-        node = products.get(f"{scope}/MatMul")
-        if node is None:
-            raise ValueError(f"no MatMul for {', '.join(parts)} in the builder graph (looked for {scope}/MatMul)")
-        deltas = []
-        for module in parts:
-            fan_in, fan_out = modules.get(module) or (config.hidden_size, qkv_out[module.rpartition(".")[2]])
-            branch, delta = lora_branch(graph, module, fan_in, fan_out, node.input[0], f"{scope}/{module}")
-            new_nodes += branch
-            deltas.append(delta)
-        if len(deltas) > 1:
-            new_nodes.append(helper.make_node("Concat", deltas, [f"{scope}/lora_up"], axis=-1, name=f"{scope}/lora/Concat"))
-            deltas = [f"{scope}/lora_up"]
-        new_nodes.append(add_to_product(graph, node, deltas[0], scope))
-    graph.node.extend(new_nodes)
-    _topological_sort(graph)
     onnx.save(proto, str(model_path))
 
 
@@ -217,7 +161,8 @@ def check_signature(model_path: Path, num_layers: int) -> None:
         raise RuntimeError(f"{model_path}: the builder wrote inputs {sorted(got_in)} and outputs {sorted(got_out)}, "
                            f"not the {sorted(expected_in)} → {sorted(expected_out)} the runtime binds")
     if not any(n.op_type == "GroupQueryAttention" for n in graph.node):
-        raise RuntimeError(f"{model_path}: the builder wrote no GroupQueryAttention, whose shared KV buffer the runtime relies on")
+        raise RuntimeError(f"{model_path}: the builder wrote no GroupQueryAttention, whose shared KV buffer the "
+                           "runtime relies on")
 
 
 # What export.json's kv_cache says beside the shape (the rest is as for an optimum graph).

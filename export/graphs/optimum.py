@@ -55,9 +55,10 @@ def head_node(model_proto) -> str | None:
 
 
 def lora_matmuls(model_proto) -> list[str]:
-    """The LoRA branches' MatMuls of an `adapters` graph (adapters.add_lora_inputs): their A/B are graph inputs
-    with placeholder initializers, which a weight quantizer would otherwise bake into the graph as constants."""
-    return [n.name for n in model_proto.graph.node if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name)]
+    """The LoRA branches' MatMuls of an `adapters` graph (lora_inputs.add_optimum_lora_inputs): their A/B are graph
+    inputs with placeholder initializers, which a weight quantizer would otherwise bake into the graph as constants."""
+    return [n.name for n in model_proto.graph.node
+            if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name)]
 
 
 def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 32, int4_accuracy_level: int = 4,

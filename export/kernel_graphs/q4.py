@@ -6,11 +6,9 @@ with every MatMulNBits that MatMulQ4 computes the same way — 4 bits, blocks of
 activations (accuracy_level 4), N a multiple of 16 — replaced by a MatMulQ4 node whose weights are the same
 values repacked into its tiles, their scales rounded to float16 (a relative 2^-11 at most, against int4's
 steps of the whole scale), and with the projection's LoRA branches folded into that node: one uint8 input,
-`lora`, carries every node's pairs (q, k and v share the packed qkv product; each node finds its slot by its
-lora_slot attribute, in the order the nodes run), and each adapter gets a second file,
-adapters/NAME.q4.onnx_adapter, with its A and B in that form: int8, a scale per rank (A per column, B per row).
-int8 LoRA weights reproduce each A·B to within 0.4% of its largest entry (measured on the reference shape's
-adapter); the parity gate checks the whole graph against the trained model like the portable one.
+`lora`, carries every node's pairs (q, k and v share the packed qkv product; branches.py has its layout), and each
+adapter gets a second file, adapters/NAME.q4.onnx_adapter, with its A and B in that form: int8, a scale per rank
+(A per column, B per row). The parity gate checks the whole graph against the trained model like the portable one.
 
 The runtime opens model.q4.onnx when the device profile lists the kernel and it builds on the host; otherwise the
 portable graph. Both are listed in export.json with their sha256.
@@ -22,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.export.kernel_graphs.lora_add import attach_lora_input, branches, drop_lora_ab, write_adapter
+from edge_lora.export.kernel_graphs.branches import find_branches, swap_nodes, write_adapter
 from edge_lora.formats import Q4_GRAPH
 from edge_lora.runtime.kernels import BLOCKS, DOMAIN, FORMATS, LORA_INPUT, MATMUL_Q4, TILE
-
 
 
 def repack(q: np.ndarray, scales: np.ndarray, k: int, n: int, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +61,7 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     .q4.onnx_adapter (`adapters`: export.json's entries); export.json's entry for it, or None when no node
     qualifies."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     proto = onnx.load(str(export_dir / "model.onnx"))
     graph = proto.graph
@@ -72,45 +69,41 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     dropped, added, new_initializers = set(), [], []
     pairs: dict[str, list[tuple]] = {}  # {MatMulQ4 node: [(A input, B input, K, n)] in output order}
-    left = 0
-    for node in list(graph.node):
-        if node.op_type != "MatMulNBits":
-            continue
-        if not qualifies(node, initializers):
-            left += 1
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k, n = attrs["K"], attrs["N"]
-        packed, scales = repack(numpy_helper.to_array(initializers[node.input[1]]),
-                                numpy_helper.to_array(initializers[node.input[2]]), k, n, attrs["block_size"])
-        w_name, s_name = node.input[1] + "/q4", node.input[2] + "/q4"
-        new_initializers += [numpy_helper.from_array(packed, w_name), numpy_helper.from_array(scales, s_name)]
-        node_inputs, output = [node.input[0], w_name, s_name], node.output[0]
-        found = branches(graph, node, by_name, initializers)
+    nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
+    for node in (node for node in nbits if qualifies(node, initializers)):
+        node_inputs, output = [node.input[0], *_repacked(node, initializers, new_initializers)], node.output[0]
+        found = find_branches(graph, node, by_name, initializers)
         if found is not None:
             node_inputs.append(LORA_INPUT)
             dropped |= found.nodes
             output = found.output
+            pairs[node.name + "/q4"] = found.pairs
         dropped.add(node.name)
         added.append(helper.make_node("MatMulQ4", node_inputs, [output], name=node.name + "/q4", domain=DOMAIN))
-        if found is not None:
-            pairs[added[-1].name] = found.pairs
     if not added:
         return None
-    drop_lora_ab(graph, pairs)
     # the old int4 weights no node reads any more go (a tied head's stays: the shared embedding gathers from it)
     read = {name for node in graph.node if node.name not in dropped for name in node.input}
     kept = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_initializers)
-    nodes = [node for node in graph.node if node.name not in dropped]
-    del graph.node[:]
-    graph.node.extend(nodes + added)
-    slots = attach_lora_input(graph, pairs)
-    proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    slots = swap_nodes(proto, dropped, added, pairs)
     onnx.save(proto, str(export_dir / Q4_GRAPH), save_as_external_data=True, location=Q4_GRAPH + ".data")
-    entry = {"model_file": Q4_GRAPH, "format": FORMATS[MATMUL_Q4], "nodes": len(added), "matmulnbits_left": left,
-             "lora_slots": slots, "adapters": {}}
+    entry = {"model_file": Q4_GRAPH, "format": FORMATS[MATMUL_Q4], "nodes": len(added),
+             "matmulnbits_left": len(nbits) - len(added), "lora_slots": slots, "adapters": {}}
     for name, adapter in adapters.items():
         entry["adapters"][name] = {"file": write_adapter(export_dir, adapter["file"], slots)}
     return entry
+
+
+def _repacked(node, initializers: dict, new_initializers: list) -> tuple[str, str]:
+    """MatMulNBits `node`'s weight and scales repacked for MatMulQ4, appended to `new_initializers`; their names."""
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    packed, scales = repack(numpy_helper.to_array(initializers[node.input[1]]),
+                            numpy_helper.to_array(initializers[node.input[2]]), attrs["K"], attrs["N"],
+                            attrs["block_size"])
+    w_name, s_name = node.input[1] + "/q4", node.input[2] + "/q4"
+    new_initializers += [numpy_helper.from_array(packed, w_name), numpy_helper.from_array(scales, s_name)]
+    return w_name, s_name

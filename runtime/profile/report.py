@@ -48,7 +48,9 @@ def render_adapter_table(report: dict) -> str:
         rows.append([off["export"]["precision"], on["adapter"], short(on["provider"]), str(on["threads"]),
                      str(on["prompt_len"]), f"{a['decode_tokens_s']:.1f}", f"{b['decode_tokens_s']:.1f}",
                      f"{b['decode_tokens_s'] / a['decode_tokens_s']:.2f}", f"{b['ttft_p50_s'] / a['ttft_p50_s']:.2f}",
-                     f"{b['e2e_p50_s'] / a['e2e_p50_s']:.2f}", f"{b['bytes_per_token'] / a['bytes_per_token']:.2f}"])
+                     f"{b['e2e_p50_s'] / a['e2e_p50_s']:.2f}",
+                     "—" if None in (a["bytes_per_token"], b["bytes_per_token"])
+                     else f"{b['bytes_per_token'] / a['bytes_per_token']:.2f}"])
     return markdown_table(header, rows) if rows else ""
 
 

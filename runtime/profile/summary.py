@@ -26,9 +26,10 @@ class Facts:
     interpreter, the session, its arena and the KV cache."""
     model_bytes: int
     """Bytes of the export's graph files on disk (model.onnx and its external data; adapter files not included)."""
-    weight_bytes_per_token: int
-    """Bytes of the graph's weights one decode step reads (edge_lora.runtime.profile.weights): every initializer once,
-    except the tables only an embedding lookup reads (one row per token) and weights no node reads."""
+    weight_bytes_per_token: int | None
+    """Bytes of the graph's weights one decode step reads, as export.json records them (the export counts them,
+    edge_lora.export.graphs.weight_bytes): every initializer once, except the tables only an embedding lookup reads
+    (one row per token) and weights no node reads. None for an export that does not record them."""
     adapter_bytes_per_token: int
     """Bytes of the active adapter's tensors (its LoRA A and B, all read each step); 0 without an adapter."""
     kv_cache_bytes_per_token: int
@@ -50,9 +51,11 @@ def summarize(samples: list[dict], prompt_len: int, new_tokens: int, facts: Fact
     decode_tokens_s = float(np.median(decode_tokens / decode))
     # Decode reads the weights (one row of an embedding table), the active adapter and the past KV cache once per
     # token, so tokens/s <= bandwidth / those bytes. Caches, the KV cache's copy into present.* and activations are
-    # left out, so the bound is a guide, not a ceiling to the percent.
-    bytes_per_token = facts.weight_bytes_per_token + facts.adapter_bytes_per_token + facts.kv_cache_bytes_per_token
-    bound_tokens_s = facts.bandwidth_gbs * 1e9 / bytes_per_token
+    # left out, so the bound is a guide, not a ceiling to the percent. Without the weights' bytes there is no bound.
+    bytes_per_token = bound_tokens_s = None
+    if facts.weight_bytes_per_token is not None:
+        bytes_per_token = facts.weight_bytes_per_token + facts.adapter_bytes_per_token + facts.kv_cache_bytes_per_token
+        bound_tokens_s = facts.bandwidth_gbs * 1e9 / bytes_per_token
     e2e_mean = float(e2e.mean())
     # Normal approximation of the 95% interval of the mean, 1.96·s/√n: with few runs it is somewhat narrower
     # than the t-interval would be. One run has no spread to estimate, hence no interval.
@@ -73,7 +76,7 @@ def summarize(samples: list[dict], prompt_len: int, new_tokens: int, facts: Fact
         "e2e_mean_ci95_s": ci95,
         "bytes_per_token": bytes_per_token,
         "bound_tokens_s": bound_tokens_s,
-        "decode_fraction_of_bound": decode_tokens_s / bound_tokens_s,
+        "decode_fraction_of_bound": None if bound_tokens_s is None else decode_tokens_s / bound_tokens_s,
     }
 
 

@@ -30,7 +30,6 @@ from edge_lora.runtime.package import ExportDir, open_export
 from edge_lora.runtime.profile.report import short
 from edge_lora.runtime.profile.summary import Facts, summarize
 from edge_lora.runtime.profile.worker import BAD_INPUT
-from edge_lora.runtime.profile.weights import read_graph_weights
 
 SCHEMA = "edge-lora/profile"
 SCHEMA_VERSION = 3
@@ -214,22 +213,19 @@ def _describe(export: ExportDir) -> dict:
 def _describe_fully(export: ExportDir, adapters: list[str]) -> dict:
     """The export as the report lists it: what _describe says, plus its flavor and byte counts — of the portable
     graph, and under "kernel_graphs" of each graph an edge-lora kernel runs (the one a row ran is its model_file)."""
-    kernel_graphs = {kernel: _graph_bytes(export, entry["model_file"], {name: entry["adapters"][name]["file"]
-                                                                          for name in adapters},
+    kernel_graphs = {kernel: _graph_bytes(export, entry, {name: entry["adapters"][name]["file"] for name in adapters},
                                           entry.get("data_files", ()))
                      for kernel, entry in export.manifest.get("kernels", {}).items()}
-    portable = _graph_bytes(export, export.manifest["model_file"],
+    portable = _graph_bytes(export, export.manifest,
                             {name: export.manifest["adapters"][name]["file"] for name in adapters})
     return _describe(export) | {"flavor": export.manifest["flavor"], **portable, "kernel_graphs": kernel_graphs}
 
 
-def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, str], data_files=()) -> dict:
+def _graph_bytes(export: ExportDir, entry: dict, adapter_files: dict[str, str], data_files=()) -> dict:
     """One graph's files (the graph and its external data: its own, and `data_files` it shares with another
-    graph), weights and per-token reads, and its adapters'."""
-    try:
-        weights = read_graph_weights(export.path / model_file)
-    except ValueError as err:
-        raise runtime.ExportError(f"{err} — re-run edge-lora export") from None
+    graph), weights and per-token reads (as `entry`, its part of export.json, records them; None where it does
+    not), and its adapters'."""
+    model_file = entry["model_file"]
     adapter_bytes = {}
     for name, file in adapter_files.items():
         # Read with onnxruntime's own reader of its adapter format: every tensor of it is fed to the graph.
@@ -239,8 +235,8 @@ def _graph_bytes(export: ExportDir, model_file: str, adapter_files: dict[str, st
         "model_file": model_file,
         "model_bytes": sum((export.path / name).stat().st_size for name in export.manifest["files"]
                            if (name.startswith(model_file) and name.endswith(MODEL_FILE_SUFFIXES)) or name in data_files),
-        "weight_bytes": weights.total_bytes,
-        "weight_bytes_per_token": weights.bytes_per_token,
+        "weight_bytes": entry.get("weight_bytes"),
+        "weight_bytes_per_token": entry.get("weight_bytes_per_token"),
         "adapter_bytes": adapter_bytes,
     }
 

@@ -66,6 +66,13 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
 
     kernel = manifest["kernels"]["matmul_q4"]
     assert kernel["model_file"] in manifest["files"] and kernel["matmulnbits_left"] == 0
+    # export.json records each graph's weight bytes for the profiler, the kernel graph's in its entry
+    from edge_lora.export.graphs.weight_bytes import weight_bytes
+
+    for entry in (manifest, kernel):
+        assert {key: entry[key] for key in ("weight_bytes", "weight_bytes_per_token")} == \
+            weight_bytes(builder_int4 / entry["model_file"])
+    assert kernel["weight_bytes_per_token"] < kernel["weight_bytes"]
     if kernels.cpu_problem() is None:
         report = kernel["parity"]["merged"]
         assert report["passed"] and abs(report["greedy_agreement"] - parity["greedy_agreement"]) <= 0.1
@@ -80,7 +87,7 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
 ])
 def test_auto_graph_is_the_builder_where_it_applies(model_type, options, graph):
     from edge_lora.export import ExportOptions
-    from edge_lora.export.pipeline import auto_graph
+    from edge_lora.export.options import auto_graph
 
     assert auto_graph(model_type, ExportOptions(graph="auto", **options)) == graph
 

@@ -1,6 +1,6 @@
 """The profiler on tiny real exports: a sweep over two precisions × providers (one this host lacks) × threads ×
 prompt lengths, and over adapters on and off, gives sane figures and "unavailable" rows; bytes per token come from
-the graph's weights as onnx reads them; reports round-trip through JSON, CSV, Markdown and PNG; `compare` finds a
+the weight bytes export.json records (None where it records none); reports round-trip through JSON, CSV, Markdown and PNG; `compare` finds a
 known ratio (across reports, and adapter on against off) and gates on it; traces name their top operators; bad
 input gets one line."""
 
@@ -21,7 +21,7 @@ from edge_lora.runtime.package import open_export, sha256_file
 from edge_lora.runtime.profile.summary import Facts, percentile_ci95, summarize
 from edge_lora.runtime.profile.sweep import MEASURED_BANDWIDTH_SOURCE, ProfileError, ProfileSettings, profile
 from edge_lora.runtime.profile.report import CSV_COLUMNS, CSV_FIGURES, PLOTS_SKIPPED, render_table, write_report
-from edge_lora.runtime.profile.weights import read_graph_weights
+from edge_lora.export.graphs.weight_bytes import weight_bytes
 
 CONTEXT = 256
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"  # this CPU-only onnxruntime build lacks CUDA
@@ -35,6 +35,7 @@ HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "optimum", "ac
 def write_manifest(out, precision, vocab_size, eos_token_id, adapters=()):
     manifest = {
         "model_file": "model.onnx",
+        **weight_bytes(out / "model.onnx"),
         "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
                   if p.is_file() and p.name != "export.json"},
         "kv_cache": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "context_length": CONTEXT},
@@ -99,11 +100,12 @@ def adapters_export_dir(export_dir, tmp_path_factory):
     random weights (latency does not depend on weight values)."""
     import onnx
 
-    from edge_lora.export.adapters import add_lora_inputs, input_names, write_adapter
+    from edge_lora.export.adapters import write_adapter
+    from edge_lora.export.graphs.lora_inputs import add_optimum_lora_inputs, input_names
 
     out = tmp_path_factory.mktemp("export") / "adapters"
     shutil.copytree(export_dir, out)
-    onnx.save(add_lora_inputs(onnx.load(str(export_dir / "model.onnx")), LORA_MODULES), str(out / "model.onnx"))
+    onnx.save(add_optimum_lora_inputs(onnx.load(str(export_dir / "model.onnx")), LORA_MODULES), str(out / "model.onnx"))
     (out / "adapters").mkdir()
     rng = np.random.default_rng(0)
     for name, rank in ADAPTER_RANKS.items():
@@ -177,7 +179,7 @@ def test_report_describes_host_device_exports_and_settings(report, export_dir, i
     assert report["exports"] == [
         {"path": str(path.resolve()), "precision": precision, "digest": open_export(path).digest(), "flavor": "merged",
          "model_file": "model.onnx", "model_bytes": (path / "model.onnx").stat().st_size,
-         **onnx_weight_bytes(path / "model.onnx"), "adapter_bytes": {}, "kernel_graphs": {}}
+         **weight_bytes(path / "model.onnx"), "adapter_bytes": {}, "kernel_graphs": {}}
         for path, precision in ((export_dir, "fp32"), (int8_export_dir, "int8"))
     ]
     assert report["settings"]["prompt_lens"] == (8, 16) and report["settings"]["providers"] == (CPU, CUDA)
@@ -252,94 +254,24 @@ def test_percentile_interval_takes_order_statistics_from_the_binomial():
     assert 0.94 <= np.mean(hits) <= 0.98
 
 
-def onnx_weight_bytes(model_path):
-    """weight_bytes and weight_bytes_per_token as onnx reads the graph (external data loaded): every initializer and
-    Constant value once, a table that only Gather reads as its data one row, a weight no node reads nothing."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(model_path)).graph
-    tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    tensors |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                if n.op_type == "Constant" and n.attribute[0].name == "value"}
-    uses = {name: [] for name in tensors}
-    for node in graph.node:
-        for position, name in enumerate(node.input):
-            if name in uses:
-                uses[name].append(node.op_type == "Gather" and position == 0)
-    per_token = sum(0 if not uses[name] else array.nbytes // array.shape[0] if all(uses[name]) else array.nbytes
-                    for name, array in tensors.items())
-    return {"weight_bytes": sum(a.nbytes for a in tensors.values()), "weight_bytes_per_token": per_token}
-
-
-@pytest.fixture(scope="module")
-def graph_variants(export_dir, tmp_path_factory):
-    """model.onnx of the tiny export at int4 (MatMulNBits), int8, fp16 and fp32 with every weight in external data."""
-    import onnx
-
-    from edge_lora.export.graphs.optimum import quantize
-
-    out = tmp_path_factory.mktemp("graphs")
-    src = export_dir / "model.onnx"
-    paths = {"fp32": src}
-    for precision in ("int4", "int8", "fp16"):
-        (out / precision).mkdir()
-        quantize(src, out / precision / "model.onnx", precision)
-        paths[precision] = out / precision / "model.onnx"
-    (out / "external").mkdir()
-    onnx.save_model(onnx.load(str(src)), str(out / "external" / "model.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
-    paths["external"] = out / "external" / "model.onnx"
-    return paths
-
-
-@pytest.mark.parametrize("variant", ["fp32", "int4", "int8", "fp16", "external"])
-def test_weight_bytes_are_read_from_the_graph_as_onnx_reads_them(graph_variants, variant):
-    import onnx
-
-    weights = read_graph_weights(graph_variants[variant])
-    assert {"weight_bytes": weights.total_bytes, "weight_bytes_per_token": weights.bytes_per_token} == \
-        onnx_weight_bytes(graph_variants[variant])
-    # The embedding table, (vocab 128, hidden 64), is read one row per token: fp32 and int4/int8 (which leave Gather
-    # alone) store it as fp32, fp16 as fp16.
-    itemsize = 2 if variant == "fp16" else 4
-    assert weights.row_read == {"model.embed_tokens.weight"} and not weights.unused
-    assert weights.total_bytes - weights.bytes_per_token == 127 * 64 * itemsize
-    if variant == "int4":  # the packed 4-bit blocks (uint8) and their scales are what the matmuls read
-        ops = {n.op_type for n in onnx.load(str(graph_variants[variant])).graph.node}
-        assert "MatMulNBits" in ops
-        assert weights.bytes_per_token < read_graph_weights(graph_variants["fp32"]).bytes_per_token / 4
-    if variant == "external":
-        assert graph_variants[variant].stat().st_size < 100_000 < weights.total_bytes
-
-
-def test_a_table_reached_through_a_reshape_is_read_a_row_per_token(tmp_path):
-    """A shared embedding reaches its lookup through a Reshape of the head's weight (the kernel graph keeps the
-    original for the Gather, the head reads a repacked copy): one row a token, unless a matmul reads it too."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    table = numpy_helper.from_array(np.ones((100, 4, 2), np.float32), "table")
-    shape = numpy_helper.from_array(np.array([100, 8], np.int64), "shape")
-    gather = [helper.make_node("Reshape", ["table", "shape"], ["flat"]), helper.make_node("Gather", ["flat", "ids"], ["y"])]
-    for also_matmul in (False, True):
-        nodes = gather + ([helper.make_node("MatMul", ["y", "flat_t"], ["z"]),
-                           helper.make_node("Transpose", ["flat"], ["flat_t"])] if also_matmul else [])
-        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
-                                  [helper.make_tensor_value_info("z" if also_matmul else "y", TensorProto.FLOAT, None)],
-                                  [table, shape])
-        onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
-        weights = read_graph_weights(tmp_path / "m.onnx")
-        assert weights.bytes_per_token == (100 * 32 + 16 if also_matmul else 32 + 16), also_matmul
-
-
-def test_a_file_that_is_not_onnx_raises_saying_so(export_dir, tmp_path):
-    cases = {"empty.onnx": b"", "text.onnx": b"not an onnx model\n",
-             "half.onnx": (export_dir / "model.onnx").read_bytes()[:200_000]}
-    for name, data in cases.items():
-        (tmp_path / name).write_bytes(data)
-        with pytest.raises(ValueError, match=rf"{name} is truncated or not an ONNX model$"):
-            read_graph_weights(tmp_path / name)
+def test_an_export_without_weight_bytes_reports_none_for_them(export_dir, tmp_path):
+    """An export.json that does not record its graph's weight bytes: those figures, and the bandwidth bound they
+    give, are None; the rest is measured."""
+    out = tmp_path / "unrecorded"
+    shutil.copytree(export_dir, out)
+    manifest = json.loads((out / "export.json").read_text())
+    del manifest["weight_bytes"], manifest["weight_bytes_per_token"]
+    (out / "export.json").write_text(json.dumps(manifest))
+    report = profile(out, ProfileSettings(threads=(1,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
+                                          min_seconds=0.0))
+    (export,) = report["exports"]
+    assert export["weight_bytes"] is None and export["weight_bytes_per_token"] is None
+    (config,) = measured(report)
+    s = config["summary"]
+    assert [s[k] for k in ("weight_bytes_per_token", "bytes_per_token", "bound_tokens_s",
+                           "decode_fraction_of_bound")] == [None] * 4
+    assert s["decode_tokens_s"] > 0 and s["kv_cache_bytes_per_token"] > 0
+    assert "unknown weight bytes read per token" in write_report(report, tmp_path / "report")["markdown"].read_text()
 
 
 def test_report_round_trips_through_json_csv_markdown_and_plots(report, tmp_path):
@@ -423,7 +355,7 @@ def test_adapters_sweep_each_adapter_against_none(adapters_report, export_dir):
     assert export["flavor"] == "adapters"
     assert export["adapter_bytes"] == {name: adapter_bytes(rank) for name, rank in ADAPTER_RANKS.items()}
     # The LoRA inputs' rank-0 defaults weigh nothing: the base weights read per token are the merged export's.
-    assert export["weight_bytes_per_token"] == read_graph_weights(export_dir / "model.onnx").bytes_per_token
+    assert export["weight_bytes_per_token"] == weight_bytes(export_dir / "model.onnx")["weight_bytes_per_token"]
     for c in measured(adapters_report):
         s = c["summary"]
         assert s["adapter_bytes_per_token"] == (adapter_bytes(ADAPTER_RANKS[c["adapter"]]) if c["adapter"] else 0)

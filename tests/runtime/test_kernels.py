@@ -268,7 +268,7 @@ def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
     scales, the head's original int4 weight read one row a token by the embedding), and the kernel form of the
     adapter; the export lists both graphs."""
     from edge_lora.runtime.profile.sweep import ProfileSettings, profile
-    from edge_lora.runtime.profile.weights import read_graph_weights
+    from edge_lora.export.graphs.weight_bytes import weight_bytes
 
     settings = ProfileSettings(threads=(2,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
                                min_seconds=0.0, adapters=(adapter_dir.name,))
@@ -279,7 +279,7 @@ def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
     files = json.loads((q4_export / "export.json").read_text())["files"]
     assert kernel["model_bytes"] == sum((q4_export / f).stat().st_size for f in files if f.startswith("model.q4.onnx"))
     assert export["model_bytes"] == sum((q4_export / f).stat().st_size for f in files if f.startswith("model.onnx"))
-    assert kernel["weight_bytes_per_token"] == read_graph_weights(q4_export / "model.q4.onnx").bytes_per_token
+    assert kernel["weight_bytes_per_token"] == weight_bytes(q4_export / "model.q4.onnx")["weight_bytes_per_token"]
     assert kernel["weight_bytes_per_token"] < kernel["weight_bytes"]  # the embedding's table, a row a token
     assert kernel["adapter_bytes"][adapter_dir.name] != export["adapter_bytes"][adapter_dir.name]
     for row in report["configurations"]:
