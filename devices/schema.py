@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
-from edge_lora.formats import Flavor, Graph, Precision
+from edge_lora.formats import Flavor, Graph, KERNELS, Precision
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
@@ -27,7 +27,6 @@ KNOWN_PROVIDERS = (
 )
 
 # edge-lora's own onnxruntime kernels (edge_lora.runtime.kernels) that a profile may allow.
-KERNELS = ("matmul_q4", "lora_add")
 
 
 class DeviceProfileError(ValueError):

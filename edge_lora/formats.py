@@ -31,6 +31,11 @@ Graph = Literal["optimum", "builder", "auto"]
 """Who writes the graph: optimum's exporter, onnxruntime-genai's model builder, or the builder where it applies."""
 GRAPHS: tuple[Graph, ...] = get_args(Graph)
 
+MATMUL_Q4 = "matmul_q4"  # edge-lora's int4 matmul with the LoRA branches inside (edge_lora.runtime.kernels)
+LORA_ADD = "lora_add"  # edge-lora's op adding a projection's LoRA branches after onnxruntime's int4 matmul
+KERNELS = (MATMUL_Q4, LORA_ADD)
+"""edge-lora's own onnxruntime ops, in the order the runtime prefers their graphs; a device profile lists some."""
+
 DEFAULT_DEVICE = "cpu-x86-64"
 """The device profile used when none is named: a generic CPU (also the one for architectures with no profile)."""
 

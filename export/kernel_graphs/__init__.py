@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_lora.formats import LORA_ADD, MATMUL_Q4
+
 
 def write_kernel_graphs(export_dir: Path, adapters: dict[str, dict], options) -> dict:
     """{kernel: export.json entry} for each kernel graph written beside the portable one, in the order the runtime
@@ -20,12 +22,12 @@ def write_kernel_graphs(export_dir: Path, adapters: dict[str, dict], options) ->
     if options.graph != "builder" or options.precision != "int4":
         return {}
     written = {}
-    if "matmul_q4" in kernels:
+    if MATMUL_Q4 in kernels:
         entry = q4.write(export_dir, adapters)
         if entry:
-            written["matmul_q4"] = entry
-    if "lora_add" in kernels and options.flavor == "adapters":
-        entry = lora_add.write(export_dir, adapters, shared=written.get("matmul_q4"))
+            written[MATMUL_Q4] = entry
+    if LORA_ADD in kernels and options.flavor == "adapters":
+        entry = lora_add.write(export_dir, adapters, shared=written.get(MATMUL_Q4))
         if entry:
-            written["lora_add"] = entry
+            written[LORA_ADD] = entry
     return {kernel: entry | weight_bytes(export_dir / entry["model_file"]) for kernel, entry in written.items()}

@@ -26,8 +26,8 @@ here beside them; onnxruntime 1.21 and later serve it.
 
 from __future__ import annotations
 
-MATMUL_Q4 = "matmul_q4"
-LORA_ADD = "lora_add"
+from edge_lora.formats import LORA_ADD, MATMUL_Q4
+
 DOMAIN = "ai.edge_lora"
 TILE = 16  # MatMulQ4's columns per tile, and the LoRA blob's B
 BLOCKS = (32, 64)  # the int4 block sizes (weights per scale) MatMulQ4 takes
