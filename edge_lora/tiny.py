@@ -66,6 +66,7 @@ def llama_config(**overrides):
 
 # The families the tests carry through train → adapter → merged ONNX → runtime, each at hidden 64, 2 layers,
 # with what sets it apart from Llama kept: the point is to exercise each architecture's own layers.
+
 # The shape every tiny family shares (GPT-2 names these differently and spells them out itself).
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=CONTEXT)

@@ -11,15 +11,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edge_lora.train.config import QuantConfig, TrainConfig
 from edge_lora.demo.runtime_check import LATENCY_SETTINGS
 from edge_lora.demo.task import write_task
 from edge_lora.errors import UsageError
-from edge_lora.formats import ADAPTER_MANIFEST
+from edge_lora.formats import PORTABLE_GRAPH
+from edge_lora.train import manifest as adapter_manifest
+from edge_lora.train.config import QuantConfig, TrainConfig
 
-# The issue's reference recipe, shortened: the date task converges in a few hundred steps.
-# fp32 even on a CPU with bf16: at the demo model's width (hidden 128) bf16's casts cost more than its matmuls
-# save (0.19–0.24 against 0.16–0.21 s/step measured); at hidden 512 bf16 is the faster (BENCHMARKS.md, Training).
+# A short QLoRA recipe: the date task converges in a few hundred steps. fp32 even on a CPU with bf16: at the demo
+# model's width (hidden 128) bf16's casts cost more than its matmuls save; at hidden 512 bf16 is the faster
+# (BENCHMARKS.md, Training).
 DEMO_TRAINING = dict(max_steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=20, log_every=20, seed=0,
                      quant=QuantConfig(compute_dtype="float32"))
 MAX_NEW_TOKENS = 16  # a completion is 11 characters plus </s>
@@ -44,7 +45,8 @@ def run_demo(workdir: str | Path, console: Console | None = None, training_overr
     config = TrainConfig(model=str(base_dir), data=str(train_path), eval_data=str(eval_path),
                          output=str(workdir / "adapter"), **(DEMO_TRAINING | (training_overrides or {})))
     adapter_dir = steps.run("QLoRA training (NF4 base, LoRA on all linear layers)", train_adapter, config)
-    torch_acc = steps.run("held-out accuracy in PyTorch (base, QLoRA)", torch_accuracy, base_dir, adapter_dir, eval_path)
+    torch_acc = steps.run("held-out accuracy in PyTorch (base, QLoRA)", torch_accuracy, base_dir, adapter_dir,
+                          eval_path)
     exports = {}
     for precision in PRECISIONS:
         exports[precision] = steps.run(f"merge and export ONNX {precision}", export_adapter, adapter_dir,
@@ -56,19 +58,19 @@ def run_demo(workdir: str | Path, console: Console | None = None, training_overr
     gate = steps.run("regression gate: ONNX int4 against fp32 on the same prompts", regression_gate, onnx["fp32"],
                      onnx["int4"], eval_path)
 
-    manifest = json.loads((adapter_dir / ADAPTER_MANIFEST).read_text())
+    metrics = adapter_manifest.read(adapter_dir)["metrics"]
     summary = {
         "task": "ISO date -> DD.MM.YYYY, held-out exact match",
         "eval_samples": torch_acc["total"],
         "accuracy": {"base": torch_acc["base"], "qlora_pytorch": torch_acc["qlora"],
                      **{f"onnx_{p}": onnx[p]["correct"] / onnx[p]["total"] for p in PRECISIONS}},
         "onnx": {p: {"size_mb": round(export_size(exports[p]) / 1e6, 3), "ttft_s": onnx[p]["ttft_s"],
-                     "decode_tokens_per_s": onnx[p]["decode_tokens_per_s"],
-                     "parity": json.loads((exports[p] / "export.json").read_text())["parity"]["merged"]} for p in PRECISIONS},
-        "training": {"steps": config.max_steps, "seconds_per_step": manifest["metrics"]["seconds_per_step"],
-                     "train_seconds": manifest["metrics"]["train_seconds"], "final_loss": manifest["metrics"]["train_loss"]},
-        "latency_settings": {"prompt_tokens": LATENCY_SETTINGS.prompt_lens[0], "new_tokens": LATENCY_SETTINGS.new_tokens,
-                             "threads": "one per physical core"},
+                     "decode_tokens_per_s": onnx[p]["decode_tokens_per_s"], "parity": merged_parity(exports[p])}
+                 for p in PRECISIONS},
+        "training": {"steps": config.max_steps, "seconds_per_step": metrics["seconds_per_step"],
+                     "train_seconds": metrics["train_seconds"], "final_loss": metrics["train_loss"]},
+        "latency_settings": {"prompt_tokens": LATENCY_SETTINGS.prompt_lens[0],
+                             "new_tokens": LATENCY_SETTINGS.new_tokens, "threads": "one per physical core"},
         "int4_vs_fp32": gate,
         "step_seconds": steps.seconds,
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -95,9 +97,8 @@ class Steps:
         except UsageError:
             raise
         except Exception as e:
-            raise DemoStepError(
-                f"demo step {self.n} ({name}) failed: {type(e).__name__}: {e} — earlier steps' outputs are kept in {self.workdir}"
-            ) from e
+            raise DemoStepError(f"demo step {self.n} ({name}) failed: {type(e).__name__}: {e} — "
+                                f"earlier steps' outputs are kept in {self.workdir}") from e
         self.seconds[name] = round(time.perf_counter() - start, 2)
         return result
 
@@ -117,10 +118,10 @@ def train_adapter(config: TrainConfig) -> Path:
 def torch_accuracy(base_dir: Path, adapter_dir: Path, eval_path: Path) -> dict:
     from edge_lora.eval import targets
     from edge_lora.eval.run import exact_match
-    from edge_lora.train import manifest as adapter_manifest
+    from edge_lora.train.data import read_jsonl
     from edge_lora.train.reference import qlora_model
 
-    samples = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    samples = [record for _, record in read_jsonl(eval_path)]
     model = qlora_model(adapter_dir, base_dir, adapter_manifest.read(adapter_dir))
     target = targets.TorchTarget(targets.spec(adapter_dir), model=model)
     qlora = exact_match(target, samples, MAX_NEW_TOKENS)
@@ -154,14 +155,23 @@ def regression_gate(old: dict, new: dict, eval_path: Path) -> dict:
 
     p = pair(str(eval_path), [SampleResult(**s) for s in old["samples"]], [SampleResult(**s) for s in new["samples"]],
              "exact", GATE_POINTS)
-    line = (f"int4 against fp32 on the same {p.old.samples} prompts: exact match {p.old.value:.1%} -> {p.new.value:.1%} "
-            f"({p.delta_points:+.1f} points, {p.new_better} better / {p.new_worse} worse, McNemar exact p = {p.p_value:.2g}): "
-            f"{'FAILS' if p.worse_beyond_margin else 'passes'} the gate (worse by > {GATE_POINTS:g} points with p < {ALPHA})")
+    line = (f"int4 against fp32 on the same {p.old.samples} prompts: exact match {p.old.value:.1%} -> "
+            f"{p.new.value:.1%} ({p.delta_points:+.1f} points, {p.new_better} better / {p.new_worse} worse, "
+            f"McNemar exact p = {p.p_value:.2g}): {'FAILS' if p.worse_beyond_margin else 'passes'} the gate "
+            f"(worse by > {GATE_POINTS:g} points with p < {ALPHA})")
     return {"delta_points": p.delta_points, "p_value": p.p_value, "passed": not p.worse_beyond_margin, "line": line}
 
 
 def export_size(export_dir: Path) -> int:
-    return sum(p.stat().st_size for p in export_dir.iterdir() if p.name.startswith("model.onnx"))
+    """Bytes of the portable graph and its external data."""
+    return sum(p.stat().st_size for p in export_dir.iterdir() if p.name.startswith(PORTABLE_GRAPH))
+
+
+def merged_parity(export_dir: Path) -> dict:
+    """The parity report of a merged export (its export.json)."""
+    from edge_lora.runtime.package import open_export
+
+    return open_export(export_dir, verify=False).manifest["parity"]["merged"]
 
 
 def summary_table(summary: dict) -> Table:

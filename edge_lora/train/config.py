@@ -132,7 +132,8 @@ class TrainConfig:
     max_overlap: float = 0.0
     """Fraction of eval samples that may (nearly) duplicate a training sample before training stops (datacheck.py)."""
     allow_overlap: bool = False
-    """Train even when more than max_overlap of the eval samples duplicate training samples (recorded in the data card)."""
+    """Train even when more than max_overlap of the eval samples duplicate training samples (the data card records
+    it)."""
     near_duplicate_jaccard: float = 0.8
     """Jaccard similarity of character 5-gram shingles from which two samples count as near-duplicates."""
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -148,8 +149,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 problems.append(f"{name}={value!r} must be an integer >= 0")
-        if isinstance(self.grad_accum_steps, int) and self.grad_accum_steps > 0 and self.batch_size % self.grad_accum_steps:
-            problems.append(f"batch_size={self.batch_size} must be a multiple of grad_accum_steps={self.grad_accum_steps}")
+        accum = self.grad_accum_steps
+        if isinstance(accum, int) and accum > 0 and self.batch_size % accum:
+            problems.append(f"batch_size={self.batch_size} must be a multiple of grad_accum_steps={accum}")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"eval_fraction={self.eval_fraction!r} must be in [0, 1)")
         if self.eval_fraction and self.eval_data:
@@ -159,7 +161,8 @@ class TrainConfig:
         if not 0.0 <= self.max_overlap <= 1.0:
             problems.append(f"max_overlap={self.max_overlap!r} must be a fraction in [0, 1]")
         if not 0.0 < self.near_duplicate_jaccard <= 1.0:
-            problems.append(f"near_duplicate_jaccard={self.near_duplicate_jaccard!r} must be in (0, 1], for example 0.8")
+            problems.append(f"near_duplicate_jaccard={self.near_duplicate_jaccard!r} must be in (0, 1], "
+                            "for example 0.8")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate={self.learning_rate!r} must be positive, for example 2e-4")
         if self.warmup_steps < 0:

@@ -6,13 +6,13 @@ with the tokenizer's chat template; the last assistant turn is the completion) a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_lora.errors import UsageError
+from edge_lora.runtime.package import sha256_file
 
 IGNORE_INDEX = -100  # label value that the loss skips (transformers and torch's cross_entropy default)
 SHAPES = 'every line needs "prompt" and "completion" strings, or "messages", or "text"'
@@ -93,12 +93,16 @@ def encode_messages(messages, tokenizer, max_length: int, train_on_prompt: bool,
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     )
     if not ok or not any(m["role"] == "assistant" for m in messages):
-        raise UsageError(f'{where}: "messages" must be a list of {{"role", "content"}} strings with an assistant turn — {SHAPES}')
+        raise UsageError(f'{where}: "messages" must be a list of {{"role", "content"}} strings with an assistant '
+                         f'turn — {SHAPES}')
     if not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"{where}: a messages record needs a tokenizer with a chat template; this one has none — use prompt/completion records")
+        raise UsageError(f"{where}: a messages record needs a tokenizer with a chat template; this one has none — "
+                         "use prompt/completion records")
 
     def render(turns, generation_prompt=False) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt) if turns else ""
+        if not turns:
+            return ""
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
 
     text = render(messages)
     spans = []
@@ -106,8 +110,8 @@ def encode_messages(messages, tokenizer, max_length: int, train_on_prompt: bool,
         if message["role"] == "assistant":
             before, through = render(messages[:i], True), render(messages[: i + 1])
             if not (text.startswith(before) and text.startswith(through)):
-                raise UsageError(f"{where}: the chat template renders a conversation's start differently from the whole — "
-                                 "its assistant turns cannot be located; use prompt/completion records")
+                raise UsageError(f"{where}: the chat template renders a conversation's start differently from the "
+                                 "whole — its assistant turns cannot be located; use prompt/completion records")
             spans.append((len(before), len(through)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -134,7 +138,8 @@ def encode(prompt: str, completion: str, tokenizer, max_length: int, train_on_pr
     return Example(tuple(ids[:max_length]), tuple(labels[:max_length])), truncated
 
 
-def load_examples(path: str | Path, tokenizer, max_length: int, train_on_prompt: bool) -> tuple[list[Example], DataReport]:
+def load_examples(path: str | Path, tokenizer, max_length: int,
+                  train_on_prompt: bool) -> tuple[list[Example], DataReport]:
     records = read_jsonl(path)
     examples, truncated = [], 0
     for lineno, record in records:
@@ -153,7 +158,7 @@ def load_examples(path: str | Path, tokenizer, max_length: int, train_on_prompt:
         examples.append(example)
     report = DataReport(
         path=str(path),
-        sha256=file_sha256(path),
+        sha256=sha256_file(Path(path)),
         samples=len(examples),
         tokens=sum(len(e.input_ids) for e in examples),
         loss_tokens=sum(e.loss_tokens for e in examples),
@@ -161,14 +166,6 @@ def load_examples(path: str | Path, tokenizer, max_length: int, train_on_prompt:
         max_tokens=max(len(e.input_ids) for e in examples),
     )
     return examples, report
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def batch_order(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:

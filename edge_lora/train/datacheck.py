@@ -50,7 +50,9 @@ def record_text(record: dict, where: str) -> str:
     """The whole text of a record, as the duplicate checks compare it."""
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        turns_ok = isinstance(messages, list) and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+        if not turns_ok:
             raise UsageError(f'{where}: "messages" must be a list of {{"role", "content"}} strings — {SHAPES}')
         return "\n".join(f"{m.get('role')}: {m['content']}" for m in messages)
     prompt, completion = split_record(record, where)
@@ -59,7 +61,8 @@ def record_text(record: dict, where: str) -> str:
 
 def read_texts(path: str | Path) -> list[tuple[str, str]]:
     """(file:line, normalised text) of every record."""
-    return [(f"{path}:{lineno}", normalise(record_text(record, f"{path} line {lineno}"))) for lineno, record in read_jsonl(path)]
+    return [(f"{path}:{lineno}", normalise(record_text(record, f"{path} line {lineno}")))
+            for lineno, record in read_jsonl(path)]
 
 
 def percentiles(lengths: list[int]) -> dict:
@@ -206,11 +209,13 @@ def check_data(config, examples: list, report) -> dict:
             "path": str(config.data), "sha256": report.sha256, "samples": len(train),
             "tokens": percentiles([len(e.input_ids) for e in examples]), "max_length": config.max_length,
             "truncated": report.truncated,
-            "exact_duplicates": {"count": len(exact), "examples": [f"{train[j][0]} = {train[i][0]}" for i, j in exact[:SHOWN]]},
+            "exact_duplicates": {"count": len(exact),
+                                 "examples": [f"{train[j][0]} = {train[i][0]}" for i, j in exact[:SHOWN]]},
             "near_duplicates": {
                 "count": len(near_train), "jaccard": config.near_duplicate_jaccard,
                 "method": f"character {SHINGLE}-gram shingles, MinHash {BANDS}x{ROWS} LSH, exact Jaccard check",
-                "examples": [f"{train[j][0]} ~ {train[i][0]} ({s:.2f})" for j, (i, s) in sorted(near_train.items())[:SHOWN]],
+                "examples": [f"{train[j][0]} ~ {train[i][0]} ({s:.2f})"
+                             for j, (i, s) in sorted(near_train.items())[:SHOWN]],
             },
         },
         "eval": None,
@@ -235,7 +240,8 @@ def overlap(config, train: list, held: list, held_exact: dict, near_held: dict) 
         shown = ", ".join(result["examples"]) + (f" and {count - SHOWN} more" if count > SHOWN else "")
         raise OverlapError(
             f"{config.eval_data}: {count} of {len(held)} eval samples ({fraction:.1%}) duplicate training samples "
-            f"(= exact, ~ near: Jaccard >= {config.near_duplicate_jaccard}), more than max_overlap {config.max_overlap:.1%}: "
+            f"(= exact, ~ near: Jaccard >= {config.near_duplicate_jaccard}), "
+            f"more than max_overlap {config.max_overlap:.1%}: "
             f"{shown} — remove them from one of the files, or pass --allow-overlap to train anyway"
         )
     return result

@@ -3,24 +3,177 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from edge_lora.errors import UsageError
+from edge_lora.progress import progress_bar
 from edge_lora.train import checkpoint, manifest
 from edge_lora.train.config import TrainConfig
-from edge_lora.train.data import batch_order, load_examples, pack
+from edge_lora.train.data import Example, batch_order, load_examples, pack
 from edge_lora.train.datacheck import check_data
 from edge_lora.train.distributed import Distributed
-from edge_lora.errors import UsageError
+from edge_lora.train.metrics import LOSS_PLOT, METRICS_FILE, MetricsLog, keep_rows_until, plot_loss
 from edge_lora.train.qlora import (add_lora, compute_dtype, load_quantized_base, mixed_precision, resolve_model_dir,
-                                sum_lora_in_place)
-from edge_lora.progress import progress_bar
+                                   sum_lora_in_place)
 
-# Fields a resumed run may change: they steer logging and checkpointing, not what is computed.
-RESUME_FREE_FIELDS = {"output", "save_every", "keep_checkpoints", "log_every", "allow_overlap"}
+
+@dataclass(frozen=True)
+class Run:
+    """What every step of a training run reads: its config, its processes, where it writes, and its base."""
+
+    config: TrainConfig
+    dist: Distributed
+    output: Path
+    fingerprint: dict
+    """manifest.fingerprint of the base model."""
+
+
+@dataclass
+class TrainData:
+    """The tokenized samples of a run, and what edge_lora.json records about them."""
+
+    tokenizer: Any
+    examples: list[Example]
+    eval_examples: list[Example]
+    card: dict
+    """The data card (datacheck.check_data)."""
+    record: dict
+    """edge_lora.json's "data": the train and eval files' reports and how the eval split was made."""
+
+
+@dataclass
+class TrainState:
+    """The model and what updates it: all that a checkpoint holds."""
+
+    model: Any
+    trainable: list
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    autocast: Any
+    """The context the forward passes run in (qlora.mixed_precision)."""
+
+    def capture(self) -> dict:
+        import torch
+
+        return {"trainable": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "torch_rng": torch.get_rng_state()}
+
+    def restore(self, state: dict) -> None:
+        import torch
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def train(config: TrainConfig, show_progress: bool = True, resume: bool = False) -> Path:
+    """Train a LoRA adapter on a 4-bit base and write the adapter dir; returns its path.
+
+    With `resume`, continue from the newest complete checkpoint in the output dir: on a CPU with a fixed seed
+    the result is bit-identical to a run that was never interrupted.
+    """
+    dist = Distributed.from_env()
+    model_dir = resolve_model_dir(config.model)
+    run = Run(config, dist, Path(config.output), manifest.fingerprint(model_dir))
+    resume_from = checkpoint.to_resume(run.output, resume, config, run.fingerprint)
+    data = load_data(config, model_dir)  # before any model is loaded: a failed data check costs nothing
+    state = build_state(config, model_dir)
+    start_step = prepare_output(run, state, resume_from)
+    loss, seconds = run_steps(run, data, state, start_step, show_progress)
+    save_checkpoint(run, state, config.max_steps)
+    digests = dist.gather_strings(adapter_digest(state.model))
+    if dist.main:
+        metrics = {"train_loss": loss, "train_seconds": round(seconds, 2),
+                   "seconds_per_step": round(seconds / max(1, config.max_steps - start_step), 4),
+                   "resumed_from_step": start_step}
+        if data.eval_examples:
+            metrics["eval_loss"] = evaluation_loss(state.model, data.eval_examples, config, data.tokenizer.pad_token_id,
+                                                   state.autocast)
+        write_adapter(run, data, state, metrics, digests)
+    dist.barrier()
+    dist.close()
+    return run.output
+
+
+def load_data(config: TrainConfig, model_dir: Path) -> TrainData:
+    """The tokenizer, the training samples and the held-out ones (eval_data, or a seeded eval_fraction of the
+    data), with the data card; raises UsageError for data that cannot train."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples, report = load_examples(config.data, tokenizer, config.max_length, config.train_on_prompt)
+    card = check_data(config, examples, report)
+    eval_report = None
+    if config.eval_data:
+        eval_examples, eval_report = load_examples(config.eval_data, tokenizer, config.max_length,
+                                                   config.train_on_prompt)
+        eval_split = {"file": eval_report.to_dict()}
+    else:
+        examples, eval_examples = split_eval(examples, config)
+        eval_split = {"fraction": config.eval_fraction, "samples": len(eval_examples)} if eval_examples else None
+    if len(examples) < config.batch_size:
+        raise UsageError(f"{config.data}: {len(examples)} training samples, fewer than batch_size={config.batch_size} "
+                         "— lower batch_size or add data")
+    record = {"train": report.to_dict(), "eval": eval_report.to_dict() if eval_report else None,
+              "eval_split": eval_split}
+    return TrainData(tokenizer, examples, eval_examples, card, record)
+
+
+def split_eval(examples: list, config: TrainConfig) -> tuple[list, list]:
+    """Hold out `eval_fraction` of the samples, chosen with the run's seed."""
+    n_eval = int(len(examples) * config.eval_fraction)
+    if n_eval == 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def build_state(config: TrainConfig, model_dir: Path) -> TrainState:
+    """The 4-bit base with fresh LoRA adapters (seeded), its optimizer, learning-rate schedule and loss scaler."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    model = add_lora(load_quantized_base(model_dir, config.quant), config.lora, config.gradient_checkpointing)
+    dtype = compute_dtype(config.quant)
+    autocast = mixed_precision(model, dtype)
+    sum_lora_in_place(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, trainable)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    # fp16 activations underflow in the backward pass without a loss scale; bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(model.device.type, enabled=dtype == torch.float16)
+    return TrainState(model, trainable, optimizer, scheduler, scaler, autocast)
+
+
+def make_optimizer(config: TrainConfig, params: list):
+    import torch
+
+    choice = config.optimizer
+    if choice == "auto":
+        choice = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
+    if choice == "paged_adamw_8bit":
+        if not torch.cuda.is_available():
+            raise UsageError("optimizer=paged_adamw_8bit needs a CUDA GPU — use adamw_torch (or auto) on a CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -36,233 +189,123 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 1.0
 
 
-def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def make_optimizer(config: TrainConfig, params):
-    import torch
-
-    choice = config.optimizer
-    if choice == "auto":
-        choice = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
-    if choice == "paged_adamw_8bit":
-        if not torch.cuda.is_available():
-            raise UsageError("optimizer=paged_adamw_8bit needs a CUDA GPU — use adamw_torch (or auto) on a CPU")
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+def prepare_output(run: Run, state: TrainState, resume_from: Path | None) -> int:
+    """Make the output dir, drop a checkpoint left half-written, and restore `resume_from` (metrics.jsonl kept up
+    to its step); returns the step training starts at."""
+    run.output.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_partial(run.output)
+    metrics_path = run.output / METRICS_FILE
+    if resume_from is None:
+        if run.dist.main:
+            metrics_path.write_text("")
+        return 0
+    saved, meta = checkpoint.load(resume_from)
+    state.restore(saved)
+    keep_rows_until(metrics_path, meta["step"])
+    return meta["step"]
 
 
-def split_eval(examples: list, config: TrainConfig) -> tuple[list, list]:
-    """Hold out `eval_fraction` of the samples, chosen with the run's seed."""
-    n_eval = int(len(examples) * config.eval_fraction)
-    if n_eval == 0:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(config.seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
-
-
-def check_resumable(meta: dict, config: TrainConfig, fingerprint: dict, where: Path) -> None:
-    if meta["base_fingerprint"] != fingerprint["digest"]:
-        raise UsageError(
-            f"--resume: {where} was trained on another base model (fingerprint {meta['base_fingerprint'][:12]}… vs "
-            f"{fingerprint['digest'][:12]}…) — pass the same --model, or a new --output to start over"
-        )
-    before, now = with_defaults(meta["config"], config), config.to_dict()
-    changed = sorted(k for k in now if k not in RESUME_FREE_FIELDS and json.dumps(now[k]) != json.dumps(before.get(k)))
-    if changed:
-        diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise UsageError(f"--resume: the config differs from the checkpoint's ({diffs}) — use the same settings, or a new --output")
-
-
-def with_defaults(saved: dict, config: TrainConfig) -> dict:
-    """A checkpoint's config with the defaults of fields added to TrainConfig since it was written (in force then)."""
-    defaults = TrainConfig(model=config.model, data=config.data).to_dict()
-    merged = defaults | saved
-    for key in ("quant", "lora"):
-        merged[key] = defaults[key] | saved.get(key, {})
-    return merged
-
-
-def train(config: TrainConfig, show_progress: bool = True, resume: bool = False) -> Path:
-    """Train a LoRA adapter on a 4-bit base and write the adapter dir; returns its path.
-
-    With `resume`, continue from the newest complete checkpoint in the output dir: on a CPU with a fixed seed
-    the result is bit-identical to a run that was never interrupted.
-    """
-    import torch
-    from transformers import AutoTokenizer
-
-    dist = Distributed.from_env()
-    output = Path(config.output)
-    model_dir = resolve_model_dir(config.model)
-    fingerprint = manifest.fingerprint(model_dir)
-    resume_from = checkpoint.newest(output) if resume else None
-    if resume and resume_from is None:
-        raise UsageError(f"--resume: no complete checkpoint in {output / checkpoint.CHECKPOINTS} — run without --resume to start")
-    if resume_from is not None:
-        check_resumable(checkpoint.load(resume_from)[1], config, fingerprint, output)
-    elif checkpoint.complete(output) or (output / manifest.MANIFEST).exists():
-        raise UsageError(f"output {output} already holds a training run — pass --resume to continue it, or choose another --output")
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    examples, data_report = load_examples(config.data, tokenizer, config.max_length, config.train_on_prompt)
-    data_card = check_data(config, examples, data_report)  # before any model is loaded: a failed check costs nothing
-    eval_report = None
-    if config.eval_data:
-        eval_examples, eval_report = load_examples(config.eval_data, tokenizer, config.max_length, config.train_on_prompt)
-        eval_source = {"file": eval_report.to_dict()}
-    else:
-        examples, eval_examples = split_eval(examples, config)
-        eval_source = {"fraction": config.eval_fraction, "samples": len(eval_examples)} if eval_examples else None
-    if len(examples) < config.batch_size:
-        raise UsageError(f"{config.data}: {len(examples)} training samples, fewer than batch_size={config.batch_size} — lower batch_size or add data")
-
-    torch.manual_seed(config.seed)
-    model = add_lora(load_quantized_base(model_dir, config.quant), config.lora, config.gradient_checkpointing)
-    dtype = compute_dtype(config.quant)
-    autocast = mixed_precision(model, dtype)
-    sum_lora_in_place(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    # fp16 activations underflow in the backward pass without a loss scale; bf16 and fp32 need none.
-    scaler = torch.amp.GradScaler(model.device.type, enabled=dtype == torch.float16)
-
-    output.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_partial(output)
-    metrics_path = output / "metrics.jsonl"
-    start_step = 0
-    if resume_from is not None:
-        state, meta = checkpoint.load(resume_from)
-        start_step = meta["step"]
-        restore(model, optimizer, scheduler, scaler, state)
-        rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
-    elif dist.main:
-        metrics_path.write_text("")
-    loop_model = dist.wrap(model)
-    model.train()
-
-    def save_checkpoint(step: int) -> None:
-        if dist.main:
-            checkpoint.save(output, step, capture(model, optimizer, scheduler, scaler),
-                            {"config": config.to_dict(), "base_fingerprint": fingerprint["digest"]}, config.keep_checkpoints)
-        dist.barrier()
-
-    micro_size = config.batch_size // config.grad_accum_steps
+def run_steps(run: Run, data: TrainData, state: TrainState, start_step: int,
+              show_progress: bool) -> tuple[float, float]:
+    """The optimizer steps from `start_step` to max_steps, logging and checkpointing as configured; returns the
+    last step's loss and the seconds they took."""
+    config, dist = run.config, run.dist
+    loop_model = dist.wrap(state.model)
+    state.model.train()
     started = time.perf_counter()
-    window_tokens, window_start = 0, time.perf_counter()
-    loss_value = float("nan")
+    log = MetricsLog(run.output / METRICS_FILE)
+    loss = float("nan")
     with progress_bar("training", total=config.max_steps, enabled=show_progress and dist.main) as advance:
         advance(start_step, "resumed" if start_step else "")
         for step in range(start_step, config.max_steps):
             step_start = time.perf_counter()
-            indices = batch_order(len(examples), config.batch_size, step, config.seed)
-            # Every process knows the whole batch, so the loss normaliser needs no communication.
-            step_tokens = sum(examples[i].loss_tokens for i in indices)
-            mine = indices[dist.rank :: dist.world_size]
-            loss_sum = 0.0
-            for m in range(config.grad_accum_steps):
-                micro = mine[m * micro_size // dist.world_size : (m + 1) * micro_size // dist.world_size]
-                batch = {k: v.to(model.device) for k, v in pack([examples[i] for i in micro], config.pack_length,
-                                                               tokenizer.pad_token_id).items()}
-                with dist.no_sync(loop_model, last_micro_batch=m == config.grad_accum_steps - 1):
-                    # Summed token losses over the whole step's tokens: micro-batches and processes add up to
-                    # the step's token mean. No cache: with one, transformers would not build the
-                    # block-diagonal mask of a packed batch. DDP averages gradients, hence * world_size.
-                    with autocast:
-                        loss = loop_model(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
-                    scaler.scale(loss * dist.world_size).backward()
-                loss_sum += loss.item()
-            scaler.unscale_(optimizer)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
-                if config.max_grad_norm > 0 else float("nan")
-            )
-            scaler.step(optimizer)  # skipped, and the scale lowered, when fp16 gradients overflowed
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = dist.sum(loss_sum)
-            window_tokens += step_tokens
+            loss, grad_norm, step_tokens = optimizer_step(run, data, state, loop_model, step)
+            log.count(step_tokens)
             done = step + 1
             if dist.main and (done % config.log_every == 0 or done == config.max_steps):
-                now = time.perf_counter()
-                row = {"step": done, "loss": round(loss_value, 6), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": round(grad_norm, 6), "loss_tokens_per_s": round(window_tokens / (now - window_start), 1),
-                       "rss_mb": round(rss_mb(), 1)}
-                if torch.cuda.is_available():
-                    row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                window_tokens, window_start = 0, now
+                log.write(done, loss, state.scheduler.get_last_lr()[0], grad_norm)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
-                save_checkpoint(done)
-            advance(1, f"loss {loss_value:.4f}  {step_tokens / (time.perf_counter() - step_start):,.0f} tok/s")
-    train_seconds = time.perf_counter() - started
-    save_checkpoint(config.max_steps)
+                save_checkpoint(run, state, done)
+            advance(1, f"loss {loss:.4f}  {step_tokens / (time.perf_counter() - step_start):,.0f} tok/s")
+    return loss, time.perf_counter() - started
 
-    digests = dist.gather_strings(adapter_digest(model))
-    if dist.main:
-        final = {"train_loss": loss_value, "train_seconds": round(train_seconds, 2),
-                 "seconds_per_step": round(train_seconds / max(1, config.max_steps - start_step), 4),
-                 "resumed_from_step": start_step}
-        if eval_examples:
-            final["eval_loss"] = evaluation_loss(model, eval_examples, config, tokenizer.pad_token_id, autocast)
-        model.save_pretrained(output)
-        tokenizer.save_pretrained(output)
-        plot_loss(metrics_path, output / "loss.png")
-        manifest.write(output, {
-            "kind": "adapter",
-            "base_model": config.model,
-            "base_fingerprint": fingerprint,
-            "quantization": quant_record(model, config),
-            "lora": config.lora.__dict__ | {"target_modules": list(config.lora.target_modules)},
-            "training": config.to_dict(),
-            "data_card": data_card,
-            "data": {"train": data_report.to_dict(), "eval": eval_report.to_dict() if eval_report else None,
-                     "eval_split": eval_source},
-            "metrics": final,
-            "distributed": {"world_size": dist.world_size, "adapter_sha256_per_rank": digests,
-                            "ranks_identical": len(set(digests)) == 1},
-            "versions": manifest.library_versions(),
-        })
-    dist.barrier()
-    dist.close()
-    return output
+
+def optimizer_step(run: Run, data: TrainData, state: TrainState, loop_model, step: int) -> tuple[float, float, int]:
+    """Optimizer step `step`: returns its loss (the token mean over every process), the gradient norm before
+    clipping (NaN without clipping) and the batch's loss tokens."""
+    import torch
+
+    config = run.config
+    loss_sum, step_tokens = accumulate_gradients(run, data, state, loop_model, step)
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = (
+        torch.nn.utils.clip_grad_norm_(state.trainable, config.max_grad_norm).item()
+        if config.max_grad_norm > 0 else float("nan")
+    )
+    state.scaler.step(state.optimizer)  # skipped, and the scale lowered, when fp16 gradients overflowed
+    state.scaler.update()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return run.dist.sum(loss_sum), grad_norm, step_tokens
+
+
+def accumulate_gradients(run: Run, data: TrainData, state: TrainState, loop_model, step: int) -> tuple[float, int]:
+    """Forward and backward over this process's share of step `step`'s batch, micro-batch by micro-batch;
+    returns the share's summed loss and the whole batch's loss tokens."""
+    config, dist = run.config, run.dist
+    indices = batch_order(len(data.examples), config.batch_size, step, config.seed)
+    # Every process knows the whole batch, so the loss normaliser needs no communication.
+    step_tokens = sum(data.examples[i].loss_tokens for i in indices)
+    mine = indices[dist.rank :: dist.world_size]
+    micro_size = config.batch_size // config.grad_accum_steps
+    loss_sum = 0.0
+    for m in range(config.grad_accum_steps):
+        micro = mine[m * micro_size // dist.world_size : (m + 1) * micro_size // dist.world_size]
+        rows = pack([data.examples[i] for i in micro], config.pack_length, data.tokenizer.pad_token_id)
+        batch = {k: v.to(state.model.device) for k, v in rows.items()}
+        with dist.no_sync(loop_model, last_micro_batch=m == config.grad_accum_steps - 1):
+            # Summed token losses over the whole step's tokens: micro-batches and processes add up to the step's
+            # token mean. No cache: with one, transformers would not build the block-diagonal mask of a packed
+            # batch. DDP averages gradients, hence * world_size.
+            with state.autocast:
+                loss = loop_model(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
+            state.scaler.scale(loss * dist.world_size).backward()
+        loss_sum += loss.item()
+    return loss_sum, step_tokens
+
+
+def save_checkpoint(run: Run, state: TrainState, step: int) -> None:
+    if run.dist.main:
+        checkpoint.save(run.output, step, state.capture(),
+                        {"config": run.config.to_dict(), "base_fingerprint": run.fingerprint["digest"]},
+                        run.config.keep_checkpoints)
+    run.dist.barrier()
+
+
+def write_adapter(run: Run, data: TrainData, state: TrainState, metrics: dict, digests: list[str]) -> None:
+    """The adapter dir: PEFT's adapter files, the tokenizer, loss.png and edge_lora.json."""
+    config, output = run.config, run.output
+    state.model.save_pretrained(output)
+    data.tokenizer.save_pretrained(output)
+    plot_loss(output / METRICS_FILE, output / LOSS_PLOT)
+    manifest.write(output, {
+        "kind": "adapter",
+        "base_model": config.model,
+        "base_fingerprint": run.fingerprint,
+        "quantization": quant_record(state.model, config),
+        "lora": config.lora.__dict__ | {"target_modules": list(config.lora.target_modules)},
+        "training": config.to_dict(),
+        "data_card": data.card,
+        "data": data.record,
+        "metrics": metrics,
+        "distributed": {"world_size": run.dist.world_size, "adapter_sha256_per_rank": digests,
+                        "ranks_identical": len(set(digests)) == 1},
+        "versions": manifest.library_versions(),
+    })
 
 
 def trainable_state(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def capture(model, optimizer, scheduler, scaler) -> dict:
-    import torch
-
-    return {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
-
-
-def restore(model, optimizer, scheduler, scaler, state: dict) -> None:
-    import torch
-
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
 
 
 def adapter_digest(model) -> str:
@@ -274,7 +317,7 @@ def adapter_digest(model) -> str:
     return digest.hexdigest()
 
 
-def evaluation_loss(model, examples, config: TrainConfig, pad_id: int, autocast) -> float:
+def evaluation_loss(model, examples: list[Example], config: TrainConfig, pad_id: int, autocast) -> float:
     """Token-mean loss over held-out examples, computed in packed batches without gradients."""
     import torch
 
@@ -304,20 +347,3 @@ def quant_record(model, config: TrainConfig) -> dict:
         "compute_dtype": str(layer.compute_dtype).removeprefix("torch."),
         "requested": config.quant.__dict__,
     }
-
-
-def plot_loss(metrics_path: Path, png: Path) -> None:
-    """loss.png: training loss against step, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a training box
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
-    ax.set(xlabel="step", ylabel="training loss", yscale="log", title="edge-lora training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)

@@ -11,7 +11,6 @@ from pathlib import Path
 from edge_lora.formats import ADAPTER_MANIFEST
 
 FORMAT_VERSION = 1
-MANIFEST = ADAPTER_MANIFEST
 LIBRARIES = ("edge-lora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
 # Keys of config.json that describe how a model was saved, not what it computes.
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "quantization_config"}
@@ -58,19 +57,21 @@ def library_versions() -> dict[str, str]:
 
 
 def write(adapter_dir: Path, manifest: dict) -> Path:
-    path = Path(adapter_dir) / MANIFEST
+    """Write `manifest` as edge_lora.json of `adapter_dir`, with the format version; returns its path."""
+    path = Path(adapter_dir) / ADAPTER_MANIFEST
     path.write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2) + "\n")
     return path
 
 
 def read(adapter_dir: str | Path) -> dict:
+    """edge_lora.json of `adapter_dir`; UsageError, naming the fix, when the dir or its manifest is missing or bad."""
     from edge_lora.errors import UsageError
 
-    path = Path(adapter_dir) / MANIFEST
+    path = Path(adapter_dir) / ADAPTER_MANIFEST
     if not Path(adapter_dir).is_dir():
         raise UsageError(f"adapter dir {adapter_dir} does not exist — pass the --output dir of edge-lora train")
     if not path.exists():
-        raise UsageError(f"{adapter_dir} has no {MANIFEST} — pass a dir written by edge-lora train")
+        raise UsageError(f"{adapter_dir} has no {ADAPTER_MANIFEST} — pass a dir written by edge-lora train")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -27,7 +27,8 @@ def resolve_model_dir(model: str) -> Path:
         if not (path / "config.json").exists():
             raise UsageError(f"--model {model} has no config.json — pass a Hugging Face model directory")
         if not any(p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)):
-            raise UsageError(f"--model {model} has no weights (*.safetensors or pytorch_model*.bin) — save the model with save_pretrained first")
+            raise UsageError(f"--model {model} has no weights (*.safetensors or pytorch_model*.bin) — "
+                             "save the model with save_pretrained first")
         return path
     if model.count("/") != 1 or model.startswith((".", "/")):
         raise UsageError(f"--model {model} does not exist — pass a model directory or a hub id like org/name")
@@ -36,7 +37,8 @@ def resolve_model_dir(model: str) -> Path:
     try:
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # the hub client raises many types; all mean the same to the user
-        raise UsageError(f"--model {model}: not a local directory and the hub could not provide it ({type(e).__name__}) — download it and pass the directory") from None
+        raise UsageError(f"--model {model}: not a local directory and the hub could not provide it "
+                         f"({type(e).__name__}) — download it and pass the directory") from None
 
 
 def compute_dtype(quant: QuantConfig):
@@ -46,9 +48,9 @@ def compute_dtype(quant: QuantConfig):
         return getattr(torch, quant.compute_dtype)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    # A CPU with bf16 instructions (AVX512-BF16, AMX) multiplies bf16 several times faster than fp32: bf16
-    # training ran 1.3-1.5x the speed of fp32 on bench/train.py's model on a Xeon with AMX (BENCHMARKS.md, Training).
-    # Elsewhere bf16 would be emulated, and fp32 is both faster and exact.
+    # A CPU with bf16 instructions (AVX512-BF16, AMX) multiplies bf16 several times faster than fp32, and bf16
+    # training beats fp32 there (BENCHMARKS.md, Training). Elsewhere bf16 would be emulated, and fp32 is both
+    # faster and exact.
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
@@ -109,10 +111,12 @@ def requantize(model, model_dir: Path, quant: QuantConfig) -> None:
     if quant.block_size == 1024 and not torch.cuda.is_available():
         # bitsandbytes 0.50's CPU dequantize_4bit is wrong at blocksize 1024 (quantize is right): its mean
         # error is twice that of 512 or 2048, and up to 1.26 off the codebook value times absmax.
-        raise UsageError("quant.block_size=1024 dequantizes wrongly in bitsandbytes' CPU kernel — use 512 or 2048 on a CPU")
+        raise UsageError("quant.block_size=1024 dequantizes wrongly in bitsandbytes' CPU kernel — "
+                         "use 512 or 2048 on a CPU")
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise UsageError(f"quant.block_size={quant.block_size} needs the model's *.safetensors weights; {model_dir} has none — use block_size 64")
+        raise UsageError(f"quant.block_size={quant.block_size} needs the model's *.safetensors weights; "
+                         f"{model_dir} has none — use block_size 64")
     where = {name: file for file in files for name in safe_open(file, framework="pt").keys()}
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
@@ -149,7 +153,8 @@ def keep_training_numerics(model):
             module.support_avx512bf16_for_cpu = False
             weight = module.weight
             if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                          weight.quant_state)
     return model
 
 
@@ -196,9 +201,9 @@ def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool = False):
 
     # Casts norms to fp32 and makes the embeddings' output require grad, so that checkpointed blocks see a
     # tensor that needs grad: the reentrant checkpoint variant sends gradients to the LoRA weights inside a block
-    # only through its inputs. Reentrant rather than non-reentrant: on bench/train.py 1.48× the Trainer recipe's
-    # speed at 0.93× its peak RSS, against 1.39× at 1.43× (BENCHMARKS.md, Training); the same adapter either way
-    # (tests/train/test_distributed.py), under torchrun too.
+    # only through its inputs. Reentrant rather than non-reentrant: faster and with a lower peak RSS
+    # (BENCHMARKS.md, Training), and the same adapter either way (tests/train/test_distributed.py), under torchrun
+    # too.
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": True})
     return get_peft_model(base, peft_config(lora, base))
@@ -207,9 +212,8 @@ def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool = False):
 def sum_lora_in_place(model) -> None:
     """Give PEFT's 4-bit LoRA layers a leaner forward for training: the LoRA term goes into the 4-bit layer's
     output in place (`add_` with the scaling as alpha) instead of PEFT's clone, multiply and add — per layer and
-    step, two passes over the activations and two temporaries fewer. On bench/train.py (bf16) 2.08-2.29x the
-    Trainer recipe's speed at 0.82-0.85x its peak RSS, against 1.91-2.08x at 0.92-0.96x with PEFT's forward; in
-    fp32 the RSS ratio fell from 1.84 to 1.42 (BENCHMARKS.md, Training).
+    step, two passes over the activations and two temporaries fewer: faster and with a lower peak RSS than PEFT's
+    forward (BENCHMARKS.md, Training).
 
     PEFT clones because an in-place change to a view that an autograd Function returned fails in backward; such
     an output is cloned here too. DoRA and other variants, several active adapters, merged or disabled adapters
@@ -248,9 +252,8 @@ def mixed_precision(model, dtype):
     the compute dtype. PEFT would cast every LoRA input to fp32 and its output back — it looks only at CUDA's
     autocast state — so that cast is turned off. In bf16 the frozen norms, embeddings and head, which
     prepare_model_for_kbit_training upcast to fp32, go back to bf16: the residual stream then stays in bf16
-    instead of being cast around every 4-bit layer (the norms still reduce in fp32 inside). On bench/train.py's
-    model these took bf16 training from ~1.15x to 1.3-1.5x the speed of fp32, and its peak RSS from ~0.85x to
-    ~0.63x (scratch runs, BENCHMARKS.md, Training). fp16 keeps them in fp32: its range is too narrow for a
+    instead of being cast around every 4-bit layer (the norms still reduce in fp32 inside); both make bf16
+    training faster and smaller (BENCHMARKS.md, Training). fp16 keeps them in fp32: its range is too narrow for a
     residual stream.
     """
     import torch
@@ -297,7 +300,8 @@ def dequantized_weights(model) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             weight = dequantized_weight(module)  # (out, in), whatever layer it was made from
-            weights[base_param_name(name.removesuffix(".base_layer"))] = weight.T if made_from_conv1d(module) else weight
+            param = base_param_name(name.removesuffix(".base_layer"))
+            weights[param] = weight.T if made_from_conv1d(module) else weight
     return weights
 
 
