@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edge_lora.formats import ExportManifest
+
 REFERENCE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
 QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -107,8 +109,8 @@ def main() -> None:
                  (("optimum_fp32", "optimum-fp32"), ("edge_lora_fp32", "edge-fp32"), ("edge_lora_int4", "edge-int4"),
                   ("edge_lora_device_int4", "device-int4"), ("edge_lora_optimum_graph_fp32", "optimum-graph-fp32"),
                   ("edge_lora_optimum_graph_int4", "optimum-graph-int4"))}
-        parity = json.loads((work / "edge-fp32" / "export.json").read_text())["parity"]["merged"]
-        optimum_graph_parity = json.loads((work / "optimum-graph-fp32" / "export.json").read_text())["parity"]["merged"]
+        parity = ExportManifest.load(work / "edge-fp32").parity["merged"]
+        optimum_graph_parity = ExportManifest.load(work / "optimum-graph-fp32").parity["merged"]
     for name, r in results.items():
         print(f"{name:29} {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']} MB  size {sizes[name]:8.1f} MB")
     for name, p in (("default (builder) graph", parity), ("optimum graph", optimum_graph_parity)):

@@ -66,6 +66,8 @@ import threading
 import time
 from pathlib import Path
 
+from edge_lora.formats import EXPORT_MANIFEST, LORA_ADD, MATMUL_Q4, ExportManifest
+
 # As in bench/export.py: the reference shape (SmolLM2-135M's), and a tiny one for checking the script.
 REFERENCE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
@@ -260,10 +262,10 @@ def build_all(work: Path, systems: list[str]) -> None:
     artifact |= {s: export_system(s) for s in SYSTEMS if export_system(s) != s}
     needed = ["base", "adapter", *dict.fromkeys(artifact.get(s, s) for s in systems)]
     for system in (s for s in systems if graph_variant(s) == LORA):  # an export cached before the LoRA op's graph
-        manifest = work / ARTIFACTS[export_system(system)] / "export.json"
-        if manifest.exists() and "lora_add" not in json.loads(manifest.read_text()).get("kernels", {}):
-            print(f"{manifest.parent} has no graph for the LoRA op: exporting it again", flush=True)
-            shutil.rmtree(manifest.parent)
+        export_dir = work / ARTIFACTS[export_system(system)]
+        if (export_dir / EXPORT_MANIFEST).exists() and LORA_ADD not in ExportManifest.load(export_dir).kernels:
+            print(f"{export_dir} has no graph for the LoRA op: exporting it again", flush=True)
+            shutil.rmtree(export_dir)
     for step in needed:
         if (work / ARTIFACTS[step]).exists():
             continue
@@ -654,13 +656,13 @@ def main() -> None:
     for system in [s for s in systems if export_system(s) in EXPORT_ARTIFACTS] + (["edge_lora"] if "optimum" in systems else []):
         export_dir = work / ARTIFACTS[export_system(system)]
         # the graph that system runs: a kernel's where the export has one (and the system is not _portable)
-        manifest = json.loads((export_dir / "export.json").read_text())
-        kernel = {PORTABLE: None, LORA: "lora_add"}.get(graph_variant(system), "matmul_q4")
-        graph = manifest.get("kernels", {}).get(kernel) or manifest
-        model = graph["model_file"]
-        adapters = [export_dir / e["file"] for e in graph.get("adapters", {}).values()]
+        manifest = ExportManifest.load(export_dir)
+        kernel = {PORTABLE: None, LORA: LORA_ADD}.get(graph_variant(system), MATMUL_Q4)
+        graph = manifest.graph_entry(kernel if kernel in manifest.kernels else None)
+        model = graph.model_file
+        adapters = [export_dir / e.file for e in graph.adapters.values()]
         # (the LoRA op's graph keeps its weights in the portable graph's data file: data_files)
-        model_mb[system] = files_mb(*export_dir.glob(model + "*"), *(export_dir / f for f in graph.get("data_files", ())))
+        model_mb[system] = files_mb(*export_dir.glob(model + "*"), *(export_dir / f for f in graph.data_files))
         # an adapters graph's LoRA initializers are empty placeholders: the active adapter's A and B are read instead
         per_token[system] = onnx_bytes_per_token(export_dir / model) + sum(p.stat().st_size for p in adapters)
     if "llamacpp" in systems:

@@ -179,7 +179,7 @@ def _plain(value: Any) -> Any:
 def _read_json(path: Path, error: type[ManifestError], fix: str) -> object:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path} is not valid JSON ({e}) — {fix}") from None
 
 
@@ -311,6 +311,13 @@ class ExportManifest(Record):
     options: dict[str, Any] = field(default_factory=dict)
     source_adapter: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] | None = None
+    """The parity gate's reports by what was checked: "merged", or each adapter and "base"; each kernel graph's."""
+    parity_reference: dict[str, Any] | None = None
+    """Which PyTorch model the gate compared with, and how close its fp32 twin was."""
+    merge: dict[str, Any] | None = None
+    """What the adapter was merged into, and how far each choice is from the trained model."""
+    lineage: dict[str, Any] | None = None
+    """The adapters the export was made from (paths, digests, base, data) and the export's settings."""
     versions: dict[str, str] = field(default_factory=dict)
 
     def graph_entry(self, kernel: str | None = None) -> ExportManifest | KernelGraph:

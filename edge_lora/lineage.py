@@ -114,9 +114,9 @@ def inspect(path: str | Path, verify_base: bool = False) -> dict:
 
 def export_node(export: ExportDir, verify_base: bool) -> dict:
     m = export.manifest
-    lineage = m.get("lineage")
+    lineage = m.lineage
     if lineage is None:  # an export written before lineage was recorded: its source adapter's manifest is embedded
-        source = m["source_adapter"]
+        source = m.source_adapter
         records = [{"name": Path(source["path"]).name, "path": source["path"], "adapter_sha256": None,
                     "base": {"model": source["manifest"]["base_model"],
                              "fingerprint": source["manifest"]["base_fingerprint"]["digest"]},
@@ -128,9 +128,9 @@ def export_node(export: ExportDir, verify_base: bool) -> dict:
         weights = Path(record["path"]) / ADAPTER_WEIGHTS
         status = "not recorded" if record["adapter_sha256"] is None else file_status(weights, record["adapter_sha256"])
         parents.append(adapter_node(record, verify_base, status))
-    return {"kind": "export", "path": str(export.path.resolve()), "digest": export.digest(), "flavor": m["flavor"],
-            "precision": m["precision"], "opset": m.get("opset"), "device": m.get("device"),
-            "settings": (lineage or {}).get("settings", m.get("options")), "parents": parents}
+    return {"kind": "export", "path": str(export.path.resolve()), "digest": export.digest(), "flavor": m.flavor,
+            "precision": m.precision, "opset": m.opset, "device": m.device,
+            "settings": (lineage or {}).get("settings", m.options), "parents": parents}
 
 
 def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -> str:

@@ -3,13 +3,12 @@ weight bytes, source adapters and lineage — and every file's sha256, written l
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edge_lora.export.graphs import builder as builder_graph
 from edge_lora.export.inputs import ExportInputs
 from edge_lora.export.models import Models
-from edge_lora.formats import EXPORT_MANIFEST, PORTABLE_GRAPH
+from edge_lora.formats import EXPORT_MANIFEST, PORTABLE_GRAPH, ExportManifest
 from edge_lora.lineage import export_lineage
 from edge_lora.runtime.package import sha256_file
 from edge_lora.train import manifest as adapter_manifest
@@ -79,4 +78,5 @@ def write_manifest(export_dir: Path, export_json: dict) -> None:
         p.relative_to(export_dir).as_posix(): sha256_file(p)
         for p in sorted(export_dir.rglob("*")) if p.is_file() and p.name != EXPORT_MANIFEST
     }
-    (export_dir / EXPORT_MANIFEST).write_text(json.dumps(export_json, indent=2) + "\n")
+    # Checked as the runtime reads it (ExportManifest), so that an export this writer cannot describe fails here.
+    ExportManifest.from_dict(export_json, str(export_dir / EXPORT_MANIFEST)).save(export_dir)

@@ -68,11 +68,11 @@ class Generator:
         self.export = export
         self.session = session
         self.tokenizer = tokenizer
-        kv = export.manifest["kv_cache"]
-        self.num_layers = kv["num_layers"]
-        self.kv_shape = (kv["num_kv_heads"], kv["head_dim"])
-        self.context_length = kv["context_length"]
-        self.eos_ids = set(export.manifest["eos_token_ids"]) | generation_eos_ids(export)
+        kv = export.manifest.kv_cache
+        self.num_layers = kv.num_layers
+        self.kv_shape = (kv.num_kv_heads, kv.head_dim)
+        self.context_length = kv.context_length
+        self.eos_ids = set(export.manifest.eos_token_ids) | generation_eos_ids(export)
         """End-of-sequence tokens: the model config's, and those its generation_config.json adds (a chat model's
         end-of-turn token is often only there, as in Llama 3 Instruct)."""
         self.chat_template = ChatTemplate.load(export.path)
@@ -80,8 +80,7 @@ class Generator:
         self._inputs = {i.name for i in session.get_inputs()}
         self._outputs = [o.name for o in session.get_outputs()]
         self._dtype = cache_dtype(export)
-        # An export.json without "graph" describes an optimum graph.
-        self.graph = export.manifest.get("graph", "optimum")
+        self.graph = export.manifest.graph
         """"optimum": a cache handed from present.* to past.* (_GrowingCache); "builder": one shared KV buffer per
         layer and kind, bound once per generation (cache.SharedCache)."""
         self.adapters = adapters or {}
@@ -110,7 +109,7 @@ class Generator:
         if name is not None:
             active = adapter if adapter is not None else self.adapters[name]
             if self.graph == "builder":
-                slots = self.export.manifest.get("kernels", {}).get(self.kernel, {}).get("lora_slots")
+                slots = self.export.manifest.kernels[self.kernel].lora_slots if self.kernel else None
                 view._adapter_inputs = active.tensors_for(self.kernel, slots)
             else:
                 view._run_options = ort.RunOptions()
@@ -313,7 +312,7 @@ class _GrowingCache:
 
 def cache_dtype(export: ExportDir) -> type[np.floating]:
     """The dtype of the KV cache the export's graph takes: its precision's float type (fp16, else fp32)."""
-    return np.float16 if export.manifest["precision"] == "fp16" else np.float32
+    return np.float16 if export.manifest.precision == "fp16" else np.float32
 
 
 def generation_eos_ids(export: ExportDir) -> set[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from edge_lora.formats import DEFAULT_DEVICE
+from edge_lora.formats import DEFAULT_DEVICE, ExportManifest
 from edge_lora.runtime.generate import Generator
 from edge_lora.runtime.package import ExportDir, ExportError, open_export
 from edge_lora.runtime.session import choose_providers, make_session
@@ -78,11 +78,11 @@ def choose_kernel(export: ExportDir, allowed: tuple[str, ...]) -> tuple[str | No
 
     passed_over: list[tuple[str, str]] = []  # why each graph before the chosen one does not run, and what to do
     chosen: tuple[str | None, Path | None] = (None, None)
-    for kernel, entry in export.manifest.get("kernels", {}).items():
+    for kernel, entry in export.manifest.kernels.items():
         if kernel not in allowed:
             continue
-        if entry.get("format", 1) != own_kernels.FORMATS.get(kernel):
-            passed_over.append((f"{entry['model_file']} is in {kernel} format {entry.get('format', 1)}, this runtime's "
+        if entry.format != own_kernels.FORMATS.get(kernel):
+            passed_over.append((f"{entry.model_file} is in {kernel} format {entry.format}, this runtime's "
                                 f"kernel takes format {own_kernels.FORMATS.get(kernel)}",
                                 " — re-run edge-lora export to use the kernel"))
             continue
@@ -97,8 +97,8 @@ def choose_kernel(export: ExportDir, allowed: tuple[str, ...]) -> tuple[str | No
     return chosen
 
 
-def has_overridable_initializers(manifest: dict) -> bool:
-    return manifest["flavor"] == "adapters" or manifest.get("graph") == "builder"
+def has_overridable_initializers(manifest: ExportManifest) -> bool:
+    return manifest.flavor == "adapters" or manifest.graph == "builder"
 
 
 def first_line(error: Exception, limit: int = 200) -> str:
@@ -113,12 +113,12 @@ def load_adapters(export: ExportDir, kernel: str | None = None) -> dict:
     form that kernel's graph takes."""
     from edge_lora.runtime.lora import Adapter
 
-    entries = export.manifest["kernels"][kernel]["adapters"] if kernel else export.manifest.get("adapters", {})
-    return {name: Adapter(export.path / entry["file"], form=kernel) for name, entry in entries.items()}
+    entries = export.manifest.graph_entry(kernel).adapters
+    return {name: Adapter(export.path / entry.file, form=kernel) for name, entry in entries.items()}
 
 
 def device_profile(export: ExportDir, device: str | None = None):
     """The profile named by `device`, else the one the export was made for, else the x86-64 CPU one."""
     from edge_lora import devices
 
-    return devices.load(device or export.manifest.get("device") or DEFAULT_DEVICE)
+    return devices.load(device or export.manifest.device or DEFAULT_DEVICE)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.formats import ADAPTER_MANIFEST
+from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST, ExportManifest
 from edge_lora.eval.samples import EvalError, EvalSample
 from edge_lora.runtime.chat import ChatError, ChatTemplate
 from edge_lora.runtime.tokenizer import TextTokenizer
@@ -45,13 +45,12 @@ class TargetSpec:
         """Whether the target can give logits: an export's graph must output them (a PyTorch model always does)."""
         if self.kind == "adapter":
             return True
-        outputs = json.loads((self.path / "export.json").read_text()).get("outputs", [])
-        return any(o.get("name") == "logits" for o in outputs)
+        return ExportManifest.load(self.path).has_logits
 
 
 def spec(path: str | Path, adapter: str | None = None) -> TargetSpec:
     path = Path(path)
-    if (path / "export.json").is_file():
+    if (path / EXPORT_MANIFEST).is_file():
         return TargetSpec(path, "export", adapter)
     if (path / ADAPTER_MANIFEST).is_file():
         if adapter is not None:
@@ -123,7 +122,7 @@ class RuntimeTarget(Target):
         if generator is None:
             generator = runtime.load(spec_.path, device=device, threads=threads).with_adapter(spec_.adapter)
         self.generator = generator
-        super().__init__(spec_, self.generator.export.manifest["eos_token_ids"], self.generator.context_length)
+        super().__init__(spec_, self.generator.export.manifest.eos_token_ids, self.generator.context_length)
 
     def complete(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[str, float]:
         from edge_lora.runtime import SamplingConfig

@@ -8,39 +8,18 @@ machine and its load as much as on the change under test.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from edge_lora.runtime.profile.sweep import SCHEMA, SCHEMA_VERSION, ProfileError
+from edge_lora.formats import ProfileError, ProfileReport
 from edge_lora.runtime.profile.report import adapter_pairs, markdown_table, render_adapter_table, short
 
 PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
-PASS_A_REPORT = "pass a profile.json written by edge-lora profile"
 
 
-def load_report(path: str | Path) -> dict:
+def load_report(path: str | Path) -> ProfileReport:
     """A profile.json written by `edge-lora profile`, checked to be a report of this schema version."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"{path} does not exist — {PASS_A_REPORT}")
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ProfileError(f"{path} is not JSON ({err}) — {PASS_A_REPORT}") from None
-    check_report(report, str(path))
-    return report
-
-
-def check_report(report: object, name: str) -> None:
-    """Raise ProfileError unless `report` is a profile report of SCHEMA_VERSION."""
-    schema = report.get("schema") if isinstance(report, dict) else None
-    if schema != SCHEMA:
-        raise ProfileError(f"{name} is not a profile report: schema {schema!r}, expected {SCHEMA!r} — "
-                           f"{PASS_A_REPORT}")
-    if report.get("schema_version") != SCHEMA_VERSION:
-        raise ProfileError(f"{name} has schema_version {report.get('schema_version')!r}, expected {SCHEMA_VERSION} — "
-                           "profile again with this edge-lora to compare it")
+    return ProfileReport.load(path)
 
 
 def parse_margin(text: str, option: str = "--fail-if-slower") -> float:
@@ -62,9 +41,9 @@ def _show(key: tuple) -> str:
     return f"{precision}{adapter} {short(provider)} threads {threads} prompt {prompt_len}"
 
 
-def _index(report: dict, name: str) -> dict[tuple, dict]:
+def _index(report: ProfileReport, name: str) -> dict[tuple, dict]:
     configs: dict[tuple, dict] = {}
-    for config in report["configurations"]:
+    for config in report.configurations:
         key = _key(config)
         if key in configs:
             raise ProfileError(f"{name} has two configurations of {_show(key)} — compare reports whose exports "
@@ -80,7 +59,7 @@ def _ratios(base: dict, later: dict) -> tuple[float, float, float]:
             s["e2e_p50_s"] / b["e2e_p50_s"])
 
 
-def compare(reports: list[dict], fail_if_slower: float | None = None,
+def compare(reports: list[ProfileReport], fail_if_slower: float | None = None,
             names: list[str] | None = None) -> tuple[str, list[str]]:
     """A Markdown ratio table of every later report against the first, then for each report with adapters a table
     of adapter on ÷ off; and the regressions beyond the margin.
@@ -117,7 +96,7 @@ def compare(reports: list[dict], fail_if_slower: float | None = None,
     return markdown_table(header, rows) + "".join(notes) + adapter_tables, regressions
 
 
-def _check_inputs(reports: list[dict], names: list[str], fail_if_slower: float | None) -> None:
+def _check_inputs(reports: list[ProfileReport], names: list[str], fail_if_slower: float | None) -> None:
     """Raise ProfileError unless there is something to compare, one name per report and a margin >= 0."""
     if not reports or (len(reports) == 1 and not adapter_pairs(reports[0])):
         raise ProfileError(f"compare needs two or more reports, or one with adapter-on and adapter-off "
@@ -127,8 +106,6 @@ def _check_inputs(reports: list[dict], names: list[str], fail_if_slower: float |
         raise ProfileError(f"{len(names)} names for {len(reports)} reports — give one name per report")
     if fail_if_slower is not None and not fail_if_slower >= 0:
         raise ProfileError(f"fail_if_slower={fail_if_slower} must be a fraction >= 0, for example 0.10 for 10%")
-    for report, name in zip(reports, names):
-        check_report(report, name)
 
 
 def _base_cells(key: tuple, config: dict) -> list[str]:

@@ -4,12 +4,12 @@ profile.md (the table, traces and plots) and PNG plots (matplotlib, the `plot` e
 from __future__ import annotations
 
 import csv
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from edge_lora.formats import ProfileReport
 from edge_lora.runtime.profile.trace import render_trace
 
 PLOTS_SKIPPED = "Plots not written: matplotlib is not installed — pip install 'edge-lora[plot]'"
@@ -26,18 +26,18 @@ def label(config: dict, with_prompt: bool = True) -> str:
     return f"{text} p{config['prompt_len']}" if with_prompt else text
 
 
-def adapter_pairs(report: dict) -> list[tuple[dict, dict]]:
+def adapter_pairs(report: ProfileReport) -> list[tuple[dict, dict]]:
     """(adapter off, adapter on) for every measured configuration with an adapter active whose counterpart without
     one (same export, provider, threads and prompt length) was measured too."""
     def key(c: dict) -> tuple:
         return c["export"]["path"], c["provider"], c["threads"], c["prompt_len"]
 
-    base = {key(c): c for c in report["configurations"] if c["adapter"] is None and c["status"] == "ok"}
-    return [(base[key(c)], c) for c in report["configurations"]
+    base = {key(c): c for c in report.configurations if c["adapter"] is None and c["status"] == "ok"}
+    return [(base[key(c)], c) for c in report.configurations
             if c["adapter"] is not None and c["status"] == "ok" and key(c) in base]
 
 
-def render_adapter_table(report: dict) -> str:
+def render_adapter_table(report: ProfileReport) -> str:
     """A Markdown table of each adapter-on configuration against the same one with no adapter (the base model):
     decode tokens/s, TTFT p50 and e2e p50 as ratios on ÷ off. Empty when the report has no such pairs."""
     header = ["export", "adapter", "provider", "threads", "prompt", "decode tok/s off", "decode tok/s on", "decode ×",
@@ -76,14 +76,15 @@ FIGURE_COLUMNS = (
         " [{:.1f}, {:.1f}]".format(*(t * 1e3 for t in s["e2e_p50_ci95_s"])) if s["e2e_p50_ci95_s"] else "")),
     ("e2e p99 (ms)", lambda s: f"{s['e2e_p99_s'] * 1e3:.1f}"),
     ("peak RSS (MB)", lambda s: f"{s['peak_rss_mb']:.0f}"),
-    ("of bandwidth bound", lambda s: f"{s['decode_fraction_of_bound']:.1%}"),
+    ("of bandwidth bound", lambda s: "—" if s["decode_fraction_of_bound"] is None
+     else f"{s['decode_fraction_of_bound']:.1%}"),
 )
 
 
-def render_table(report: dict) -> str:
+def render_table(report: ProfileReport) -> str:
     """One Markdown table row per configuration; an unavailable one says so in place of its figures."""
     rows = []
-    for c in report["configurations"]:
+    for c in report.configurations:
         keys = [cell(c) for _, cell in KEY_COLUMNS]
         if c["status"] == "ok":
             rows.append(keys + [cell(c["summary"]) for _, cell in FIGURE_COLUMNS])
@@ -123,17 +124,17 @@ def csv_row(config: dict) -> dict:
     return row | figures | {"trace_file": trace_file}
 
 
-def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+def write_report(report: ProfileReport, out_dir: str | Path) -> dict[str, Path]:
     """Write profile.json, profile.csv, profile.md and, where matplotlib imports, the PNG plots into out_dir;
     the paths written, by name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "profile.json", "csv": out_dir / "profile.csv", "markdown": out_dir / "profile.md"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    report.save(paths["json"])
     with paths["csv"].open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        writer.writerows(csv_row(c) for c in report["configurations"])
+        writer.writerows(csv_row(c) for c in report.configurations)
     try:
         plots = write_plots(report, out_dir)
     except ImportError:
@@ -142,34 +143,35 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     return paths | plots
 
 
-def render_markdown(report: dict, plots: dict[str, Path]) -> str:
-    host, settings = report["host"], report["settings"]
+def render_markdown(report: ProfileReport, plots: dict[str, Path]) -> str:
+    host, settings = report.host, report.settings
     def graph(g: dict) -> str:
-        return (f"{g['model_file']} {g['model_bytes']:,} model bytes, {g['weight_bytes_per_token']:,} weight bytes "
+        per_token = "unknown" if g["weight_bytes_per_token"] is None else f"{g['weight_bytes_per_token']:,}"
+        return (f"{g['model_file']} {g['model_bytes']:,} model bytes, {per_token} weight bytes "
                 f"read per token{''.join(f', adapter {n} {b:,} bytes' for n, b in g['adapter_bytes'].items())}")
 
     exports = "".join(f"- {e['precision']} {e['flavor']} export {e['digest'][:12]}: {graph(e)}"
                       f"{''.join(f'; for {k}: {graph(g)}' for k, g in e['kernel_graphs'].items())} ({e['path']})\n"
-                      for e in report["exports"])
+                      for e in report.exports)
     parts = [
-        f"# Profile of {len(report['exports'])} export(s)\n\n{exports}\n"
-        f"{settings['new_tokens']} new tokens per run, device profile {report['device_profile']['name']}, "
+        f"# Profile of {len(report.exports)} export(s)\n\n{exports}\n"
+        f"{settings['new_tokens']} new tokens per run, device profile {report.device_profile['name']}, "
         f"on {host['cpu_model']} ({host['physical_cores']} cores), onnxruntime {host['onnxruntime']}, "
-        f"{report['created']}.\n",
+        f"{report.created}.\n",
         render_table(report),
     ]
     adapters = render_adapter_table(report)
     if adapters:
         parts.append("## Adapters against the base model\n\nEach adapter-on configuration ÷ the same one with no "
                      "adapter: decode above 1 is faster, TTFT and e2e below 1 are faster.\n\n" + adapters)
-    measured = [c for c in report["configurations"] if c["status"] == "ok"]
+    measured = [c for c in report.configurations if c["status"] == "ok"]
     if measured:
         parts.append("Peak RSS is each configuration's own: it is measured in a fresh process per configuration "
                      "(Python and onnxruntime included; their share before the model loads is rss_before_load_mb "
                      "in profile.json).\n")
         sources = dict.fromkeys((c["summary"]["bandwidth_gbs"], c["summary"]["bandwidth_source"]) for c in measured)
         parts += [f"Bandwidth bound from {gbs:.1f} GB/s ({source}).\n" for gbs, source in sources]
-    reasons = dict.fromkeys(c["reason"] for c in report["configurations"] if c["status"] != "ok")
+    reasons = dict.fromkeys(c["reason"] for c in report.configurations if c["status"] != "ok")
     parts += [f"Unavailable: {reason}\n" for reason in reasons]
     parts += [render_trace(c["trace"], label(c)) for c in measured if c["trace"]]
     if plots:
@@ -179,12 +181,12 @@ def render_markdown(report: dict, plots: dict[str, Path]) -> str:
     return "\n".join(parts)
 
 
-def write_plots(report: dict, out_dir: Path) -> dict[str, Path]:
+def write_plots(report: ProfileReport, out_dir: Path) -> dict[str, Path]:
     """latency_cdf.png (end-to-end latency CDF per configuration) and decode_vs_prompt.png (decode tokens/s against
     prompt length, one line per export × adapter × provider × threads). ImportError without matplotlib."""
     from matplotlib.figure import Figure  # the `plot` extra; Figure draws with Agg, no pyplot state or GUI
 
-    measured = [c for c in report["configurations"] if c["status"] == "ok"]
+    measured = [c for c in report.configurations if c["status"] == "ok"]
     paths = {"latency_cdf": out_dir / "latency_cdf.png", "decode_vs_prompt": out_dir / "decode_vs_prompt.png"}
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")

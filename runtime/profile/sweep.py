@@ -25,24 +25,19 @@ import onnxruntime as ort
 import psutil
 
 from edge_lora import devices, runtime
+from edge_lora.formats import PROFILE_SCHEMA, PROFILE_SCHEMA_VERSION, ProfileError, ProfileReport
 from edge_lora.runtime.generate import cache_dtype
 from edge_lora.runtime.package import ExportDir, open_export
 from edge_lora.runtime.profile.report import short
 from edge_lora.runtime.profile.summary import Facts, summarize
 from edge_lora.runtime.profile.worker import BAD_INPUT
 
-SCHEMA = "edge-lora/profile"
-SCHEMA_VERSION = 3
 # Weight files of the graph: model.onnx and its external data (model.onnx.data, model.onnx_data).
 MODEL_FILE_SUFFIXES = (".onnx", ".data", ".onnx_data")
 MEASURED_BANDWIDTH_SOURCE = "measured on this host: best-of-5 single-thread memcpy of 256 MiB (devices.detect)"
 WORKER = "edge_lora.runtime.profile.worker"
 # The errors a worker reports by name, raised here again.
 WORKER_ERRORS = {cls.__name__: cls for cls in BAD_INPUT}
-
-
-class ProfileError(ValueError):
-    """Settings or reports the profiler cannot work with; the message says which value and how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +114,8 @@ class _Sweep:
 
 
 def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSettings,
-            trace_dir: str | Path | None = None) -> dict:
-    """Measure every configuration of the sweep over one export dir or several; the report as a dict.
+            trace_dir: str | Path | None = None) -> ProfileReport:
+    """Measure every configuration of the sweep over one export dir or several.
 
     With settings.trace, raw traces are written to trace_dir (None: a new temporary dir) and kept there.
     """
@@ -150,16 +145,16 @@ def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSet
                     for prompt_len in settings.prompt_lens:
                         configurations.append(_configuration(sweep, export, description, adapter, provider, threads,
                                                              prompt_len, index=len(configurations)))
-    return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": host,
-        "device_profile": device_profile.to_dict(),
-        "exports": described,
-        "settings": dataclasses.asdict(settings),
-        "configurations": configurations,
-    }
+    return ProfileReport(
+        schema=PROFILE_SCHEMA,
+        schema_version=PROFILE_SCHEMA_VERSION,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        host=host,
+        device_profile=device_profile.to_dict(),
+        exports=described,
+        settings=dataclasses.asdict(settings),
+        configurations=configurations,
+    )
 
 
 def _open_exports(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSettings) -> list[ExportDir]:
@@ -173,7 +168,7 @@ def _open_exports(export_dirs: str | Path | Sequence[str | Path], settings: Prof
         raise ProfileError("no export dir given — pass one or more dirs written by edge-lora export")
     exports = [open_export(path, verify=True) for path in dirs]
     for export in exports:
-        context = export.manifest["kv_cache"]["context_length"]
+        context = export.manifest.kv_cache.context_length
         for prompt_len in settings.prompt_lens:
             if prompt_len + settings.new_tokens > context:
                 raise ProfileError(
@@ -196,9 +191,9 @@ def _bandwidth(settings: ProfileSettings, device_profile: devices.DeviceProfile,
 
 def _adapters(export: ExportDir, asked: tuple[str, ...] | None) -> list[str]:
     """The adapters to sweep on this export: none for a merged one, else those asked for (all by default)."""
-    if export.manifest["flavor"] != "adapters":
+    if export.manifest.flavor != "adapters":
         return []
-    known = sorted(export.manifest.get("adapters", {}))
+    known = sorted(export.manifest.adapters)
     missing = [name for name in asked or () if name not in known]
     if missing:
         raise ProfileError(f"{export.path} has no adapter {', '.join(map(repr, missing))} — its adapters: "
@@ -207,45 +202,43 @@ def _adapters(export: ExportDir, asked: tuple[str, ...] | None) -> list[str]:
 
 
 def _describe(export: ExportDir) -> dict:
-    return {"path": str(export.path.resolve()), "precision": export.manifest["precision"], "digest": export.digest()}
+    return {"path": str(export.path.resolve()), "precision": export.manifest.precision, "digest": export.digest()}
 
 
 def _describe_fully(export: ExportDir, adapters: list[str]) -> dict:
     """The export as the report lists it: what _describe says, plus its flavor and byte counts — of the portable
     graph, and under "kernel_graphs" of each graph an edge-lora kernel runs (the one a row ran is its model_file)."""
-    kernel_graphs = {kernel: _graph_bytes(export, entry, {name: entry["adapters"][name]["file"] for name in adapters},
-                                          entry.get("data_files", ()))
-                     for kernel, entry in export.manifest.get("kernels", {}).items()}
-    portable = _graph_bytes(export, export.manifest,
-                            {name: export.manifest["adapters"][name]["file"] for name in adapters})
-    return _describe(export) | {"flavor": export.manifest["flavor"], **portable, "kernel_graphs": kernel_graphs}
+    graphs = {kernel: _graph_bytes(export, kernel, adapters) for kernel in export.manifest.kernels}
+    portable = _graph_bytes(export, None, adapters)
+    return _describe(export) | {"flavor": export.manifest.flavor, **portable, "kernel_graphs": graphs}
 
 
-def _graph_bytes(export: ExportDir, entry: dict, adapter_files: dict[str, str], data_files=()) -> dict:
-    """One graph's files (the graph and its external data: its own, and `data_files` it shares with another
-    graph), weights and per-token reads (as `entry`, its part of export.json, records them; None where it does
-    not), and its adapters'."""
-    model_file = entry["model_file"]
+def _graph_bytes(export: ExportDir, kernel: str | None, adapters: list[str]) -> dict:
+    """The bytes of `kernel`'s graph (None: the portable graph): its files (the graph and its external data: its
+    own, and the data files it shares with another graph), its weights and per-token reads (as export.json records
+    them; None where it does not), and the files of its `adapters`."""
+    entry = export.manifest.graph_entry(kernel)
+    model_file, data_files = entry.model_file, entry.data_files
     adapter_bytes = {}
-    for name, file in adapter_files.items():
+    for name in adapters:
         # Read with onnxruntime's own reader of its adapter format: every tensor of it is fed to the graph.
-        parameters = ort.AdapterFormat.read_adapter(str(export.path / file))
+        parameters = ort.AdapterFormat.read_adapter(str(export.path / entry.adapters[name].file))
         adapter_bytes[name] = sum(value.tensor_size_in_bytes() for value in parameters.get_parameters().values())
     return {
         "model_file": model_file,
-        "model_bytes": sum((export.path / name).stat().st_size for name in export.manifest["files"]
+        "model_bytes": sum((export.path / name).stat().st_size for name in export.manifest.files
                            if (name.startswith(model_file) and name.endswith(MODEL_FILE_SUFFIXES)) or name in data_files),
-        "weight_bytes": entry.get("weight_bytes"),
-        "weight_bytes_per_token": entry.get("weight_bytes_per_token"),
+        "weight_bytes": entry.weight_bytes,
+        "weight_bytes_per_token": entry.weight_bytes_per_token,
         "adapter_bytes": adapter_bytes,
     }
 
 
 def kv_cache_bytes_per_token(export: ExportDir, prompt_len: int, new_tokens: int) -> int:
     """Past KV cache bytes a decode step reads, averaged over the new_tokens - 1 decode steps of one run."""
-    kv = export.manifest["kv_cache"]
+    kv = export.manifest.kv_cache
     itemsize = np.dtype(cache_dtype(export)).itemsize  # the cache's dtype, as the Generator feeds it
-    per_position = kv["num_layers"] * 2 * kv["num_kv_heads"] * kv["head_dim"] * itemsize  # keys and values
+    per_position = kv.num_layers * 2 * kv.num_kv_heads * kv.head_dim * itemsize  # keys and values
     # Decode step k (1 .. new_tokens - 1) reads a past of prompt_len + k - 1 positions.
     mean_past = prompt_len + (new_tokens - 2) / 2
     return round(per_position * mean_past)
@@ -269,7 +262,7 @@ def _configuration(sweep: _Sweep, export: ExportDir, description: dict, adapter:
                                 f"available here: {', '.join(available)}"}
     trace_prefix = None
     if sweep.trace_dir is not None:
-        name = f"trace-{index:02d}-{export.manifest['precision']}-{short(shown)}-t{threads}-p{prompt_len}"
+        name = f"trace-{index:02d}-{export.manifest.precision}-{short(shown)}-t{threads}-p{prompt_len}"
         trace_prefix = str(sweep.trace_dir / (name + (f"-{adapter}" if adapter else "")))
     result = _run_worker({
         "export": str(export.path), "provider": provider, "device": str(sweep.device_profile.path),

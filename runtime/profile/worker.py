@@ -59,7 +59,7 @@ def prompt_ids(vocab_size: int, prompt_len: int) -> list[int]:
 
 def workload(generator: runtime.Generator, job: dict) -> tuple[list[int], SamplingConfig]:
     """The prompt and sampling of every run of a job: prompt_len ids, then new_tokens past any end-of-sequence."""
-    prompt = prompt_ids(generator.export.manifest["vocab_size"], job["prompt_len"])
+    prompt = prompt_ids(generator.export.manifest.vocab_size, job["prompt_len"])
     return prompt, SamplingConfig(max_new_tokens=job["new_tokens"], ignore_eos=True)
 
 

@@ -133,7 +133,7 @@ def lora_inputs(generator) -> dict:
                 if i.name.rpartition(".")[2] in LORA_SIDES}
     types = {"float32": "tensor(float)", "float16": "tensor(float16)"}
     return {i["name"]: PortableInput(i["name"], types.get(i["dtype"], i["dtype"]), i["shape"])
-            for i in generator.export.manifest["inputs"] if i["name"].rpartition(".")[2] in LORA_SIDES}
+            for i in generator.export.manifest.inputs if i["name"].rpartition(".")[2] in LORA_SIDES}
 
 
 def fit_problems(tensors: dict, inputs: dict) -> list[str]:

@@ -49,11 +49,11 @@ class ModelRegistry:
     def __init__(self, generator: Generator, base_name: str):
         export = generator.export
         entries = {base_name: ModelEntry(base_name, export.digest()[:VERSION_CHARS])}
-        for name, adapter in export.manifest.get("adapters", {}).items():
+        for name, adapter in export.manifest.adapters.items():
             if name in entries:
                 raise ServeError(f"adapter {name!r} has the name of the base model — serve the export under "
                                  "another name (rename its directory)")
-            entries[name] = ModelEntry(name, export.manifest["files"][adapter["file"]][:VERSION_CHARS],
+            entries[name] = ModelEntry(name, export.manifest.files[adapter.file][:VERSION_CHARS],
                                        generator.adapters[name])
         self.base_name = base_name
         self.generator = generator

@@ -15,6 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from edge_lora.formats import ProfileReport
 from edge_lora.runtime import ExportError
 from edge_lora.runtime.profile.compare import compare, load_report, parse_margin
 from edge_lora.runtime.package import open_export, sha256_file
@@ -32,10 +33,10 @@ HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "optimum", "ac
                  "edge_lora.export", "edge_lora.train.loop", "edge_lora.train.qlora", "edge_lora.tiny")
 
 
-def write_manifest(out, precision, vocab_size, eos_token_id, adapters=()):
+def write_manifest(out, precision, vocab_size, eos_token_id, adapters=(), count_weights=True):
     manifest = {
         "model_file": "model.onnx",
-        **weight_bytes(out / "model.onnx"),
+        **(weight_bytes(out / "model.onnx") if count_weights else {}),
         "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
                   if p.is_file() and p.name != "export.json"},
         "kv_cache": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "context_length": CONTEXT},
@@ -144,13 +145,18 @@ def traced(export_dir, tmp_path_factory):
 
 
 def measured(report):
-    return [c for c in report["configurations"] if c["status"] == "ok"]
+    return [c for c in report.configurations if c["status"] == "ok"]
+
+
+def copied(report, **changes):
+    """A deep copy of a report, with top-level keys replaced by `changes`."""
+    return ProfileReport.from_dict(json.loads(json.dumps(report.to_dict())) | changes, "copy")
 
 
 def slower(report, decode=2.0, e2e=1.25):
     """A copy of the report whose decode time is `decode` times and e2e time `e2e` times the original's,
     with every summary recomputed from the scaled samples; TTFT is left as it was."""
-    report = json.loads(json.dumps(report))
+    report = copied(report)
     for c in measured(report):
         for s in c["samples"]:
             s["token_times_s"] = [t * decode for t in s["token_times_s"]]
@@ -167,31 +173,31 @@ def resummarize(config):
 
 
 def test_report_describes_host_device_exports_and_settings(report, export_dir, int8_export_dir):
-    assert set(report) == {"schema", "schema_version", "created", "host", "device_profile", "exports", "settings",
+    assert set(report.to_dict()) == {"schema", "schema_version", "created", "host", "device_profile", "exports", "settings",
                            "configurations"}
-    assert (report["schema"], report["schema_version"]) == ("edge-lora/profile", 3)
-    assert report["created"].endswith("+00:00")
-    host = report["host"]
+    assert (report.schema, report.schema_version) == ("edge-lora/profile", 3)
+    assert report.created.endswith("+00:00")
+    host = report.host
     assert host["onnxruntime"] and host["physical_cores"] >= 1 and host["memory_mb"] >= 0
     assert CPU in host["available_providers"] and CUDA not in host["available_providers"]
     assert host["measured_bandwidth_gbs"] > 0
-    assert report["device_profile"]["name"] == "cpu-x86-64"
-    assert report["exports"] == [
+    assert report.device_profile["name"] == "cpu-x86-64"
+    assert report.exports == [
         {"path": str(path.resolve()), "precision": precision, "digest": open_export(path).digest(), "flavor": "merged",
          "model_file": "model.onnx", "model_bytes": (path / "model.onnx").stat().st_size,
          **weight_bytes(path / "model.onnx"), "adapter_bytes": {}, "kernel_graphs": {}}
         for path, precision in ((export_dir, "fp32"), (int8_export_dir, "int8"))
     ]
-    assert report["settings"]["prompt_lens"] == (8, 16) and report["settings"]["providers"] == (CPU, CUDA)
+    assert report.settings["prompt_lens"] == (8, 16) and report.settings["providers"] == (CPU, CUDA)
 
 
 def test_sweep_covers_exports_providers_threads_and_prompt_lengths(report):
-    configs = report["configurations"]
+    configs = report.configurations
     assert [(c["export"]["precision"], c["adapter"], c["provider"], c["threads"], c["prompt_len"]) for c in configs] == [
         (precision, None, provider, threads, prompt_len) for precision in ("fp32", "int8") for provider in (CPU, CUDA)
         for threads in (1, 2) for prompt_len in (8, 16)
     ]
-    exports = {e["precision"]: e for e in report["exports"]}
+    exports = {e["precision"]: e for e in report.exports}
     for c in configs:
         assert c["export"] == {k: exports[c["export"]["precision"]][k] for k in ("path", "precision", "digest")}
         assert c["new_tokens"] == SETTINGS.new_tokens and c["trace"] is None
@@ -204,8 +210,8 @@ def test_sweep_covers_exports_providers_threads_and_prompt_lengths(report):
 
 
 def test_every_measured_configuration_keeps_raw_samples_and_a_sane_summary(report):
-    bandwidth = report["device_profile"]["memory"]["bandwidth_gbs"]
-    exports = {e["precision"]: e for e in report["exports"]}
+    bandwidth = report.device_profile["memory"]["bandwidth_gbs"]
+    exports = {e["precision"]: e for e in report.exports}
     assert exports["int8"]["weight_bytes_per_token"] < exports["fp32"]["weight_bytes_per_token"]
     assert len(measured(report)) == 8
     for config in measured(report):
@@ -264,7 +270,7 @@ def test_an_export_without_weight_bytes_reports_none_for_them(export_dir, tmp_pa
     (out / "export.json").write_text(json.dumps(manifest))
     report = profile(out, ProfileSettings(threads=(1,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
                                           min_seconds=0.0))
-    (export,) = report["exports"]
+    (export,) = report.exports
     assert export["weight_bytes"] is None and export["weight_bytes_per_token"] is None
     (config,) = measured(report)
     s = config["summary"]
@@ -278,11 +284,11 @@ def test_report_round_trips_through_json_csv_markdown_and_plots(report, tmp_path
     paths = write_report(report, tmp_path / "out")
     assert set(paths) == {"json", "csv", "markdown", "latency_cdf", "decode_vs_prompt"}
     # JSON has no tuples: the settings' tuples come back as lists, all else as written.
-    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(report.to_dict()))
     with paths["csv"].open(newline="") as file:
         rows = list(csv.DictReader(file))
-    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == len(report["configurations"]) == 16
-    for row, config in zip(rows, report["configurations"]):
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == len(report.configurations) == 16
+    for row, config in zip(rows, report.configurations):
         assert (row["status"], row["precision"], row["provider"], int(row["threads"]), int(row["prompt_len"])) == (
             config["status"], config["export"]["precision"], config["provider"], config["threads"], config["prompt_len"])
         if config["status"] == "ok":
@@ -296,10 +302,10 @@ def test_report_round_trips_through_json_csv_markdown_and_plots(report, tmp_path
     table = render_table(report)
     assert table in markdown and "](latency_cdf.png)" in markdown and "](decode_vs_prompt.png)" in markdown
     rows = table.strip().splitlines()
-    assert len(rows) == 2 + len(report["configurations"])
+    assert len(rows) == 2 + len(report.configurations)
     assert rows[2].startswith("| fp32 | — | CPU | 1 | 8 |")
     assert rows[-1].startswith("| int8 | — | CUDA | 2 | 16 | unavailable |")
-    assert f"Unavailable: {report['configurations'][4]['reason']}" in markdown
+    assert f"Unavailable: {report.configurations[4]['reason']}" in markdown
 
 
 def test_without_matplotlib_the_report_says_plots_were_skipped(report, tmp_path, monkeypatch):
@@ -310,7 +316,7 @@ def test_without_matplotlib_the_report_says_plots_were_skipped(report, tmp_path,
 
 
 def test_trace_summarises_top_operators_and_keeps_the_raw_trace(traced, tmp_path):
-    (config,) = traced["configurations"]
+    (config,) = traced.configurations
     trace = config["trace"]
     ops = trace["top_ops"]
     assert "MatMul" in [o["op"] for o in ops] and 0 < len(ops) <= 10
@@ -323,7 +329,7 @@ def test_trace_summarises_top_operators_and_keeps_the_raw_trace(traced, tmp_path
     assert "### Top operators: fp32 CPU t1 p8" in markdown and "| MatMul |" in markdown
     # measure_bandwidth: the bound comes from this host's measured bandwidth, and says so.
     s = config["summary"]
-    assert (s["bandwidth_gbs"], s["bandwidth_source"]) == (traced["host"]["measured_bandwidth_gbs"],
+    assert (s["bandwidth_gbs"], s["bandwidth_source"]) == (traced.host["measured_bandwidth_gbs"],
                                                            MEASURED_BANDWIDTH_SOURCE)
 
 
@@ -347,11 +353,11 @@ def test_compare_finds_a_known_ratio_and_gates_on_the_margin(report):
 
 
 def test_adapters_sweep_each_adapter_against_none(adapters_report, export_dir):
-    configs = adapters_report["configurations"]
+    configs = adapters_report.configurations
     assert [(c["adapter"], c["provider"], c["status"]) for c in configs] == [
         (adapter, provider, "ok" if provider == CPU else "unavailable")
         for adapter in (None, "big", "small") for provider in (CPU, CUDA)]
-    (export,) = adapters_report["exports"]
+    (export,) = adapters_report.exports
     assert export["flavor"] == "adapters"
     assert export["adapter_bytes"] == {name: adapter_bytes(rank) for name, rank in ADAPTER_RANKS.items()}
     # The LoRA inputs' rank-0 defaults weigh nothing: the base weights read per token are the merged export's.
@@ -375,7 +381,7 @@ def test_adapter_rows_in_the_table_csv_and_markdown(adapters_report, tmp_path):
 
 
 def test_compare_ratios_adapter_on_against_off_with_a_known_ratio(adapters_report):
-    report = json.loads(json.dumps(adapters_report))
+    report = copied(adapters_report)
     off, on = (next(c for c in measured(report) if c["adapter"] == name) for name in (None, "small"))
     # "small" made 2× slower to decode than the base model, everything else as the base model measured it.
     on["samples"] = [s | {"decode_s": s["decode_s"] * 2, "token_times_s": [t * 2 for t in s["token_times_s"]]}
@@ -391,7 +397,7 @@ def test_compare_ratios_adapter_on_against_off_with_a_known_ratio(adapters_repor
     # Across reports, configurations are matched with their adapter: only "small" regressed. In the base report
     # "small" decodes as the base model did, so its decode halves exactly (its e2e rises by decode's share of it,
     # which the measured timings decide: a second line for "small" may or may not come).
-    base = json.loads(json.dumps(adapters_report))
+    base = copied(adapters_report)
     base_off, base_on = (next(c for c in measured(base) if c["adapter"] == name) for name in (None, "small"))
     base_on["samples"] = [dict(s) for s in base_off["samples"]]
     base_on["summary"] = resummarize(base_on)
@@ -405,17 +411,16 @@ def test_compare_and_margin_reject_bad_input(report, tmp_path):
     with pytest.raises(ProfileError, match=r"compare needs two or more reports, or one with adapter-on and "
                                            r"adapter-off configurations, got 1 report\(s\)"):
         compare([report], 0.1)
-    v1 = json.loads(json.dumps(report)) | {"schema_version": 1}
     with pytest.raises(ProfileError, match=r"#2 has schema_version 1, expected 3 — profile again"):
-        compare([report, v1], 0.1)
-    twice = json.loads(json.dumps(report))
-    twice["configurations"].append(twice["configurations"][0])
+        ProfileReport.from_dict(report.to_dict() | {"schema_version": 1}, "#2")
+    twice = copied(report)
+    twice.configurations.append(twice.configurations[0])
     with pytest.raises(ProfileError, match=r"#1 has two configurations of fp32 CPU threads 1 prompt 8"):
         compare([twice, report])
     with pytest.raises(ProfileError, match=r"nope.json does not exist — pass a profile.json"):
         load_report(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ProfileError, match=r"bad.json is not JSON"):
+    with pytest.raises(ProfileError, match=r"bad.json is not valid JSON"):
         load_report(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text('{"schema": "something/else"}')
     with pytest.raises(ProfileError, match=r"other.json is not a profile report: schema 'something/else'"):
@@ -433,9 +438,9 @@ def edge_lora(*args):
 
 def test_cli_compare_exits_0_on_pass_1_on_regression_2_on_bad_input(report, tmp_path):
     base, new, v1 = tmp_path / "base.json", tmp_path / "new.json", tmp_path / "v1.json"
-    base.write_text(json.dumps(report))
-    new.write_text(json.dumps(slower(report)))
-    v1.write_text(json.dumps(report | {"schema_version": 1}))
+    base.write_text(json.dumps(report.to_dict()))
+    new.write_text(json.dumps(slower(report).to_dict()))
+    v1.write_text(json.dumps(report.to_dict() | {"schema_version": 1}))
     done = edge_lora("profile", "compare", base, new, "--fail-if-slower", "60%")
     assert done.returncode == 0, done.stderr
     assert "| fp32 | — | CPU | 1 | 8 |" in done.stdout and "| 0.50 | 1.00 | 1.25 |" in done.stdout
@@ -459,10 +464,10 @@ def test_cli_profiles_several_exports_with_trace_and_measured_bandwidth(export_d
     assert done.returncode == 0, done.stderr
     assert "| int8 | — | CUDA | 1 | 8 | unavailable |" in done.stdout and f"{out / 'profile.csv'}" in done.stdout
     report = load_report(out / "profile.json")
-    assert [c["status"] for c in report["configurations"]] == ["ok", "unavailable", "ok", "unavailable"]
+    assert [c["status"] for c in report.configurations] == ["ok", "unavailable", "ok", "unavailable"]
     assert sorted(p.name for p in out.glob("trace-*.json")) == ["trace-00-fp32-CPU-t1-p8.json",
                                                                 "trace-02-int8-CPU-t1-p8.json"]
-    assert report["settings"]["trace"] and report["settings"]["measure_bandwidth"]
+    assert report.settings["trace"] and report.settings["measure_bandwidth"]
     assert all((out / name).stat().st_size > 0 for name in ("latency_cdf.png", "decode_vs_prompt.png", "profile.md"))
     done = edge_lora("profile", export_dir, "--providers", "NoSuchExecutionProvider", "--out", out)
     assert done.returncode == 2 and done.stderr.startswith(
@@ -475,7 +480,7 @@ def test_cli_profiles_chosen_adapters_and_compares_one_report(adapters_export_di
                      "--new-tokens", "4", "--warmup-runs", "0", "--min-runs", "1", "--min-seconds", "0", "--out", out)
     assert done.returncode == 0, done.stderr
     assert "Adapters against the base model (on ÷ off)" in done.stdout and "| fp32 | small | CPU | 1 | 8 |" in done.stdout
-    assert [c["adapter"] for c in load_report(out / "profile.json")["configurations"]] == [None, "small"]
+    assert [c["adapter"] for c in load_report(out / "profile.json").configurations] == [None, "small"]
     done = edge_lora("profile", "compare", out / "profile.json")
     assert done.returncode == 0 and "| fp32 | small | CPU | 1 | 8 |" in done.stdout, done.stderr
 
@@ -500,8 +505,9 @@ def test_a_graph_onnxruntime_cannot_read_is_an_export_error(export_dir, tmp_path
     shutil.copytree(export_dir, broken)
     (broken / "model.onnx").write_bytes((export_dir / "model.onnx").read_bytes()[:200_000])
     manifest = json.loads((export_dir / "export.json").read_text())
-    write_manifest(broken, "fp32", manifest["vocab_size"], manifest["eos_token_ids"][0])  # sha256 of the broken file
-    with pytest.raises(ExportError, match=r"model.onnx is truncated or not an ONNX model — re-run edge-lora export"):
+    # the sha256 of the broken file, and no weight bytes: the export counts those, and it could not count these
+    write_manifest(broken, "fp32", manifest["vocab_size"], manifest["eos_token_ids"][0], count_weights=False)
+    with pytest.raises(ExportError, match=r"model.onnx cannot be loaded by onnxruntime .* re-run edge-lora export"):
         profile(broken, ProfileSettings(prompt_lens=(8,), new_tokens=4))
 
 
@@ -541,7 +547,7 @@ def test_profiling_imports_no_torch_nor_train_or_export_code(export_dir, tmp_pat
         write_report(report, {str(tmp_path)!r})
         compare([report, report], 0.1)
         heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in {HEAVY_MODULES!r}))
-        print(json.dumps({{"heavy": heavy, "threads": report["configurations"][0]["threads"],
+        print(json.dumps({{"heavy": heavy, "threads": report.configurations[0]["threads"],
                           "cores": psutil.cpu_count(logical=False)}}))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

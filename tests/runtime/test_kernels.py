@@ -273,7 +273,7 @@ def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
     settings = ProfileSettings(threads=(2,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
                                min_seconds=0.0, adapters=(adapter_dir.name,))
     report = profile(q4_export, settings)
-    export = report["exports"][0]
+    export = report.exports[0]
     kernel = export["kernel_graphs"]["matmul_q4"]
     assert (export["model_file"], kernel["model_file"]) == ("model.onnx", "model.q4.onnx")
     files = json.loads((q4_export / "export.json").read_text())["files"]
@@ -282,7 +282,7 @@ def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
     assert kernel["weight_bytes_per_token"] == weight_bytes(q4_export / "model.q4.onnx")["weight_bytes_per_token"]
     assert kernel["weight_bytes_per_token"] < kernel["weight_bytes"]  # the embedding's table, a row a token
     assert kernel["adapter_bytes"][adapter_dir.name] != export["adapter_bytes"][adapter_dir.name]
-    for row in report["configurations"]:
+    for row in report.configurations:
         assert row["status"] == "ok" and row["model_file"] == "model.q4.onnx"
         summary = row["summary"]
         assert (summary["model_bytes"], summary["weight_bytes_per_token"]) == (kernel["model_bytes"],

@@ -233,8 +233,8 @@ def test_profile_counts_the_shared_weights_file(lora_export, adapter_dir):
     settings = ProfileSettings(threads=(2,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
                                min_seconds=0.0, adapters=(adapter_dir.name,))
     report = profile(lora_export, settings)
-    graph = report["exports"][0]["kernel_graphs"][LORA_ADD]
+    graph = report.exports[0]["kernel_graphs"][LORA_ADD]
     sizes = {name: (lora_export / name).stat().st_size for name in ("model.lora.onnx", "model.onnx.data")}
     assert graph["model_bytes"] == sum(sizes.values())
-    assert graph["adapter_bytes"][adapter_dir.name] < report["exports"][0]["adapter_bytes"][adapter_dir.name]
-    assert all(row["status"] == "ok" and row["model_file"] == "model.lora.onnx" for row in report["configurations"])
+    assert graph["adapter_bytes"][adapter_dir.name] < report.exports[0]["adapter_bytes"][adapter_dir.name]
+    assert all(row["status"] == "ok" and row["model_file"] == "model.lora.onnx" for row in report.configurations)
