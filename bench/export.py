@@ -26,10 +26,26 @@ from pathlib import Path
 
 from edge_lora.formats import ExportManifest
 
-REFERENCE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
-QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=128, tie_word_embeddings=True, max_position_embeddings=256)
+REFERENCE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
+QUICK = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=256,
+)
 
 
 def timed(cmd: list[str]) -> dict:
@@ -57,19 +73,23 @@ def setup(work: Path, shape: dict) -> tuple[Path, Path, Path]:
     base = build_base_model(work / "base", llama_config(**shape))
     train_path, _ = write_task(work / "data", n_train=16, n_eval=4)
     adapter = work / "adapter"
-    code = ("from edge_lora.train.config import TrainConfig; from edge_lora.train.loop import train; "
-            f"train(TrainConfig(model={str(base)!r}, data={str(train_path)!r}, output={str(adapter)!r}, max_steps=2, "
-            "batch_size=4, learning_rate=1e-3), show_progress=False)")
+    code = (
+        "from edge_lora.train.config import TrainConfig; from edge_lora.train.loop import train; "
+        f"train(TrainConfig(model={str(base)!r}, data={str(train_path)!r}, output={str(adapter)!r}, max_steps=2, "
+        "batch_size=4, learning_rate=1e-3), show_progress=False)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     merged = work / "merged"
-    code = ("import json, torch; from pathlib import Path; "
-            "from edge_lora.train.reference import qlora_model, full_precision_base; "
-            "from edge_lora.export.merge import merged_weights; "
-            f"a, b = Path({str(adapter)!r}), Path({str(base)!r}); m = json.loads((a / 'edge_lora.json').read_text()); "
-            "ref = qlora_model(a, b, m); fp = full_precision_base(b)\n"
-            "with torch.no_grad():\n"
-            "    [fp.get_parameter(k).copy_(v) for k, v in merged_weights(ref).items()]\n"
-            f"fp.save_pretrained({str(merged)!r}); __import__('shutil').copy(b / 'tokenizer.json', {str(merged)!r})")
+    code = (
+        "import torch; from pathlib import Path; from edge_lora.formats import AdapterManifest; "
+        "from edge_lora.train.reference import qlora_model, full_precision_base; "
+        "from edge_lora.export.merge import merged_weights; "
+        f"a, b = Path({str(adapter)!r}), Path({str(base)!r}); m = AdapterManifest.load(a); "
+        "ref = qlora_model(a, b, m); fp = full_precision_base(b)\n"
+        "with torch.no_grad():\n"
+        "    [fp.get_parameter(k).copy_(v) for k, v in merged_weights(ref).items()]\n"
+        f"fp.save_pretrained({str(merged)!r}); __import__('shutil').copy(b / 'tokenizer.json', {str(merged)!r})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         (merged / name).write_bytes((base / name).read_bytes())
@@ -89,49 +109,93 @@ def main() -> None:
         print(f"setup (base, 2-step adapter, merged copy): {time.perf_counter() - t0:.1f} s", flush=True)
         edge = [sys.executable, "-m", "edge_lora", "export", str(adapter), "--quiet"]
         results = {
-            "optimum_fp32": timed([str(Path(sys.executable).parent / "optimum-cli"), "export", "onnx", "--model", str(merged), "--task",
-                                   "text-generation-with-past", "--opset", "18", str(work / "optimum-fp32")]),
+            "optimum_fp32": timed(
+                [
+                    str(Path(sys.executable).parent / "optimum-cli"),
+                    "export",
+                    "onnx",
+                    "--model",
+                    str(merged),
+                    "--task",
+                    "text-generation-with-past",
+                    "--opset",
+                    "18",
+                    str(work / "optimum-fp32"),
+                ]
+            ),
             # The default graph (auto: onnxruntime-genai's model builder for this Llama), fp32 with its gate.
             "edge_lora_fp32": timed([*edge, "--output", str(work / "edge-fp32"), "--precision", "fp32"]),
             # int4 without its gate: on random weights with a 2-step adapter the next-token distributions are
             # nearly flat, so int4 rounding flips greedy near-ties; the gate is for trained models (tests, demo).
-            "edge_lora_int4": timed([*edge, "--output", str(work / "edge-int4"), "--precision", "int4", "--no-validate"]),
+            "edge_lora_int4": timed(
+                [*edge, "--output", str(work / "edge-int4"), "--precision", "int4", "--no-validate"]
+            ),
             # What `--device cpu-x86-64` writes (graph auto, int4 in blocks of 64), without the gate.
-            "edge_lora_device_int4": timed([*edge, "--output", str(work / "device-int4"), "--device", "cpu-x86-64",
-                                            "--no-validate"]),
+            "edge_lora_device_int4": timed(
+                [*edge, "--output", str(work / "device-int4"), "--device", "cpu-x86-64", "--no-validate"]
+            ),
             # optimum's graph, what every architecture the builder lacks gets: fp32 with its gate, int4 without.
-            "edge_lora_optimum_graph_fp32": timed([*edge, "--output", str(work / "optimum-graph-fp32"), "--precision",
-                                                   "fp32", "--graph", "optimum"]),
-            "edge_lora_optimum_graph_int4": timed([*edge, "--output", str(work / "optimum-graph-int4"), "--precision",
-                                                   "int4", "--graph", "optimum", "--no-validate"]),
+            "edge_lora_optimum_graph_fp32": timed(
+                [*edge, "--output", str(work / "optimum-graph-fp32"), "--precision", "fp32", "--graph", "optimum"]
+            ),
+            "edge_lora_optimum_graph_int4": timed(
+                [
+                    *edge,
+                    "--output",
+                    str(work / "optimum-graph-int4"),
+                    "--precision",
+                    "int4",
+                    "--graph",
+                    "optimum",
+                    "--no-validate",
+                ]
+            ),
         }
-        sizes = {name: size_mb(work / d) for name, d in
-                 (("optimum_fp32", "optimum-fp32"), ("edge_lora_fp32", "edge-fp32"), ("edge_lora_int4", "edge-int4"),
-                  ("edge_lora_device_int4", "device-int4"), ("edge_lora_optimum_graph_fp32", "optimum-graph-fp32"),
-                  ("edge_lora_optimum_graph_int4", "optimum-graph-int4"))}
+        sizes = {
+            name: size_mb(work / d)
+            for name, d in (
+                ("optimum_fp32", "optimum-fp32"),
+                ("edge_lora_fp32", "edge-fp32"),
+                ("edge_lora_int4", "edge-int4"),
+                ("edge_lora_device_int4", "device-int4"),
+                ("edge_lora_optimum_graph_fp32", "optimum-graph-fp32"),
+                ("edge_lora_optimum_graph_int4", "optimum-graph-int4"),
+            )
+        }
         parity = ExportManifest.load(work / "edge-fp32").parity["merged"]
         optimum_graph_parity = ExportManifest.load(work / "optimum-graph-fp32").parity["merged"]
     for name, r in results.items():
         print(f"{name:29} {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']} MB  size {sizes[name]:8.1f} MB")
     for name, p in (("default (builder) graph", parity), ("optimum graph", optimum_graph_parity)):
-        print(f"parity fp32, {name}: max |Δlogit| {p['max_abs_logit_diff']:.2e}, greedy agreement {p['greedy_agreement']:.1%}")
-    print(json.dumps({
-        "shape": "quick" if args.quick else "smollm2-135m",
-        **{f"{k}_s": v["seconds"] for k, v in results.items()},
-        **{f"{k}_peak_rss_mb": v["peak_rss_mb"] for k, v in results.items()},
-        **{f"{k}_mb": round(v, 1) for k, v in sizes.items()},
-        "int4_size_vs_fp32": round(sizes["edge_lora_int4"] / sizes["edge_lora_fp32"], 3),
-        "device_int4_size_vs_fp32": round(sizes["edge_lora_device_int4"] / sizes["edge_lora_fp32"], 3),
-        "edge_fp32_time_vs_optimum": round(results["edge_lora_fp32"]["seconds"] / results["optimum_fp32"]["seconds"], 3),
-        "optimum_graph_int4_size_vs_fp32": round(sizes["edge_lora_optimum_graph_int4"]
-                                                 / sizes["edge_lora_optimum_graph_fp32"], 3),
-        "optimum_graph_fp32_time_vs_optimum": round(results["edge_lora_optimum_graph_fp32"]["seconds"]
-                                                    / results["optimum_fp32"]["seconds"], 3),
-        "fp32_max_abs_logit_diff": parity["max_abs_logit_diff"],
-        "fp32_greedy_agreement": parity["greedy_agreement"],
-        "optimum_graph_fp32_max_abs_logit_diff": optimum_graph_parity["max_abs_logit_diff"],
-        "optimum_graph_fp32_greedy_agreement": optimum_graph_parity["greedy_agreement"],
-    }))
+        print(
+            f"parity fp32, {name}: max |Δlogit| {p['max_abs_logit_diff']:.2e}, "
+            f"greedy agreement {p['greedy_agreement']:.1%}"
+        )
+    print(
+        json.dumps(
+            {
+                "shape": "quick" if args.quick else "smollm2-135m",
+                **{f"{k}_s": v["seconds"] for k, v in results.items()},
+                **{f"{k}_peak_rss_mb": v["peak_rss_mb"] for k, v in results.items()},
+                **{f"{k}_mb": round(v, 1) for k, v in sizes.items()},
+                "int4_size_vs_fp32": round(sizes["edge_lora_int4"] / sizes["edge_lora_fp32"], 3),
+                "device_int4_size_vs_fp32": round(sizes["edge_lora_device_int4"] / sizes["edge_lora_fp32"], 3),
+                "edge_fp32_time_vs_optimum": round(
+                    results["edge_lora_fp32"]["seconds"] / results["optimum_fp32"]["seconds"], 3
+                ),
+                "optimum_graph_int4_size_vs_fp32": round(
+                    sizes["edge_lora_optimum_graph_int4"] / sizes["edge_lora_optimum_graph_fp32"], 3
+                ),
+                "optimum_graph_fp32_time_vs_optimum": round(
+                    results["edge_lora_optimum_graph_fp32"]["seconds"] / results["optimum_fp32"]["seconds"], 3
+                ),
+                "fp32_max_abs_logit_diff": parity["max_abs_logit_diff"],
+                "fp32_greedy_agreement": parity["greedy_agreement"],
+                "optimum_graph_fp32_max_abs_logit_diff": optimum_graph_parity["max_abs_logit_diff"],
+                "optimum_graph_fp32_greedy_agreement": optimum_graph_parity["greedy_agreement"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

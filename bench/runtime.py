@@ -20,9 +20,9 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
 - `edge_lora_builder_portable`, `edge_lora_builder_adapters_portable`: the same two exports on their portable
   graphs (`runtime.load(..., kernels=())`): onnxruntime's MatMulNBits, as genai runs.
 - `edge_lora_builder_adapters_lora`: the adapters export on its graph for edge-lora's LoRA op
-  (`runtime.load(..., kernels=("lora_add",))`, export/kernel_graphs/lora_add.py): the portable graph's MatMulNBits with each
-  projection's LoRA branches in one LoraAdd node — what a host without AVX-512 VNNI runs (an AVX2 laptop, an Arm
-  board), to be compared with `edge_lora_builder_portable`, the merged model there.
+  (`runtime.load(..., kernels=("lora_add",))`, export/kernel_graphs/lora_add.py): the portable graph's MatMulNBits
+  with each projection's LoRA branches in one LoraAdd node — what a host without AVX-512 VNNI runs (an AVX2 laptop,
+  an Arm board), to be compared with `edge_lora_builder_portable`, the merged model there.
 - `edge_lora_adapters`: the same adapter kept apart (`--flavor adapters`), active through `with_adapter` (the
   LoRA MatMuls stay fp32: the exporter leaves them out of int4 quantization).
 - `edge_lora_builder_adapters`: the same, on the builder graph (`--flavor adapters --graph builder`).
@@ -31,7 +31,8 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
   default mixture: the tied output/embedding tensor wants Q6_K and, 576 not being a multiple of 256, falls back
   to Q8_0). The converter comes from the llama.cpp sources in llama-cpp-python's sdist (fetched once with
   `pip download`, or `--llama-cpp-src DIR`). The base carries a byte-level BPE tokenizer with GPT-2's
-  pre-tokenizer, for which llama.cpp has no hash of its own; the converter is told it is "gpt-2". Weight values are the base's; no text is ever tokenized. On a CPU with AMX, llama-cpp-python must
+  pre-tokenizer, for which llama.cpp has no hash of its own; the converter is told it is "gpt-2". Weight values are
+  the base's; no text is ever tokenized. On a CPU with AMX, llama-cpp-python must
   be built without ggml's AMX kernels (BENCHMARKS.md, "Runtime"): 0.3.36's AMX matmul crashes on these models.
 - `genai`: onnxruntime-genai's `Generator` on the graph of its own model builder (`python -m
   onnxruntime_genai.models.builder -i BASE -o OUT -p int4 -e cpu`, its defaults), threads set by a config overlay.
@@ -69,18 +70,48 @@ from pathlib import Path
 from edge_lora.formats import EXPORT_MANIFEST, LORA_ADD, MATMUL_Q4, ExportManifest
 
 # As in bench/export.py: the reference shape (SmolLM2-135M's), and a tiny one for checking the script.
-REFERENCE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
-QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256)
+REFERENCE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
+QUICK = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=True,
+    max_position_embeddings=256,
+)
 
 # The anchors' figures on a 2-core AMD EPYC (reference shape, prompt 128, 64 new tokens, 2 threads), against which
 # vs_anchor_llamacpp_decode compares this host's llama.cpp.
-ANCHOR = {"llamacpp_decode_tok_s": 197.0, "llamacpp_ttft_s": 0.14, "genai_decode_tok_s": (112.0, 125.0),
-          "genai_ttft_s": 0.31, "optimum_whole_run_tok_s": 30.0}
-SYSTEMS = ("edge_lora", "edge_lora_builder", "edge_lora_adapters", "edge_lora_builder_adapters", "llamacpp", "genai",
-           "optimum", "edge_lora_builder_portable", "edge_lora_builder_adapters_portable",
-           "edge_lora_builder_adapters_lora")
+ANCHOR = {
+    "llamacpp_decode_tok_s": 197.0,
+    "llamacpp_ttft_s": 0.14,
+    "genai_decode_tok_s": (112.0, 125.0),
+    "genai_ttft_s": 0.31,
+    "optimum_whole_run_tok_s": 30.0,
+}
+SYSTEMS = (
+    "edge_lora",
+    "edge_lora_builder",
+    "edge_lora_adapters",
+    "edge_lora_builder_adapters",
+    "llamacpp",
+    "genai",
+    "optimum",
+    "edge_lora_builder_portable",
+    "edge_lora_builder_adapters_portable",
+    "edge_lora_builder_adapters_lora",
+)
 PORTABLE = "_portable"  # the same export as the system without it, run on its portable graph (kernels=())
 LORA = "_lora"  # the same export as the system without it, run on its graph for the LoRA op (kernels=("lora_add",))
 MIN_UNCONTENDED = 3
@@ -89,6 +120,7 @@ ADAPTER = "adapter"  # the adapter dir's name, which names the adapter in an `ad
 
 
 # ------------------------------------------------------------------------------------------------ artifacts
+
 
 def bpe_tokenizer(vocab_size: int):
     """A byte-level BPE `PreTrainedTokenizerFast` of exactly `vocab_size` tokens, trained on generated words.
@@ -106,13 +138,20 @@ def bpe_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(lines, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        lines,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     if tok.get_vocab_size() != vocab_size:
         raise RuntimeError(f"BPE training reached {tok.get_vocab_size()} tokens, not {vocab_size}: generate more text")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def build_base(out: Path, shape: dict) -> None:
@@ -123,15 +162,24 @@ def build_base(out: Path, shape: dict) -> None:
 
 
 def build_adapter(work: Path, out: Path) -> None:
-    from edge_lora.train.config import TrainConfig
     from edge_lora.demo.task import write_task
+    from edge_lora.train.config import TrainConfig
     from edge_lora.train.loop import train
 
     # One optimizer step: speed does not depend on what the adapter learned, only on its shapes (LoRA r 16 on
     # every linear layer, TrainConfig's defaults).
     train_path, _ = write_task(work / "data", n_train=16, n_eval=4)
-    train(TrainConfig(model=str(work / "base"), data=str(train_path), output=str(out), max_steps=1, batch_size=4,
-                      learning_rate=1e-3), show_progress=False)
+    train(
+        TrainConfig(
+            model=str(work / "base"),
+            data=str(train_path),
+            output=str(out),
+            max_steps=1,
+            batch_size=4,
+            learning_rate=1e-3,
+        ),
+        show_progress=False,
+    )
 
 
 def build_export(work: Path, out: Path, flavor: str, block_size: int, graph: str = "optimum") -> None:
@@ -139,8 +187,12 @@ def build_export(work: Path, out: Path, flavor: str, block_size: int, graph: str
 
     # No parity gate: on random weights with a 1-step adapter the next-token distributions are nearly flat and
     # int4 rounding flips greedy near-ties (bench/export.py, same reason).
-    export(work / ADAPTER, out, ExportOptions(precision="int4", flavor=flavor, graph=graph, int4_block_size=block_size,
-                                              validate=False), show_progress=False)
+    export(
+        work / ADAPTER,
+        out,
+        ExportOptions(precision="int4", flavor=flavor, graph=graph, int4_block_size=block_size, validate=False),
+        show_progress=False,
+    )
 
 
 def llama_cpp_sources(work: Path, given: str | None) -> Path:
@@ -153,11 +205,37 @@ def llama_cpp_sources(work: Path, given: str | None) -> Path:
     src = work.parent / f"llama-cpp-python-{v}-src"
     if not (src / "convert_hf_to_gguf.py").exists():
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                            f"llama-cpp-python=={v}", "-d", tmp], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    f"llama-cpp-python=={v}",
+                    "-d",
+                    tmp,
+                ],
+                check=True,
+            )
             sdist = next(Path(tmp).glob("*.tar.gz"))
-            subprocess.run(["tar", "xzf", str(sdist), "-C", tmp, "--wildcards", "*/vendor/llama.cpp/convert_hf_to_gguf.py",
-                            "*/vendor/llama.cpp/conversion/*", "*/vendor/llama.cpp/gguf-py/*"], check=True)
+            subprocess.run(
+                [
+                    "tar",
+                    "xzf",
+                    str(sdist),
+                    "-C",
+                    tmp,
+                    "--wildcards",
+                    "*/vendor/llama.cpp/convert_hf_to_gguf.py",
+                    "*/vendor/llama.cpp/conversion/*",
+                    "*/vendor/llama.cpp/gguf-py/*",
+                ],
+                check=True,
+            )
             shutil.move(str(next(Path(tmp).glob("*/vendor/llama.cpp"))), src)
     return src
 
@@ -172,16 +250,19 @@ def build_gguf(work: Path, out: Path, src: Path) -> None:
     # this tokenizer (see the module docstring), and the SentencePiece attempt fails the way it does when
     # sentencepiece is installed and there is no tokenizer.model (FileNotFoundError), without needing the package.
     # Everything else (tensor names, the tied output, hyperparameters) is llama.cpp's own.
-    driver = "\n".join([
-        "import runpy, sys",
-        "import conversion.base as b",
-        "def no_sentencepiece(self):",
-        "    raise FileNotFoundError('no tokenizer.model')",
-        "b.TextModel._create_vocab_sentencepiece = no_sentencepiece",
-        "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'",
-        f"sys.argv = ['convert_hf_to_gguf.py', {str(work / 'base')!r}, '--outfile', {str(f32)!r}, '--outtype', 'f32']",
-        f"runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='__main__')",
-    ])
+    driver = "\n".join(
+        [
+            "import runpy, sys",
+            "import conversion.base as b",
+            "def no_sentencepiece(self):",
+            "    raise FileNotFoundError('no tokenizer.model')",
+            "b.TextModel._create_vocab_sentencepiece = no_sentencepiece",
+            "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'",
+            f"sys.argv = ['convert_hf_to_gguf.py', {str(work / 'base')!r}, '--outfile', {str(f32)!r}, "
+            "'--outtype', 'f32']",
+            f"runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='__main__')",
+        ]
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(src / "gguf-py")])}
     subprocess.run([sys.executable, "-c", driver], check=True, env=env, stdout=subprocess.DEVNULL)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -193,8 +274,25 @@ def build_gguf(work: Path, out: Path, src: Path) -> None:
 
 
 def build_genai(work: Path, out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "base"), "-o", str(out),
-                    "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(work / "base"),
+            "-o",
+            str(out),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(work / "genai-cache"),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     shutil.rmtree(work / "genai-cache", ignore_errors=True)
 
 
@@ -209,8 +307,13 @@ def build_step(step: str, work: Path, args) -> None:
     elif step == "adapter":
         build_adapter(work, tmp)
     elif step in EXPORT_ARTIFACTS:
-        build_export(work, final, "adapters" if step.endswith("_adapters") else "merged", args.int4_block_size,
-                     graph="builder" if "builder" in step else "optimum")
+        build_export(
+            work,
+            final,
+            "adapters" if step.endswith("_adapters") else "merged",
+            args.int4_block_size,
+            graph="builder" if "builder" in step else "optimum",
+        )
         return
     elif step == "gguf":
         tmp.mkdir()
@@ -223,8 +326,12 @@ def build_step(step: str, work: Path, args) -> None:
     os.replace(tmp, final)
 
 
-EXPORT_ARTIFACTS = {"edge_lora": "edge-int4", "edge_lora_builder": "edge-int4-builder",
-                    "edge_lora_adapters": "edge-int4-adapters", "edge_lora_builder_adapters": "edge-int4-builder-adapters"}
+EXPORT_ARTIFACTS = {
+    "edge_lora": "edge-int4",
+    "edge_lora_builder": "edge-int4-builder",
+    "edge_lora_adapters": "edge-int4-adapters",
+    "edge_lora_builder_adapters": "edge-int4-builder-adapters",
+}
 # each suffixed with its block size (name_artifacts)
 ARTIFACTS = {"base": "base", "adapter": ADAPTER, **EXPORT_ARTIFACTS, "gguf": "model-q4_0.gguf", "genai": "genai-int4"}
 
@@ -270,14 +377,19 @@ def build_all(work: Path, systems: list[str]) -> None:
         if (work / ARTIFACTS[step]).exists():
             continue
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--build", step, "--workdir", str(work.parent)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--build", step, "--workdir", str(work.parent)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         if proc.returncode != 0:
             raise SystemExit(f"building {step} failed:\n{proc.stdout[-4000:]}")
         print(f"built {step:26} {time.perf_counter() - t0:6.1f} s  → {work / ARTIFACTS[step]}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- systems
+
 
 def prompt_ids(seed: int, vocab_size: int, length: int) -> list[int]:
     import numpy as np
@@ -292,7 +404,10 @@ def open_edge_lora(work: Path, args, system: str):
     system = export_system(system)
     g = runtime.load(work / ARTIFACTS[system], threads=args.threads, kernels=kernels)
     if variant != PORTABLE and system == "edge_lora_builder" and g.kernel is None:
-        print(f"{system}: no kernel graph runs here (the export predates it, or the kernel does not build)", file=sys.stderr)
+        print(
+            f"{system}: no kernel graph runs here (the export predates it, or the kernel does not build)",
+            file=sys.stderr,
+        )
     if variant == LORA and g.kernel != "lora_add":
         raise SystemExit(f"{system}{LORA}: the export has no graph for the LoRA op, or the op does not build here")
     adapters = system.endswith("_adapters")
@@ -310,8 +425,14 @@ def open_edge_lora(work: Path, args, system: str):
 def open_llamacpp(work: Path, args):
     from llama_cpp import Llama
 
-    llm = Llama(str(work / ARTIFACTS["gguf"]), n_ctx=args.prompt_tokens + args.new_tokens, n_batch=args.prompt_tokens,
-                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    llm = Llama(
+        str(work / ARTIFACTS["gguf"]),
+        n_ctx=args.prompt_tokens + args.new_tokens,
+        n_batch=args.prompt_tokens,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
 
     def run(ids: list[int]) -> tuple[float, list[float]]:
         stamps = [time.perf_counter_ns()]
@@ -329,8 +450,15 @@ def open_genai(work: Path, args):
     import onnxruntime_genai as og
 
     config = og.Config(str(work / ARTIFACTS["genai"]))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
+    config.overlay(
+        json.dumps(
+            {
+                "model": {
+                    "decoder": {"session_options": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}
+                }
+            }
+        )
+    )
     model = og.Model(config)
 
     def run(ids: list[int]) -> tuple[float, list[float]]:
@@ -358,8 +486,9 @@ def open_optimum(work: Path, args):
     torch.set_num_threads(args.threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-    model = ORTModelForCausalLM.from_pretrained(work / ARTIFACTS["edge_lora"], session_options=options, use_cache=True,
-                                                provider="CPUExecutionProvider")
+    model = ORTModelForCausalLM.from_pretrained(
+        work / ARTIFACTS["edge_lora"], session_options=options, use_cache=True, provider="CPUExecutionProvider"
+    )
 
     class Clock(BaseStreamer):
         """generate() calls put() once with the prompt, then once per new token."""
@@ -376,8 +505,15 @@ def open_optimum(work: Path, args):
     def run(ids: list[int]) -> tuple[float, list[float]]:
         clock = Clock()
         start = time.perf_counter_ns()
-        model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
-                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, streamer=clock, pad_token_id=0)
+        model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            streamer=clock,
+            pad_token_id=0,
+        )
         return seconds_between([start, *clock.stamps[1:]])
 
     return run
@@ -395,15 +531,20 @@ def serve_child(system: str, work: Path, args) -> None:
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr; stdout carries the protocol alone
     vocab = (QUICK if args.quick else REFERENCE)["vocab_size"]
-    run = {"edge_lora": lambda: open_edge_lora(work, args, "edge_lora"),
-           "edge_lora_builder": lambda: open_edge_lora(work, args, "edge_lora_builder"),
-           "edge_lora_adapters": lambda: open_edge_lora(work, args, "edge_lora_adapters"),
-           "edge_lora_builder_adapters": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters"),
-           "edge_lora_builder_portable": lambda: open_edge_lora(work, args, "edge_lora_builder_portable"),
-           "edge_lora_builder_adapters_portable": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters_portable"),
-           "edge_lora_builder_adapters_lora": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters_lora"),
-           "llamacpp": lambda: open_llamacpp(work, args), "genai": lambda: open_genai(work, args),
-           "optimum": lambda: open_optimum(work, args)}[system]()
+    run = {
+        "edge_lora": lambda: open_edge_lora(work, args, "edge_lora"),
+        "edge_lora_builder": lambda: open_edge_lora(work, args, "edge_lora_builder"),
+        "edge_lora_adapters": lambda: open_edge_lora(work, args, "edge_lora_adapters"),
+        "edge_lora_builder_adapters": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters"),
+        "edge_lora_builder_portable": lambda: open_edge_lora(work, args, "edge_lora_builder_portable"),
+        "edge_lora_builder_adapters_portable": lambda: open_edge_lora(
+            work, args, "edge_lora_builder_adapters_portable"
+        ),
+        "edge_lora_builder_adapters_lora": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters_lora"),
+        "llamacpp": lambda: open_llamacpp(work, args),
+        "genai": lambda: open_genai(work, args),
+        "optimum": lambda: open_optimum(work, args),
+    }[system]()
     for i in range(args.warmup):
         run(prompt_ids(10_000 + i, vocab, args.prompt_tokens))
     protocol.write("ready\n")
@@ -419,8 +560,13 @@ class Child:
 
     def __init__(self, system: str, work: Path, argv: list[str]):
         self.system = system
-        self.proc = subprocess.Popen([sys.executable, __file__, *argv, "--child", system, "--workdir", str(work.parent)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, *argv, "--child", system, "--workdir", str(work.parent)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self._stderr: list[str] = []
         threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()
         self._expect("ready")
@@ -448,6 +594,7 @@ class Child:
 
 # --------------------------------------------------------------------------------------------- measurement
 
+
 def measure(work: Path, systems: list[str], args) -> tuple[dict, list[float]]:
     """Start every system (one at a time, each warming up alone), then `--runs` rounds in rotating order."""
     argv = [a for a in sys.argv[1:] if a != "--profile"]
@@ -459,12 +606,15 @@ def measure(work: Path, systems: list[str], args) -> tuple[dict, list[float]]:
     samples = {s: [] for s in systems}
     loads = []
     for r in range(args.runs):
-        order = systems[r % len(systems):] + systems[:r % len(systems)]
+        order = systems[r % len(systems) :] + systems[: r % len(systems)]
         loads.append(os.getloadavg()[0])
         for system in order:
             samples[system].append(children[system].generate(seed=r))
-        print(f"round {r + 1}/{args.runs}: " + ", ".join(
-            f"{s} {decode_tok_s(samples[s][-1]):.0f} tok/s" for s in systems), flush=True)
+        print(
+            f"round {r + 1}/{args.runs}: "
+            + ", ".join(f"{s} {decode_tok_s(samples[s][-1]):.0f} tok/s" for s in systems),
+            flush=True,
+        )
     results = {}
     for system in systems:
         runs = samples[system]
@@ -473,12 +623,20 @@ def measure(work: Path, systems: list[str], args) -> tuple[dict, list[float]]:
         results[system] = {
             "ttft_s": statistics.median(x["ttft_s"] for x in basis),
             "decode_tok_s": statistics.median(decode_tok_s(x) for x in basis),
-            "whole_run_tok_s": statistics.median((1 + len(x["token_s"])) / (x["ttft_s"] + sum(x["token_s"])) for x in basis),
+            "whole_run_tok_s": statistics.median(
+                (1 + len(x["token_s"])) / (x["ttft_s"] + sum(x["token_s"])) for x in basis
+            ),
             "peak_rss_mb": children[system].close(),
             "uncontended_runs": len(quiet),
             "runs": len(runs),
-            "samples": [{"ttft_s": round(x["ttft_s"], 5), "decode_tok_s": round(decode_tok_s(x), 2),
-                         "cpu_over_wall": round(x["cpu_s"] / x["wall_s"], 2)} for x in runs],
+            "samples": [
+                {
+                    "ttft_s": round(x["ttft_s"], 5),
+                    "decode_tok_s": round(decode_tok_s(x), 2),
+                    "cpu_over_wall": round(x["cpu_s"] / x["wall_s"], 2),
+                }
+                for x in runs
+            ],
         }
     return results, loads
 
@@ -528,6 +686,7 @@ def files_mb(*paths: Path) -> float:
 
 # ----------------------------------------------------------------------------------------------- profiling
 
+
 def profile_child(work: Path, args) -> None:
     """Trace one edge-lora generation (after warm-ups) with onnxruntime's profiler; write work/profile.json."""
     from edge_lora import runtime
@@ -554,7 +713,9 @@ def region(node_name: str, op: str, head: set[str]) -> str:
     if node_name in head:
         return "output head"
     if "/self_attn/" in node_name:
-        projection = op in ("MatMulNBits", "MatMul") and any(p in node_name for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        projection = op in ("MatMulNBits", "MatMul") and any(
+            p in node_name for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        )
         return "attention projections" if projection else "attention core (RoPE, KV concat, scores, softmax)"
     if "/mlp/" in node_name:
         return "MLP projections" if op in ("MatMulNBits", "MatMul") else "MLP activation (SiLU, mul)"
@@ -567,11 +728,14 @@ def trace_breakdown(trace: Path, model_path: Path, runs: int) -> dict:
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     head = {n.name for n in graph.node if "logits" in n.output}
-    levels = sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"})
+    levels = sorted(
+        {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    )
     head_ops = sorted({n.op_type for n in graph.node if "logits" in n.output})
     events = json.loads(trace.read_text())
-    model_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                        key=lambda e: e["ts"])[-runs:]
+    model_runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
+    )[-runs:]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
 
     def within(run):
@@ -589,25 +753,46 @@ def trace_breakdown(trace: Path, model_path: Path, runs: int) -> dict:
                 by_region[r] = by_region.get(r, 0) + e["dur"] / 1e3 / n
                 by_op[e["args"]["op_name"]] = by_op.get(e["args"]["op_name"], 0) + e["dur"] / 1e3 / n
                 kernel += e["dur"] / 1e3 / n
-        return {"session_run_ms": sum(r["dur"] for r in run_list) / 1e3 / n, "kernel_ms": kernel,
-                "kernel_calls": sum(len(within(r)) for r in run_list) / n,
-                "by_region_ms": dict(sorted(by_region.items(), key=lambda kv: -kv[1])),
-                "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])}
+        return {
+            "session_run_ms": sum(r["dur"] for r in run_list) / 1e3 / n,
+            "kernel_ms": kernel,
+            "kernel_calls": sum(len(within(r)) for r in run_list) / n,
+            "by_region_ms": dict(sorted(by_region.items(), key=lambda kv: -kv[1])),
+            "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12]),
+        }
 
-    return {"trace": str(trace), "matmulnbits_accuracy_levels": levels, "head_ops": head_ops,
-            "prefill": summary(model_runs[:1]), "decode_per_token": summary(model_runs[1:])}
+    return {
+        "trace": str(trace),
+        "matmulnbits_accuracy_levels": levels,
+        "head_ops": head_ops,
+        "prefill": summary(model_runs[:1]),
+        "decode_per_token": summary(model_runs[1:]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ reporting
 
+
 def describe_machine() -> dict:
     import onnxruntime
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     flags = Path("/proc/cpuinfo").read_text()
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "avx512_vnni": "avx512_vnni" in flags,
-            "amx": "amx_int8" in flags, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "avx512_vnni": "avx512_vnni" in flags,
+        "amx": "amx_int8" in flags,
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def main() -> None:
@@ -620,9 +805,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed generations per system")
     parser.add_argument("--runs", type=int, default=7, help="timed rounds (one generation per system each)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
-    parser.add_argument("--int4-block-size", type=int, default=64, choices=(16, 32, 64, 128),
-                        help="edge-lora's int4 block size (the CPU device profiles'; 4.5 bits a weight, as Q4_0)")
-    parser.add_argument("--profile", action="store_true", help="also trace one edge-lora generation (onnxruntime profiler)")
+    parser.add_argument(
+        "--int4-block-size",
+        type=int,
+        default=64,
+        choices=(16, 32, 64, 128),
+        help="edge-lora's int4 block size (the CPU device profiles'; 4.5 bits a weight, as Q4_0)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also trace one edge-lora generation (onnxruntime profiler)"
+    )
     parser.add_argument("--llama-cpp-src", help="a llama.cpp tree with convert_hf_to_gguf.py (default: from the sdist)")
     parser.add_argument("--build", help=argparse.SUPPRESS)  # internal: build one artifact in this process
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: serve one system in this process
@@ -645,7 +837,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     build_all(work, systems)
-    print(f"artifacts ready in {time.perf_counter() - t0:.1f} s under {work}; load {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"artifacts ready in {time.perf_counter() - t0:.1f} s under {work}; load {os.getloadavg()[0]:.2f}", flush=True
+    )
     results, loads = measure(work, systems, args)
     raw = work / f"samples-{args.threads}threads.json"
     raw.write_text(json.dumps({"args": vars(args), "loads": loads, "results": results}, indent=1))
@@ -653,7 +847,9 @@ def main() -> None:
     bandwidth = read_bandwidth_gb_s(args.threads)
 
     model_mb, per_token = {}, {}
-    for system in [s for s in systems if export_system(s) in EXPORT_ARTIFACTS] + (["edge_lora"] if "optimum" in systems else []):
+    for system in [s for s in systems if export_system(s) in EXPORT_ARTIFACTS] + (
+        ["edge_lora"] if "optimum" in systems else []
+    ):
         export_dir = work / ARTIFACTS[export_system(system)]
         # the graph that system runs: a kernel's where the export has one (and the system is not _portable)
         manifest = ExportManifest.load(export_dir)
@@ -671,18 +867,26 @@ def main() -> None:
         model_mb["genai"] = files_mb(*(work / ARTIFACTS["genai"]).glob("model.onnx*"))
         per_token["genai"] = onnx_bytes_per_token(work / ARTIFACTS["genai"] / "model.onnx")
     if "llamacpp" in systems:
-        per_token["llamacpp"] = gguf_bytes_per_token(work / ARTIFACTS["gguf"],
-                                                     llama_cpp_sources(work, args.llama_cpp_src))
+        per_token["llamacpp"] = gguf_bytes_per_token(
+            work / ARTIFACTS["gguf"], llama_cpp_sources(work, args.llama_cpp_src)
+        )
 
-    print(f"\n{'system':26} {'TTFT s':>8} {'decode tok/s':>12} {'whole tok/s':>11} {'peak RSS MB':>11} "
-          f"{'model MB':>8} {'MB/token':>8} {'bound tok/s':>11} {'quiet runs':>10}")
+    print(
+        f"\n{'system':26} {'TTFT s':>8} {'decode tok/s':>12} {'whole tok/s':>11} {'peak RSS MB':>11} "
+        f"{'model MB':>8} {'MB/token':>8} {'bound tok/s':>11} {'quiet runs':>10}"
+    )
     for s, r in results.items():
         mb = per_token.get(s, 0) / 1e6
-        print(f"{s:26} {r['ttft_s']:8.3f} {r['decode_tok_s']:12.1f} {r['whole_run_tok_s']:11.1f} {r['peak_rss_mb']:11.0f} "
-              f"{model_mb.get(s, 0):8.1f} {mb:8.1f} {bandwidth * 1e3 / mb if mb else 0:11.0f} "
-              f"{r['uncontended_runs']:>4}/{r['runs']}")
-    print(f"read bandwidth ({args.threads} threads, numpy sum): {bandwidth:.1f} GB/s; "
-          f"load average during rounds {min(loads):.2f}–{max(loads):.2f}")
+        print(
+            f"{s:26} {r['ttft_s']:8.3f} {r['decode_tok_s']:12.1f} {r['whole_run_tok_s']:11.1f} "
+            f"{r['peak_rss_mb']:11.0f} "
+            f"{model_mb.get(s, 0):8.1f} {mb:8.1f} {bandwidth * 1e3 / mb if mb else 0:11.0f} "
+            f"{r['uncontended_runs']:>4}/{r['runs']}"
+        )
+    print(
+        f"read bandwidth ({args.threads} threads, numpy sum): {bandwidth:.1f} GB/s; "
+        f"load average during rounds {min(loads):.2f}–{max(loads):.2f}"
+    )
 
     edge, builder = results.get("edge_lora", {}), results.get("edge_lora_builder", {})
 
@@ -693,11 +897,17 @@ def main() -> None:
         return round(results[system]["peak_rss_mb"] - model_mb[system], 1) if system in results else None
 
     summary = {
-        "shape": shape_name, "edge_lora_int4_block_size": args.int4_block_size, "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "shape": shape_name,
+        "edge_lora_int4_block_size": args.int4_block_size,
+        "threads": args.threads,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
         **{f"{s}_decode_tok_s": round(r["decode_tok_s"], 1) for s, r in results.items()},
         **{f"{s}_ttft_s": round(r["ttft_s"], 4) for s, r in results.items()},
         **{f"{s}_peak_rss_mb": round(r["peak_rss_mb"], 1) for s, r in results.items()},
-        **({"optimum_whole_run_tok_s": round(results["optimum"]["whole_run_tok_s"], 1)} if "optimum" in results else {}),
+        **(
+            {"optimum_whole_run_tok_s": round(results["optimum"]["whole_run_tok_s"], 1)} if "optimum" in results else {}
+        ),
         "vs_llamacpp_decode": ratio(edge.get("decode_tok_s"), results.get("llamacpp", {}).get("decode_tok_s")),
         "vs_genai_decode": ratio(edge.get("decode_tok_s"), results.get("genai", {}).get("decode_tok_s")),
         "vs_llamacpp_ttft": ratio(edge.get("ttft_s"), results.get("llamacpp", {}).get("ttft_s")),
@@ -706,63 +916,92 @@ def main() -> None:
         "builder_vs_optimum_graph_decode": ratio(builder.get("decode_tok_s"), edge.get("decode_tok_s")),
         "builder_vs_optimum_graph_ttft": ratio(builder.get("ttft_s"), edge.get("ttft_s")),
         "builder_vs_genai_decode": ratio(builder.get("decode_tok_s"), results.get("genai", {}).get("decode_tok_s")),
-        "builder_vs_llamacpp_decode": ratio(builder.get("decode_tok_s"), results.get("llamacpp", {}).get("decode_tok_s")),
+        "builder_vs_llamacpp_decode": ratio(
+            builder.get("decode_tok_s"), results.get("llamacpp", {}).get("decode_tok_s")
+        ),
         "builder_vs_genai_ttft": ratio(builder.get("ttft_s"), results.get("genai", {}).get("ttft_s")),
         "builder_vs_llamacpp_ttft": ratio(builder.get("ttft_s"), results.get("llamacpp", {}).get("ttft_s")),
         "builder_rss_over_model_mb": over_model("edge_lora_builder"),
-        **({"edge_lora_builder_model_mb": round(model_mb["edge_lora_builder"], 1)} if "edge_lora_builder" in model_mb else {}),
-        "adapter_vs_merged_decode": ratio(results.get("edge_lora_adapters", {}).get("decode_tok_s"),
-                                          edge.get("decode_tok_s")),
-        "builder_adapter_vs_merged_decode": ratio(results.get("edge_lora_builder_adapters", {}).get("decode_tok_s"),
-                                                  builder.get("decode_tok_s")),
-        "builder_vs_portable_decode": ratio(builder.get("decode_tok_s"),
-                                            results.get("edge_lora_builder_portable", {}).get("decode_tok_s")),
-        "builder_vs_portable_ttft": ratio(builder.get("ttft_s"), results.get("edge_lora_builder_portable", {}).get("ttft_s")),
-        "portable_builder_vs_genai_decode": ratio(results.get("edge_lora_builder_portable", {}).get("decode_tok_s"),
-                                                  results.get("genai", {}).get("decode_tok_s")),
+        **(
+            {"edge_lora_builder_model_mb": round(model_mb["edge_lora_builder"], 1)}
+            if "edge_lora_builder" in model_mb
+            else {}
+        ),
+        "adapter_vs_merged_decode": ratio(
+            results.get("edge_lora_adapters", {}).get("decode_tok_s"), edge.get("decode_tok_s")
+        ),
+        "builder_adapter_vs_merged_decode": ratio(
+            results.get("edge_lora_builder_adapters", {}).get("decode_tok_s"), builder.get("decode_tok_s")
+        ),
+        "builder_vs_portable_decode": ratio(
+            builder.get("decode_tok_s"), results.get("edge_lora_builder_portable", {}).get("decode_tok_s")
+        ),
+        "builder_vs_portable_ttft": ratio(
+            builder.get("ttft_s"), results.get("edge_lora_builder_portable", {}).get("ttft_s")
+        ),
+        "portable_builder_vs_genai_decode": ratio(
+            results.get("edge_lora_builder_portable", {}).get("decode_tok_s"),
+            results.get("genai", {}).get("decode_tok_s"),
+        ),
         "portable_builder_adapter_vs_merged_decode": ratio(
             results.get("edge_lora_builder_adapters_portable", {}).get("decode_tok_s"),
-            results.get("edge_lora_builder_portable", {}).get("decode_tok_s")),
+            results.get("edge_lora_builder_portable", {}).get("decode_tok_s"),
+        ),
         # without MatMulQ4: the LoRA op's graph with the adapter against the portable merged model
         "lora_op_adapter_vs_portable_merged_decode": ratio(
             results.get("edge_lora_builder_adapters_lora", {}).get("decode_tok_s"),
-            results.get("edge_lora_builder_portable", {}).get("decode_tok_s")),
+            results.get("edge_lora_builder_portable", {}).get("decode_tok_s"),
+        ),
         "lora_op_adapter_vs_portable_merged_ttft": ratio(
             results.get("edge_lora_builder_adapters_lora", {}).get("ttft_s"),
-            results.get("edge_lora_builder_portable", {}).get("ttft_s")),
+            results.get("edge_lora_builder_portable", {}).get("ttft_s"),
+        ),
         **({"edge_lora_model_mb": round(model_mb["edge_lora"], 1)} if "edge_lora" in model_mb else {}),
         "rss_over_model_mb": over_model("edge_lora"),
         **{f"{s}_mb_read_per_token": round(b / 1e6, 1) for s, b in per_token.items()},
         "read_bandwidth_gb_s": round(bandwidth, 1),
         **{f"{s}_bandwidth_bound_tok_s": round(bandwidth * 1e9 / b, 1) for s, b in per_token.items()},
-        "vs_anchor_llamacpp_decode": ratio(results.get("llamacpp", {}).get("decode_tok_s"), ANCHOR["llamacpp_decode_tok_s"]),
+        "vs_anchor_llamacpp_decode": ratio(
+            results.get("llamacpp", {}).get("decode_tok_s"), ANCHOR["llamacpp_decode_tok_s"]
+        ),
         "uncontended_runs": {s: f"{r['uncontended_runs']}/{r['runs']}" for s, r in results.items()},
         "loadavg_1min_min_max": [round(min(loads), 2), round(max(loads), 2)],
         "machine": describe_machine(),
         "quick": args.quick,
     }
     if args.profile:
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", "profile", "--workdir", str(work.parent)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--child", "profile", "--workdir", str(work.parent)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         profile = json.loads((work / "profile.json").read_text())
         print_profile(profile)
         decode = profile["decode_per_token"]
         summary["profile_decode_ms_per_token"] = {
-            "wall": round(profile["wall_ms_per_decode_token"], 3), "session_run": round(decode["session_run_ms"], 3),
+            "wall": round(profile["wall_ms_per_decode_token"], 3),
+            "session_run": round(decode["session_run_ms"], 3),
             "kernels": round(decode["kernel_ms"], 3),
-            **{k: round(v, 3) for k, v in decode["by_region_ms"].items()}}
-        summary["profile_prefill_ms"] = {"session_run": round(profile["prefill"]["session_run_ms"], 2),
-                                         **{k: round(v, 2) for k, v in profile["prefill"]["by_region_ms"].items()}}
+            **{k: round(v, 3) for k, v in decode["by_region_ms"].items()},
+        }
+        summary["profile_prefill_ms"] = {
+            "session_run": round(profile["prefill"]["session_run_ms"], 2),
+            **{k: round(v, 2) for k, v in profile["prefill"]["by_region_ms"].items()},
+        }
     print(json.dumps(summary))
 
 
 def print_profile(profile: dict) -> None:
-    print(f"\nedge-lora profile (MatMulNBits accuracy_level {profile['matmulnbits_accuracy_levels']}, head op "
-          f"{profile['head_ops']}); trace {profile['trace']}")
+    print(
+        f"\nedge-lora profile (MatMulNBits accuracy_level {profile['matmulnbits_accuracy_levels']}, head op "
+        f"{profile['head_ops']}); trace {profile['trace']}"
+    )
     for phase in ("prefill", "decode_per_token"):
         p = profile[phase]
-        print(f"  {phase}: session.run {p['session_run_ms']:.2f} ms, kernels {p['kernel_ms']:.2f} ms "
-              f"({p['kernel_calls']:.0f} kernel calls)")
+        print(
+            f"  {phase}: session.run {p['session_run_ms']:.2f} ms, kernels {p['kernel_ms']:.2f} ms "
+            f"({p['kernel_calls']:.0f} kernel calls)"
+        )
         for k, v in p["by_region_ms"].items():
             print(f"    {k:52} {v:8.3f} ms")
         print("    by operator: " + ", ".join(f"{k} {v:.3f}" for k, v in p["by_op_ms"].items()))

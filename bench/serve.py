@@ -27,9 +27,9 @@ longest common prefix with the previous request, which one repeated prompt would
 counts only if its stream ends with finish_reason "length". Per request the client (httpx, asyncio, in this
 process) measures time to first token (request sent → first SSE chunk carrying text) and total latency.
 
-At each concurrency level C, each server gets max(--requests, --requests-per-client × C) requests from C clients that each send
-their next request as soon as the last one ends, in two blocks per server in A B B A order (the first server
-alternates from level to level), so that load drift hits both. Requests/s is requests over the blocks' wall
+At each concurrency level C, each server gets max(--requests, --requests-per-client × C) requests from C clients
+that each send their next request as soon as the last one ends, in two blocks per server in A B B A order (the
+first server alternates from level to level), so that load drift hits both. Requests/s is requests over the blocks' wall
 time. Each block records the load average and each server's CPU time (psutil): CPU ÷ wall near T means the
 server had its threads, far below means it waited for the machine (or, for the idle one, that it is idle).
 The last line printed is one JSON object; raw samples go to WORKDIR/SHAPE/serve-samples-*.json.
@@ -103,6 +103,7 @@ def prompt_texts(tokenizer_json: Path, count: int, tokens: int, seed: int) -> tu
 
 # ------------------------------------------------------------------------------------------------- servers
 
+
 @dataclass
 class Server:
     name: str
@@ -125,8 +126,10 @@ class Server:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} server exited with {self.proc.returncode} while starting:\n"
-                                 f"{self.log.read_text()[-4000:]}")
+                raise SystemExit(
+                    f"{self.name} server exited with {self.proc.returncode} while starting:\n"
+                    f"{self.log.read_text()[-4000:]}"
+                )
             try:
                 if httpx.get(self.url + self.health_path, timeout=5).status_code == 200:
                     return
@@ -154,14 +157,44 @@ def free_port() -> int:
 def start(name: str, work: Path, rt, args) -> Server:
     port = free_port()
     if name == "edge_lora":
-        cmd = [sys.executable, "-m", "edge_lora", "serve", str(work / rt.ARTIFACTS[export_step(args)]), "--port", str(port),
-               "--workers", str(args.workers), "--threads", str(args.threads // args.workers), "--queue-timeout", "600"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_lora",
+            "serve",
+            str(work / rt.ARTIFACTS[export_step(args)]),
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+            "--threads",
+            str(args.threads // args.workers),
+            "--queue-timeout",
+            "600",
+        ]
         health, forced = "/health", {"ignore_eos": True}
     else:
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(work / rt.ARTIFACTS["gguf"]),
-               "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
-               "--n_threads_batch", str(args.threads), "--n_ctx", str(N_CTX), "--interrupt_requests", "False",
-               "--verbose", "False"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(work / rt.ARTIFACTS["gguf"]),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            str(args.threads),
+            "--n_threads_batch",
+            str(args.threads),
+            "--n_ctx",
+            str(N_CTX),
+            "--interrupt_requests",
+            "False",
+            "--verbose",
+            "False",
+        ]
         health, forced = "/v1/models", {"min_tokens": args.max_tokens}
     log = work / f"serve-{name}.log"
     with log.open("w") as out:
@@ -170,6 +203,7 @@ def start(name: str, work: Path, rt, args) -> Server:
 
 
 # -------------------------------------------------------------------------------------------------- client
+
 
 async def one_request(client, server: Server, prompt: str, max_tokens: int) -> dict:
     """One streaming completion: time to first text chunk, total latency, and how the stream ended."""
@@ -224,8 +258,14 @@ def run_block(servers: dict[str, Server], name: str, prompts: list[str], concurr
     samples = asyncio.run(drive(servers[name], prompts, concurrency, max_tokens))
     wall = (time.perf_counter_ns() - t0) / 1e9
     cpu = {s: servers[s].cpu_s() - cpu0[s] for s in servers}
-    return {"server": name, "concurrency": concurrency, "wall_s": wall, "samples": samples,
-            "cpu_over_wall": {s: cpu[s] / wall for s in servers}, "loadavg_1min": [load0, os.getloadavg()[0]]}
+    return {
+        "server": name,
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "samples": samples,
+        "cpu_over_wall": {s: cpu[s] / wall for s in servers},
+        "loadavg_1min": [load0, os.getloadavg()[0]],
+    }
 
 
 def warm_up(server: Server, prompts: list[str], max_tokens: int) -> int:
@@ -242,6 +282,7 @@ def warm_up(server: Server, prompts: list[str], max_tokens: int) -> int:
 
 # ------------------------------------------------------------------------------------------------- figures
 
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))  # linear interpolation between the closest ranks
 
@@ -254,9 +295,12 @@ def summarize(blocks: list[dict], threads: int, max_tokens: int) -> dict:
     name = blocks[0]["server"]
     cpu = sum(b["cpu_over_wall"][name] * b["wall_s"] for b in blocks)
     return {
-        "requests": len(samples), "errors": len(samples) - len(ok),
-        "rps": len(ok) / wall, "tok_s": len(ok) * max_tokens / wall,
-        "ttft_p50_s": percentile(ttft, 50) if ok else None, "ttft_p99_s": percentile(ttft, 99) if ok else None,
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "rps": len(ok) / wall,
+        "tok_s": len(ok) * max_tokens / wall,
+        "ttft_p50_s": percentile(ttft, 50) if ok else None,
+        "ttft_p99_s": percentile(ttft, 99) if ok else None,
         "latency_p50_s": percentile(latency, 50) if ok else None,
         "latency_p99_s": percentile(latency, 99) if ok else None,
         # CPU ÷ (threads × wall) over the blocks: 1 when the server kept every thread busy the whole time
@@ -270,28 +314,50 @@ def summarize(blocks: list[dict], threads: int, max_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model instead of the reference shape")
-    parser.add_argument("--workdir", default="/tmp/edge-lora-bench-runtime",
-                        help="bench/runtime.py's artifact cache (built there if missing)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="threads per server: llama.cpp's n_threads, edge-lora's workers × threads per worker")
+    parser.add_argument(
+        "--workdir",
+        default="/tmp/edge-lora-bench-runtime",
+        help="bench/runtime.py's artifact cache (built there if missing)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads per server: llama.cpp's n_threads, edge-lora's workers × threads per worker",
+    )
     parser.add_argument("--workers", type=int, default=1, help="edge-lora generation workers (threads / workers each)")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of concurrent clients")
-    parser.add_argument("--requests", type=int, default=16, help="requests per server and level, at least "
-                        "--requests-per-client × clients")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=16,
+        help="requests per server and level, at least --requests-per-client × clients",
+    )
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (forced)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests per server")
-    parser.add_argument("--graph", choices=("builder", "optimum"), default="builder",
-                        help="the export edge-lora serves: --graph builder (what --device cpu-x86-64 writes for a "
-                             "Llama) or optimum's graph")
-    parser.add_argument("--int4-block-size", type=int, default=64, choices=(16, 32, 64, 128),
-                        help="as bench/runtime.py's (the CPU device profiles' 64 by default)")
+    parser.add_argument(
+        "--graph",
+        choices=("builder", "optimum"),
+        default="builder",
+        help="the export edge-lora serves: --graph builder (what --device cpu-x86-64 writes for a "
+        "Llama) or optimum's graph",
+    )
+    parser.add_argument(
+        "--int4-block-size",
+        type=int,
+        default=64,
+        choices=(16, 32, 64, 128),
+        help="as bench/runtime.py's (the CPU device profiles' 64 by default)",
+    )
     parser.add_argument("--llama-cpp-src", help="a llama.cpp tree with convert_hf_to_gguf.py (default: from the sdist)")
     args = parser.parse_args()
     if args.threads < 1 or args.workers < 1 or args.threads % args.workers:
-        parser.error(f"--threads {args.threads} must be a positive multiple of --workers {args.workers} (edge-lora "
-                     "gets threads / workers per worker, so that both servers use the same threads)")
+        parser.error(
+            f"--threads {args.threads} must be a positive multiple of --workers {args.workers} (edge-lora "
+            "gets threads / workers per worker, so that both servers use the same threads)"
+        )
     levels = [int(c) for c in args.concurrency.split(",")]
 
     rt = bench_runtime()
@@ -300,9 +366,13 @@ def main() -> None:
     build_artifacts(rt, work, args)
 
     per_level = {c: max(args.requests, args.requests_per_client * c) for c in levels}
-    texts, lengths = prompt_texts(work / rt.ARTIFACTS[export_step(args)] / "tokenizer.json",
-                                  args.warmup + sum(per_level.values()), args.prompt_tokens, seed=0)
-    warm, texts = texts[:args.warmup], texts[args.warmup:]
+    texts, lengths = prompt_texts(
+        work / rt.ARTIFACTS[export_step(args)] / "tokenizer.json",
+        args.warmup + sum(per_level.values()),
+        args.prompt_tokens,
+        seed=0,
+    )
+    warm, texts = texts[: args.warmup], texts[args.warmup :]
 
     servers: dict[str, Server] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
@@ -312,28 +382,37 @@ def main() -> None:
             servers[name] = start(name, work, rt, args)
             servers[name].wait_ready()
             counted = warm_up(servers[name], warm, args.max_tokens)
-            print(f"ready {name:9} {time.perf_counter() - t0:6.1f} s (load + {args.warmup} warm-up requests); "
-                  f"it counts {counted} prompt tokens where the tokenizer says {lengths[0]}", flush=True)
+            print(
+                f"ready {name:9} {time.perf_counter() - t0:6.1f} s (load + {args.warmup} warm-up requests); "
+                f"it counts {counted} prompt tokens where the tokenizer says {lengths[0]}",
+                flush=True,
+            )
             if counted != lengths[0]:
-                raise SystemExit(f"{name} tokenizes the prompt to {counted} tokens, the export's tokenizer to "
-                                 f"{lengths[0]}: the servers would not get the same work")
+                raise SystemExit(
+                    f"{name} tokenizes the prompt to {counted} tokens, the export's tokenizer to "
+                    f"{lengths[0]}: the servers would not get the same work"
+                )
 
         blocks: dict[tuple[str, int], list[dict]] = {}
         start_at = 0
         for i, c in enumerate(levels):
-            prompts = texts[start_at:start_at + per_level[c]]
+            prompts = texts[start_at : start_at + per_level[c]]
             start_at += per_level[c]
-            halves = [prompts[:len(prompts) // 2], prompts[len(prompts) // 2:]]
+            halves = [prompts[: len(prompts) // 2], prompts[len(prompts) // 2 :]]
             a, b = SERVERS if i % 2 == 0 else SERVERS[::-1]
             for name, half in ((a, halves[0]), (b, halves[0]), (b, halves[1]), (a, halves[1])):  # A B B A
                 block = run_block(servers, name, half, c, args.max_tokens)
                 blocks.setdefault((name, c), []).append(block)
                 ok = [x for x in block["samples"] if x["error"] is None]
                 ttft = sorted(x["ttft_s"] for x in ok)
-                print(f"c={c:<3} {name:9} {len(ok):3}/{len(half)} ok  {len(ok) / block['wall_s']:6.2f} req/s  "
-                      f"TTFT p50 {percentile(ttft, 50) if ok else float('nan'):7.3f} s  "
-                      f"cpu/wall {block['cpu_over_wall'][name]:.2f} (other {block['cpu_over_wall'][b if name == a else a]:.2f})"
-                      f"  load {block['loadavg_1min'][0]:.2f}→{block['loadavg_1min'][1]:.2f}", flush=True)
+                print(
+                    f"c={c:<3} {name:9} {len(ok):3}/{len(half)} ok  {len(ok) / block['wall_s']:6.2f} req/s  "
+                    f"TTFT p50 {percentile(ttft, 50) if ok else float('nan'):7.3f} s  "
+                    f"cpu/wall {block['cpu_over_wall'][name]:.2f} "
+                    f"(other {block['cpu_over_wall'][b if name == a else a]:.2f})"
+                    f"  load {block['loadavg_1min'][0]:.2f}→{block['loadavg_1min'][1]:.2f}",
+                    flush=True,
+                )
     finally:
         for server in servers.values():
             server.stop()
@@ -341,17 +420,26 @@ def main() -> None:
     results = {name: {c: summarize(blocks[name, c], args.threads, args.max_tokens) for c in levels} for name in SERVERS}
     loads = [x for bs in blocks.values() for b in bs for x in b["loadavg_1min"]]
     raw = work / f"serve-samples-{args.threads}threads-{args.workers}workers.json"
-    raw.write_text(json.dumps({"args": vars(args), "prompt_tokens": lengths,
-                               "blocks": [b for bs in blocks.values() for b in bs]}, indent=1))
+    raw.write_text(
+        json.dumps(
+            {"args": vars(args), "prompt_tokens": lengths, "blocks": [b for bs in blocks.values() for b in bs]},
+            indent=1,
+        )
+    )
 
-    print(f"\n{'server':9} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'lat p50':>8} {'lat p99':>8} {'errors':>6} {'cpu share':>9} {'cpu s/req':>9}")
+    print(
+        f"\n{'server':9} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'lat p50':>8} {'lat p99':>8} {'errors':>6} {'cpu share':>9} {'cpu s/req':>9}"
+    )
     for c in levels:
         for name in SERVERS:
             r = results[name][c]
-            print(f"{name:9} {c:7} {r['rps']:7.2f} {r['tok_s']:7.1f} {r['ttft_p50_s'] or 0:9.3f} {r['ttft_p99_s'] or 0:9.3f} "
-                  f"{r['latency_p50_s'] or 0:8.3f} {r['latency_p99_s'] or 0:8.3f} {r['errors']:6} {r['cpu_share']:9.2f} "
-                  f"{r['cpu_s_per_request'] or 0:9.3f}")
+            print(
+                f"{name:9} {c:7} {r['rps']:7.2f} {r['tok_s']:7.1f} {r['ttft_p50_s'] or 0:9.3f} "
+                f"{r['ttft_p99_s'] or 0:9.3f} "
+                f"{r['latency_p50_s'] or 0:8.3f} {r['latency_p99_s'] or 0:8.3f} {r['errors']:6} {r['cpu_share']:9.2f} "
+                f"{r['cpu_s_per_request'] or 0:9.3f}"
+            )
     print(f"raw samples: {raw}; load average during blocks {min(loads):.2f}–{max(loads):.2f}")
 
     def ratio(a, b):
@@ -366,17 +454,33 @@ def main() -> None:
         ratios[f"vs_llamacpp_latency_p99_c{c}"] = ratio(edge[c]["latency_p99_s"], llama[c]["latency_p99_s"])
         ratios[f"vs_llamacpp_cpu_per_request_c{c}"] = ratio(edge[c]["cpu_s_per_request"], llama[c]["cpu_s_per_request"])
     # The target: requests/s at least llama.cpp's and p99 TTFT at most llama.cpp's, at every level.
-    target = all((ratios[f"vs_llamacpp_rps_c{c}"] or 0) >= 1 and (ratios[f"vs_llamacpp_ttft_p99_c{c}"] or 9) <= 1
-                 for c in levels)
-    keep = ("rps", "tok_s", "ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s", "cpu_share",
-            "cpu_s_per_request")
+    target = all(
+        (ratios[f"vs_llamacpp_rps_c{c}"] or 0) >= 1 and (ratios[f"vs_llamacpp_ttft_p99_c{c}"] or 9) <= 1 for c in levels
+    )
+    keep = (
+        "rps",
+        "tok_s",
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "latency_p50_s",
+        "latency_p99_s",
+        "cpu_share",
+        "cpu_s_per_request",
+    )
     summary = {
-        "shape": shape_name, "edge_lora_graph": args.graph, "edge_lora_int4_block_size": args.int4_block_size,
-        "threads": args.threads, "edge_lora_workers": args.workers,
-        "prompt_tokens_mean": round(float(np.mean(lengths)), 1), "max_tokens": args.max_tokens,
+        "shape": shape_name,
+        "edge_lora_graph": args.graph,
+        "edge_lora_int4_block_size": args.int4_block_size,
+        "threads": args.threads,
+        "edge_lora_workers": args.workers,
+        "prompt_tokens_mean": round(float(np.mean(lengths)), 1),
+        "max_tokens": args.max_tokens,
         "requests_per_level": {str(c): per_level[c] for c in levels},
-        **{f"{name}_c{c}": {k: round(v, 4) for k, v in results[name][c].items() if k in keep and v is not None}
-           for name in SERVERS for c in levels},
+        **{
+            f"{name}_c{c}": {k: round(v, 4) for k, v in results[name][c].items() if k in keep and v is not None}
+            for name in SERVERS
+            for c in levels
+        },
         "errors": {name: sum(results[name][c]["errors"] for c in levels) for name in SERVERS},
         **ratios,
         "target_met": target,
@@ -387,8 +491,11 @@ def main() -> None:
     for name in SERVERS:
         for c in levels:
             if results[name][c]["errors"]:
-                print(f"{name} c={c}: {results[name][c]['errors']} failed requests, e.g. "
-                      f"{results[name][c]['first_errors']}", file=sys.stderr)
+                print(
+                    f"{name} c={c}: {results[name][c]['errors']} failed requests, e.g. "
+                    f"{results[name][c]['first_errors']}",
+                    file=sys.stderr,
+                )
     print(json.dumps(summary))
 
 

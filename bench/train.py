@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 # The anchor: the Trainer recipe's reference run on 2 CPU cores, batch 8, lengths uniform in 16–256.
@@ -58,10 +58,22 @@ VOCAB_SIZE = 4096
 # 16,785,920 parameters: tied embeddings 4096 × 512 (2.10M) + 8 × (attention 4 × 512² + MLP 3 × 512 × 512
 # + two norms) + the final norm. Tying the head is what makes hidden 512, 8 layers, vocab 4096 come to 16.8M
 # with a whole intermediate size; untied, the head alone would add 2.1M.
-FULL_MODEL = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, tie_word_embeddings=True)
-QUICK_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, tie_word_embeddings=True)
+FULL_MODEL = dict(
+    hidden_size=512,
+    intermediate_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+)
+QUICK_MODEL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    tie_word_embeddings=True,
+)
 MIN_TOKENS, MAX_TOKENS = 16, 256  # per sample, <s> and </s> included
 PROMPT_WORDS = (4, 12)
 SUCCESSORS = 8  # the data is a random Markov chain with this many next words per word: a learnable loss floor
@@ -73,6 +85,7 @@ SIDES = ("trainer", "edge-lora")  # in turn order: the Trainer takes each step f
 
 # --------------------------------------------------------------------------------------------- preparation
 
+
 def word_tokenizer():
     """A `PreTrainedTokenizerFast` over 4096 ids: four specials, then "w0".."w4091", one token per word."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -83,8 +96,14 @@ def word_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="right",
+    )
 
 
 def build_model(out_dir: Path, shape: dict, seed: int) -> int:
@@ -92,8 +111,15 @@ def build_model(out_dir: Path, shape: dict, seed: int) -> int:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_TOKENS, rms_norm_eps=1e-5,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=MAX_TOKENS,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **shape,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)
@@ -120,6 +146,7 @@ def write_data(path: Path, n_samples: int, seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- measurements
+
 
 class TurnClock:
     """Takes turns with the other side's process, one optimizer step each, and times this side's steps.
@@ -161,7 +188,9 @@ def sample_digest(input_ids, labels) -> str:
 
 def batch_digest(samples: list[tuple]) -> str:
     """Order-free digest of one batch's (input_ids, labels) pairs: packing reorders samples, padding does not."""
-    return hashlib.sha256("".join(sorted(sample_digest(i, l) for i, l in samples)).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(sorted(sample_digest(ids, labels) for ids, labels in samples)).encode()).hexdigest()[
+        :16
+    ]
 
 
 def batch_record(samples: list[tuple], batch: dict, padding: int) -> dict:
@@ -190,6 +219,7 @@ def peak_rss_mb() -> float:
 
 
 # --------------------------------------------------------------------------------------------------- sides
+
 
 def run_edge_lora(work: Path, args, clock: TurnClock) -> dict:
     """edge-lora's trainer as shipped; `pack`, `add_lora` and `progress_bar` are wrapped only to observe it."""
@@ -220,29 +250,44 @@ def run_edge_lora(work: Path, args, clock: TurnClock) -> dict:
         # The loop calls advance(1, ...) once after every optimizer step, after its metrics row (and
         # advance(0, ...) once before the first step, which is not a step).
         with original_progress_bar(description, *a, **kw) as advance:
+
             def clocked(n: int = 1, status: str = "") -> None:
                 advance(n, status)
                 if description == "training" and n:
                     clock.step_end()
+
             yield clocked
 
     trainer.pack, trainer.add_lora, trainer.progress_bar = observed_pack, observed_add_lora, clocked_progress_bar
     extra = {"gradient_checkpointing": True} if args.edge_lora_checkpointing else {}
     config = TrainConfig(
-        model=str(work / "model"), data=str(work / "data.jsonl"), output=str(work / "edge-lora-adapter"),
-        max_steps=args.warmup + args.steps, batch_size=args.batch_size, max_length=MAX_TOKENS,
-        pack_length=args.pack_length, learning_rate=args.lr, warmup_steps=0, schedule="cosine",
-        weight_decay=0.0, max_grad_norm=1.0, seed=args.seed, log_every=1,
+        model=str(work / "model"),
+        data=str(work / "data.jsonl"),
+        output=str(work / "edge-lora-adapter"),
+        max_steps=args.warmup + args.steps,
+        batch_size=args.batch_size,
+        max_length=MAX_TOKENS,
+        pack_length=args.pack_length,
+        learning_rate=args.lr,
+        warmup_steps=0,
+        schedule="cosine",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=args.seed,
+        log_every=1,
         lora=LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=("all-linear",)),
-        quant=QuantConfig(compute_dtype=resolved_dtype(args)), **extra,
+        quant=QuantConfig(compute_dtype=resolved_dtype(args)),
+        **extra,
     )
     shutil.rmtree(config.output, ignore_errors=True)  # the trainer refuses to overwrite an earlier run
     trainer.train(config, show_progress=False)
     rows = [json.loads(line) for line in (work / "edge-lora-adapter" / "metrics.jsonl").read_text().splitlines()]
     counts = (len(rows), len(batches), len(clock.steps))
     if counts != (config.max_steps,) * 3:
-        raise SystemExit(f"edge-lora side: expected one metrics row, packed batch and progress step per optimizer step "
-                         f"({config.max_steps}), got {counts} — the trainer's loop changed; adapt the bench")
+        raise SystemExit(
+            f"edge-lora side: expected one metrics row, packed batch and progress step per optimizer step "
+            f"({config.max_steps}), got {counts} — the trainer's loop changed; adapt the bench"
+        )
     return {"losses": [r["loss"] for r in rows], "batches": batches, "lora_init": seen["lora_init"]}
 
 
@@ -250,8 +295,17 @@ def run_trainer(work: Path, args, clock: TurnClock) -> dict:
     """The standard transformers Trainer + PEFT + bitsandbytes NF4 recipe, padded batches, checkpointing on."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     from edge_lora.train.data import batch_order
 
@@ -264,24 +318,41 @@ def run_trainer(work: Path, args, clock: TurnClock) -> dict:
         prompt = tokenizer(record["prompt"])["input_ids"]  # <s> + prompt
         completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (prompt + completion)[:MAX_TOKENS]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids),
-                "labels": ([IGNORE_INDEX] * len(prompt) + completion)[:MAX_TOKENS]}
+        return {
+            "input_ids": ids,
+            "attention_mask": [1] * len(ids),
+            "labels": ([IGNORE_INDEX] * len(prompt) + completion)[:MAX_TOKENS],
+        }
 
     records = [tokenize(json.loads(line)) for line in (work / "data.jsonl").read_text().splitlines()]
     max_steps = args.warmup + args.steps
     # edge-lora's batch order, read sequentially: the same samples in every step on both sides.
-    dataset = [records[i] for step in range(max_steps)
-               for i in batch_order(len(records), args.batch_size, step, args.seed)]
+    dataset = [
+        records[i] for step in range(max_steps) for i in batch_order(len(records), args.batch_size, step, args.seed)
+    ]
 
     set_seed(args.seed)
     dtype = getattr(torch, resolved_dtype(args))
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, device_map={"": "cpu"},
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        model_dir,
+        dtype=dtype,
+        device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        ),
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
     lora_init = lora_digest(model)
 
     batches = []
@@ -303,20 +374,37 @@ def run_trainer(work: Path, args, clock: TurnClock) -> dict:
             return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
     training_args = TrainingArguments(
-        output_dir=str(work / "trainer-out"), per_device_train_batch_size=args.batch_size,
-        gradient_checkpointing=True, max_steps=max_steps, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1,
-        report_to=[], save_strategy="no", seed=args.seed, use_cpu=True, dataloader_num_workers=0,
-        dataloader_pin_memory=False, disable_tqdm=True, bf16=dtype == torch.bfloat16,
+        output_dir=str(work / "trainer-out"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_checkpointing=True,
+        max_steps=max_steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=args.seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+        bf16=dtype == torch.bfloat16,
     )
-    trainer = InOrderTrainer(model=model, args=training_args, train_dataset=dataset,
-                             data_collator=counting_collator, callbacks=[StepEnd()])
+    trainer = InOrderTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=counting_collator, callbacks=[StepEnd()]
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     if (len(losses), len(batches), len(clock.steps)) != (max_steps,) * 3:
-        raise SystemExit(f"Trainer side: expected {max_steps} losses, batches and steps, "
-                         f"got {len(losses)}, {len(batches)}, {len(clock.steps)}")
+        raise SystemExit(
+            f"Trainer side: expected {max_steps} losses, batches and steps, "
+            f"got {len(losses)}, {len(batches)}, {len(clock.steps)}"
+        )
     return {"losses": losses, "batches": batches, "lora_init": lora_init}
 
 
@@ -347,12 +435,14 @@ def run_side(side: str, work: Path, args) -> None:
     wait_fd, pass_fd = map(int, args.turn_fds.split(","))
     clock = TurnClock(wait_fd, pass_fd, args.warmup + args.steps)
     result = run_edge_lora(work, args, clock) if side == "edge-lora" else run_trainer(work, args, clock)
-    result.update({
-        "side": side,
-        "step_seconds": [round(wall, 4) for wall, _ in clock.steps],
-        "step_cpu_seconds": [round(cpu, 4) for _, cpu in clock.steps],
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-    })
+    result.update(
+        {
+            "side": side,
+            "step_seconds": [round(wall, 4) for wall, _ in clock.steps],
+            "step_cpu_seconds": [round(cpu, 4) for _, cpu in clock.steps],
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+    )
     (work / f"{side}.json").write_text(json.dumps(result))
 
 
@@ -364,9 +454,20 @@ def run_both(work: Path, args) -> tuple[dict, dict]:
     for side in SIDES:
         wait_fd, pass_fd = fds[side]
         procs[side] = subprocess.Popen(
-            [sys.executable, __file__, *sys.argv[1:], "--side", side, "--workdir", str(work),
-             "--turn-fds", f"{wait_fd},{pass_fd}"],
-            pass_fds=(wait_fd, pass_fd), env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            [
+                sys.executable,
+                __file__,
+                *sys.argv[1:],
+                "--side",
+                side,
+                "--workdir",
+                str(work),
+                "--turn-fds",
+                f"{wait_fd},{pass_fd}",
+            ],
+            pass_fds=(wait_fd, pass_fd),
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        )
     os.write(to_hf[1], b"t")
     # Only the sides hold the pipes now: when one dies, the other reads end-of-file instead of waiting forever.
     for fd in (*to_hf, *to_edge):
@@ -378,7 +479,9 @@ def run_both(work: Path, args) -> tuple[dict, dict]:
             if p.poll() not in (None, 0):
                 failed = failed or f"{side} side exited with status {p.returncode}"
         time.sleep(5)
-    failed = failed or next((f"{s} side exited with status {p.returncode}" for s, p in procs.items() if p.returncode), None)
+    failed = failed or next(
+        (f"{s} side exited with status {p.returncode}" for s, p in procs.items() if p.returncode), None
+    )
     if failed:
         raise SystemExit(failed)
     args.loads = loads
@@ -386,6 +489,7 @@ def run_both(work: Path, args) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- the report
+
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
@@ -424,15 +528,20 @@ def batch_total(side: dict, key: str) -> int:
 
 def compare(edge: dict, hf: dict, args, n_params: int) -> dict:
     if [b["digest"] for b in edge["batches"]] != [b["digest"] for b in hf["batches"]]:
-        raise SystemExit("the two sides did not train on the same token ids and labels, step by step — "
-                         "the benchmark is not comparing like with like")
+        raise SystemExit(
+            "the two sides did not train on the same token ids and labels, step by step — "
+            "the benchmark is not comparing like with like"
+        )
     w = args.warmup
     useful = [b["useful"] for b in timed(edge, "batches", w)]
     if useful != [b["useful"] for b in timed(hf, "batches", w)]:
         raise SystemExit("the two sides counted different useful tokens for the same batches")
     edge_s, hf_s = timed(edge, "step_seconds", w), timed(hf, "step_seconds", w)
-    quiet = [k for k, (a, b) in enumerate(zip(uncontended(edge, w, args.threads), uncontended(hf, w, args.threads)))
-             if a and b]
+    quiet = [
+        k
+        for k, (a, b) in enumerate(zip(uncontended(edge, w, args.threads), uncontended(hf, w, args.threads)))
+        if a and b
+    ]
     basis = quiet if len(quiet) >= MIN_UNCONTENDED else list(range(len(useful)))
     # Each pair of steps ran back to back on the same batch: its time ratio is that step's speedup.
     ratios = [hf_s[k] / edge_s[k] for k in basis]
@@ -447,7 +556,7 @@ def compare(edge: dict, hf: dict, args, n_params: int) -> dict:
     # the last `tail` steps is smaller than twice the standard error of the Trainer's own last-`tail` mean
     # (its batch-to-batch spread over √tail).
     gap = mean(edge_tail) - mean(hf_tail)
-    noise = 2 * stdev(hf_tail) / tail ** 0.5
+    noise = 2 * stdev(hf_tail) / tail**0.5
     step_gaps = [abs(a - b) / b for a, b in zip(edge["losses"], hf["losses"])]
     return {
         "edge_lora_useful_tok_s": round(quantile(edge_rates, 0.5), 1),
@@ -495,7 +604,11 @@ def print_report(edge: dict, hf: dict, result: dict, warmup: int) -> None:
     rows = (
         ("useful tokens/s (median step)", result["edge_lora_useful_tok_s"], result["trainer_useful_tok_s"]),
         ("useful tokens/s (whole window)", result["edge_lora_mean_tok_s"], result["trainer_mean_tok_s"]),
-        ("useful tokens per CPU-second", result["edge_lora_useful_tok_per_cpu_s"], result["trainer_useful_tok_per_cpu_s"]),
+        (
+            "useful tokens per CPU-second",
+            result["edge_lora_useful_tok_per_cpu_s"],
+            result["trainer_useful_tok_per_cpu_s"],
+        ),
         ("useful tokens (timed steps)", useful, useful),
         ("batch tokens incl. padding", *(sum(b["tokens"] for b in s["batches"][warmup:]) for s in (edge, hf))),
         ("padding fraction", result["edge_lora_padding_fraction"], result["trainer_padding_fraction"]),
@@ -503,35 +616,53 @@ def print_report(edge: dict, hf: dict, result: dict, warmup: int) -> None:
     )
     for label, a, b in rows:
         print(f"{label:32}{a:>12}{b:>12}")
-    print("batch shapes (first 3)        ", f"edge-lora {[b['shape'] for b in edge['batches'][:3]]}, "
-          f"Trainer {[b['shape'] for b in hf['batches'][:3]]}")
+    print(
+        "batch shapes (first 3)        ",
+        f"edge-lora {[b['shape'] for b in edge['batches'][:3]]}, Trainer {[b['shape'] for b in hf['batches'][:3]]}",
+    )
     for name, side in (("edge-lora", edge), ("Trainer", hf)):
         print(f"step seconds ({name}) ".ljust(28), " ".join(f"{x:.2f}" for x in side["step_seconds"]))
     for name, side in (("edge-lora", edge), ("Trainer", hf)):
         print(f"loss per step ({name}) ".ljust(28), " ".join(f"{x:.3f}" for x in side["losses"]))
-    print(f"speedup {result['speedup']}x (median over {result['speedup_basis']}, IQR {result['speedup_p25_p75']}; "
-          f"all pairs {result['speedup_all_pairs']}x; whole-window means {result['speedup_of_means']}x), peak RSS ratio {result['rss_ratio']}, Trainer padding "
-          f"{result['trainer_padding_fraction']:.0%} (anchor: {ANCHOR_TRAINER_PADDING:.0%}), last-10 loss "
-          f"{result['edge_lora_final_loss']} vs {result['trainer_final_loss']} "
-          f"({'within' if result['loss_within_noise'] else 'outside'} noise)")
+    print(
+        f"speedup {result['speedup']}x (median over {result['speedup_basis']}, IQR {result['speedup_p25_p75']}; "
+        f"all pairs {result['speedup_all_pairs']}x; whole-window means {result['speedup_of_means']}x), "
+        f"peak RSS ratio {result['rss_ratio']}, Trainer padding "
+        f"{result['trainer_padding_fraction']:.0%} (anchor: {ANCHOR_TRAINER_PADDING:.0%}), last-10 loss "
+        f"{result['edge_lora_final_loss']} vs {result['trainer_final_loss']} "
+        f"({'within' if result['loss_within_noise'] else 'outside'} noise)"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example: .venv/bin/python bench/train.py --steps 30")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: .venv/bin/python bench/train.py --steps 30",
+    )
     parser.add_argument("--steps", type=int, help="timed optimizer steps per side (default 30; 6 with --quick)")
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps before them (default 5; 2 with --quick)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step (default 8)")
-    parser.add_argument("--pack-length", type=int, default=MAX_TOKENS,
-                        help=f"edge-lora's packed row length (default {MAX_TOKENS}, the longest sample)")
+    parser.add_argument(
+        "--pack-length",
+        type=int,
+        default=MAX_TOKENS,
+        help=f"edge-lora's packed row length (default {MAX_TOKENS}, the longest sample)",
+    )
     parser.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate, both sides (default 2e-4)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both sides (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="compute dtype of both sides (default auto: edge-lora's choice on this machine)")
-    parser.add_argument("--edge-lora-checkpointing", action="store_true",
-                        help="turn on edge-lora's gradient checkpointing too (the Trainer side always has it on)")
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="compute dtype of both sides (default auto: edge-lora's choice on this machine)",
+    )
+    parser.add_argument(
+        "--edge-lora-checkpointing",
+        action="store_true",
+        help="turn on edge-lora's gradient checkpointing too (the Trainer side always has it on)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 + 6 steps: a smoke run")
     parser.add_argument("--workdir", help="keep the model, data and per-side JSON here instead of a temp dir")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -554,10 +685,13 @@ def main() -> None:
         n_params = build_model(work / "model", QUICK_MODEL if args.quick else FULL_MODEL, args.seed)
         # Exactly one epoch: every step draws a fresh batch of samples on both sides.
         write_data(work / "data.jsonl", (args.warmup + args.steps) * args.batch_size, args.seed)
-        print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, "
-              f"load {os.getloadavg()[0]:.2f}; model {n_params:,} parameters; {args.warmup} untimed + "
-              f"{args.steps} timed steps of batch {args.batch_size} in {resolved_dtype(args)}, the two sides taking turns",
-              flush=True)
+        print(
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"load {os.getloadavg()[0]:.2f}; model {n_params:,} parameters; {args.warmup} untimed + "
+            f"{args.steps} timed steps of batch {args.batch_size} in {resolved_dtype(args)}, "
+            "the two sides taking turns",
+            flush=True,
+        )
         edge, hf = run_both(work, args)
         result = compare(edge, hf, args, n_params)
         print_report(edge, hf, result, args.warmup)

@@ -33,8 +33,17 @@ _CPU_FLAGS = {
 
 # The keys (in lower case) of the /proc/cpuinfo lines that say what -march=native compiles for: x86-64's
 # "model name" and "flags", Arm's "CPU implementer", "CPU part" and "Features".
-_SIGNATURE_KEYS = ("model name", "flags", "cpu family", "model", "cpu implementer", "cpu architecture",
-                   "cpu variant", "cpu part", "features")
+_SIGNATURE_KEYS = (
+    "model name",
+    "flags",
+    "cpu family",
+    "model",
+    "cpu implementer",
+    "cpu architecture",
+    "cpu variant",
+    "cpu part",
+    "features",
+)
 
 # Far beyond the last-level cache one core can use, so the copy streams through DRAM.
 _BANDWIDTH_BYTES = 256 * 2**20
@@ -69,6 +78,7 @@ class HostInfo:
 
 # --- /proc/cpuinfo -------------------------------------------------------------------------------------------
 
+
 def cpuinfo(path: Path = CPUINFO) -> list[dict[str, str]]:
     """/proc/cpuinfo as one dict per block (each processor; on Arm boards also a trailing board block).
     OSError where the file cannot be read (not Linux)."""
@@ -100,6 +110,7 @@ def cpu_signature_lines(path: Path = CPUINFO) -> list[str]:
 
 
 # --- the host ------------------------------------------------------------------------------------------------
+
 
 def detect(available_providers: list[str]) -> HostInfo:
     """Describe this machine, in well under 2 s: most of it goes to faulting in and copying 512 MiB of buffers.

@@ -107,8 +107,10 @@ def load(name_or_path: str | os.PathLike) -> DeviceProfile:
     if found:
         raise schema.error(path, found, schema.key_lines(text))
     values = {field: schema.get(doc, key) for field, (key, _, _) in schema.SCHEMA.items()}
-    values = {field: schema.OPTIONAL[schema.SCHEMA[field][0]] if value is schema.MISSING else value
-              for field, value in values.items()}
+    values = {
+        field: schema.OPTIONAL[schema.SCHEMA[field][0]] if value is schema.MISSING else value
+        for field, value in values.items()
+    }
     values["providers"] = tuple(Provider(p["name"], p["options"]) for p in values["providers"])
     values["kernels"] = tuple(values["kernels"])
     return DeviceProfile(**values, path=path)

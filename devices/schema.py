@@ -12,18 +12,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
-from edge_lora.formats import Flavor, Graph, KERNELS, Precision
+from edge_lora.formats import KERNELS, Flavor, Graph, Precision
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
 # onnxruntime.get_all_providers() of onnxruntime 1.32, so that a misspelt name fails when the profile loads
 # rather than when a session is built on the device.
 KNOWN_PROVIDERS = (
-    "TensorrtExecutionProvider", "CUDAExecutionProvider", "MIGraphXExecutionProvider",
-    "OpenVINOExecutionProvider", "DnnlExecutionProvider", "VitisAIExecutionProvider", "QNNExecutionProvider",
-    "NnapiExecutionProvider", "VSINPUExecutionProvider", "JsExecutionProvider", "CoreMLExecutionProvider",
-    "DmlExecutionProvider", "RknpuExecutionProvider", "WebNNExecutionProvider", "WebGpuExecutionProvider",
-    "XnnpackExecutionProvider", "CANNExecutionProvider", "AzureExecutionProvider", "CPUExecutionProvider",
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "DnnlExecutionProvider",
+    "VitisAIExecutionProvider",
+    "QNNExecutionProvider",
+    "NnapiExecutionProvider",
+    "VSINPUExecutionProvider",
+    "JsExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+    "RknpuExecutionProvider",
+    "WebNNExecutionProvider",
+    "WebGpuExecutionProvider",
+    "XnnpackExecutionProvider",
+    "CANNExecutionProvider",
+    "AzureExecutionProvider",
+    "CPUExecutionProvider",
 )
 
 # edge-lora's own onnxruntime kernels (edge_lora.runtime.kernels) that a profile may allow.
@@ -168,8 +182,9 @@ def _unknown_keys(doc: dict) -> list[tuple[str, str]]:
 def error(path: Path, found: list[tuple[str, str]], lines: dict[str, int] | None = None) -> DeviceProfileError:
     """One line: the file, then each problem, after the line of the file that sets its key where that is known."""
     lines = lines or {}
-    return DeviceProfileError(f"{path}: " + "; ".join(f"line {lines[key]}: {message}" if key in lines else message
-                                                      for key, message in found))
+    return DeviceProfileError(
+        f"{path}: " + "; ".join(f"line {lines[key]}: {message}" if key in lines else message for key, message in found)
+    )
 
 
 _TABLE_LINE = re.compile(r"\[\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
@@ -195,7 +210,7 @@ def key_lines(text: str) -> dict[str, int]:
             section = table[1]
         elif key := _KEY_LINE.match(stripped):
             lines.setdefault(f"{section}.{key[1]}" if section else key[1], number)
-            value = stripped[key.end():].strip()
+            value = stripped[key.end() :].strip()
             if value[:3] in _MULTILINE_STRINGS and value[:3] not in value[3:]:
                 closing = value[:3]
     return lines

@@ -11,16 +11,12 @@ devices loader and the CLI import this module without pulling in a training libr
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import types
-import typing
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
-from edge_lora.errors import UsageError
+from edge_lora.records import ManifestError, Record, read_json, write_json
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
@@ -58,8 +54,13 @@ PROFILE_SCHEMA = "edge-lora/profile"
 PROFILE_SCHEMA_VERSION = 3
 
 
-class ManifestError(UsageError):
-    """A manifest that is missing, not JSON, or not of the shape this version reads."""
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, read in 4 MB chunks: what manifests record of each file they list."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class AdapterError(ManifestError):
@@ -72,120 +73,6 @@ class ExportError(ManifestError):
 
 class ProfileError(ManifestError):
     """Settings or reports the profiler cannot work with; the message says which value and how to fix it."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """A JSON object with typed fields: from_dict checks every field's type and collects every problem into one
-    error, naming the file; keys without a field are kept in `extra` and written back by to_dict."""
-
-    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
-    given: frozenset[str] | None = field(default=None, repr=False, compare=False, kw_only=True)
-    """The keys the source object had (None: built in code): to_dict leaves out an optional field it lacked."""
-    error: ClassVar[type[ManifestError]] = ManifestError
-    fix: ClassVar[str] = "re-create the file with this edge-lora"
-
-    @classmethod
-    def from_dict(cls, doc: object, where: str) -> typing.Self:
-        if not isinstance(doc, dict):
-            raise cls.error(f"{where} is not a JSON object — {cls.fix}")
-        hints = _hints(cls)
-        values, problems = {}, []
-        for f in dataclasses.fields(cls):
-            if f.name in ("extra", "given"):
-                continue
-            if f.name not in doc:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    problems.append(f"lacks {f.name!r}")
-                continue
-            try:
-                values[f.name] = _convert(hints[f.name], doc[f.name], f"{f.name}")
-            except ValueError as e:
-                problems.append(str(e))
-        if problems:
-            raise cls.error(f"{where}: {'; '.join(problems)} — {cls.fix}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**values, extra={k: v for k, v in doc.items() if k not in names}, given=frozenset(doc))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name not in ("extra", "given") and (self.given is None or f.name in self.given):
-                out[f.name] = _plain(getattr(self, f.name))
-        return out | self.extra
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    """`value` checked against the annotation `hint`, nested Records built; ValueError names the key."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _convert(next(a for a in args if a is not type(None)), value, key)
-    if isinstance(hint, type) and issubclass(hint, Record):
-        if not isinstance(value, dict):
-            raise ValueError(f"{key!r} is {_kind(value)}, expected an object")
-        return _record(hint, value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key!r} is {value!r}, expected one of {', '.join(map(str, args))}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key!r} is {_kind(value)}, expected an object")
-        return {k: _convert(args[1], v, f"{key}.{k}") for k, v in value.items()} if args else value
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ValueError(f"{key!r} is {_kind(value)}, expected a list")
-        item = args[0] if args else Any
-        items = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
-        raise ValueError(f"{key!r} is {_kind(value)}, expected {hint.__name__}")
-    return value
-
-
-def _record(cls: type[Record], value: dict, key: str) -> Record:
-    """A nested Record: its problems are the parent's, prefixed with the key that holds it."""
-    try:
-        return cls.from_dict(value, key)
-    except ManifestError as e:
-        raise ValueError(str(e).rsplit(" — ", 1)[0]) from None
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Record):
-        return value.to_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _read_json(path: Path, error: type[ManifestError], fix: str) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path} is not valid JSON ({e}) — {fix}") from None
-
-
-def _write_json(record: Record, path: Path) -> Path:
-    path.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
-    return path
 
 
 # ---- edge_lora.json ------------------------------------------------------------------------------------------------
@@ -233,10 +120,10 @@ class AdapterManifest(Record):
         path = adapter_dir / ADAPTER_MANIFEST
         if not path.exists():
             raise AdapterError(f"{adapter_dir} has no {ADAPTER_MANIFEST} — pass a dir written by edge-lora train")
-        return cls.from_dict(_read_json(path, AdapterError, cls.fix), str(path))
+        return cls.from_dict(read_json(path, AdapterError, cls.fix), str(path))
 
     def save(self, adapter_dir: str | Path) -> Path:
-        return _write_json(self, Path(adapter_dir) / ADAPTER_MANIFEST)
+        return write_json(self, Path(adapter_dir) / ADAPTER_MANIFEST)
 
 
 # ---- export.json ---------------------------------------------------------------------------------------------------
@@ -340,12 +227,13 @@ class ExportManifest(Record):
             raise ExportError(f"export dir {export_dir} does not exist — pass the --output dir of edge-lora export")
         path = export_dir / EXPORT_MANIFEST
         if not path.exists():
-            raise ExportError(f"{export_dir} is not an export: no {EXPORT_MANIFEST} — pass a dir written by "
-                              "edge-lora export")
-        return cls.from_dict(_read_json(path, ExportError, cls.fix), str(path))
+            raise ExportError(
+                f"{export_dir} is not an export: no {EXPORT_MANIFEST} — pass a dir written by edge-lora export"
+            )
+        return cls.from_dict(read_json(path, ExportError, cls.fix), str(path))
 
     def save(self, export_dir: str | Path) -> Path:
-        return _write_json(self, Path(export_dir) / EXPORT_MANIFEST)
+        return write_json(self, Path(export_dir) / EXPORT_MANIFEST)
 
 
 # ---- profile.json --------------------------------------------------------------------------------------------------
@@ -372,11 +260,14 @@ class ProfileReport(Record):
     def from_dict(cls, doc: object, where: str) -> ProfileReport:
         schema = doc.get("schema") if isinstance(doc, dict) else None
         if schema != PROFILE_SCHEMA:
-            raise ProfileError(f"{where} is not a profile report: schema {schema!r}, expected {PROFILE_SCHEMA!r} — "
-                               f"{cls.fix}")
+            raise ProfileError(
+                f"{where} is not a profile report: schema {schema!r}, expected {PROFILE_SCHEMA!r} — {cls.fix}"
+            )
         if doc.get("schema_version") != PROFILE_SCHEMA_VERSION:
-            raise ProfileError(f"{where} has schema_version {doc.get('schema_version')!r}, expected "
-                               f"{PROFILE_SCHEMA_VERSION} — profile again with this edge-lora to compare it")
+            raise ProfileError(
+                f"{where} has schema_version {doc.get('schema_version')!r}, expected "
+                f"{PROFILE_SCHEMA_VERSION} — profile again with this edge-lora to compare it"
+            )
         return super().from_dict(doc, where)
 
     @classmethod
@@ -384,7 +275,7 @@ class ProfileReport(Record):
         path = Path(path)
         if not path.is_file():
             raise ProfileError(f"{path} does not exist — {cls.fix}")
-        return cls.from_dict(_read_json(path, ProfileError, cls.fix), str(path))
+        return cls.from_dict(read_json(path, ProfileError, cls.fix), str(path))
 
     def save(self, path: str | Path) -> Path:
-        return _write_json(self, Path(path))
+        return write_json(self, Path(path))

@@ -11,24 +11,26 @@ Torch-free: inspecting an export on a device needs only the runtime's dependenci
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edge_lora.errors import UsageError
-from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST
-from edge_lora.runtime.package import ExportDir, sha256_file
+from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST, AdapterManifest, sha256_file
+from edge_lora.runtime.package import ExportDir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def data_digests(manifest: dict) -> dict:
-    """The training and eval files an adapter was trained on: {"train": {path, sha256, samples}, "eval": ... or None}."""
-    data = manifest.get("data") or {}
-    return {split: ({k: data[split][k] for k in ("path", "sha256", "samples")} if data.get(split) else None)
-            for split in ("train", "eval")}
+def data_digests(data: dict) -> dict:
+    """The training and eval files an adapter was trained on (its manifest's `data`): {"train": {path, sha256,
+    samples}, "eval": ... or None}."""
+    data = data or {}
+    return {
+        split: ({k: data[split][k] for k in ("path", "sha256", "samples")} if data.get(split) else None)
+        for split in ("train", "eval")
+    }
 
 
-def adapter_record(adapter_dir: Path, manifest: dict, name: str) -> dict:
+def adapter_record(adapter_dir: Path, manifest: AdapterManifest, name: str) -> dict:
     """One adapter as an export records it."""
     adapter_dir = Path(adapter_dir)
     return {
@@ -36,15 +38,17 @@ def adapter_record(adapter_dir: Path, manifest: dict, name: str) -> dict:
         "path": str(adapter_dir.resolve()),
         "adapter_sha256": sha256_file(adapter_dir / ADAPTER_WEIGHTS),
         "manifest_sha256": sha256_file(adapter_dir / ADAPTER_MANIFEST),
-        "base": {"model": manifest["base_model"], "fingerprint": manifest["base_fingerprint"]["digest"]},
-        "data": data_digests(manifest),
+        "base": {"model": manifest.base_model, "fingerprint": manifest.base_digest},
+        "data": data_digests(manifest.data),
     }
 
 
-def export_lineage(adapter_dirs: list[Path], names: list[str], manifests: list[dict], options) -> dict:
+def export_lineage(adapter_dirs: list[Path], names: list[str], manifests: list[AdapterManifest], options) -> dict:
     """export.json's `lineage`: the adapters it was made from and the settings it was made with."""
-    return {"adapters": [adapter_record(d, m, n) for d, m, n in zip(adapter_dirs, manifests, names)],
-            "settings": dict(options.__dict__)}
+    return {
+        "adapters": [adapter_record(d, m, n) for d, m, n in zip(adapter_dirs, manifests, names)],
+        "settings": dict(options.__dict__),
+    }
 
 
 def file_status(path: str | Path, sha256: str) -> str:
@@ -63,21 +67,36 @@ def base_node(base: dict, verify: bool) -> dict:
         if not (model_dir / "config.json").is_file():
             node["status"] = "missing"
         else:
-            node["status"] = "matches" if adapter_manifest.fingerprint(model_dir)["digest"] == base["fingerprint"] else "changed"
+            node["status"] = (
+                "matches" if adapter_manifest.fingerprint(model_dir)["digest"] == base["fingerprint"] else "changed"
+            )
     return node
 
 
 def data_nodes(data: dict) -> list[dict]:
-    return [{"kind": f"{split} data", "path": d["path"], "sha256": d["sha256"], "samples": d["samples"],
-             "status": file_status(d["path"], d["sha256"])} for split, d in data.items() if d]
+    return [
+        {
+            "kind": f"{split} data",
+            "path": d["path"],
+            "sha256": d["sha256"],
+            "samples": d["samples"],
+            "status": file_status(d["path"], d["sha256"]),
+        }
+        for split, d in data.items()
+        if d
+    ]
 
 
 def adapter_node(record: dict, verify_base: bool, status: str) -> dict:
-    node = {"kind": "adapter", "name": record["name"], "path": record["path"], "sha256": record["adapter_sha256"],
-            "status": status}
-    manifest_path = Path(record["path"]) / ADAPTER_MANIFEST
-    if manifest_path.is_file():
-        card = json.loads(manifest_path.read_text()).get("data_card")
+    node = {
+        "kind": "adapter",
+        "name": record["name"],
+        "path": record["path"],
+        "sha256": record["adapter_sha256"],
+        "status": status,
+    }
+    if (Path(record["path"]) / ADAPTER_MANIFEST).is_file():
+        card = AdapterManifest.load(record["path"]).data_card
         if card:
             node["data_card"] = card_summary(card)
     node["parents"] = [base_node(record["base"], verify_base), *data_nodes(record["data"])]
@@ -86,12 +105,16 @@ def adapter_node(record: dict, verify_base: bool, status: str) -> dict:
 
 def card_summary(card: dict) -> str:
     train = card["train"]
-    text = (f"{train['samples']} samples, tokens p50 {train['tokens']['p50']} max {train['tokens']['max']}, "
-            f"{train['truncated']} truncated, {train['exact_duplicates']['count']} exact + "
-            f"{train['near_duplicates']['count']} near duplicates")
+    text = (
+        f"{train['samples']} samples, tokens p50 {train['tokens']['p50']} max {train['tokens']['max']}, "
+        f"{train['truncated']} truncated, {train['exact_duplicates']['count']} exact + "
+        f"{train['near_duplicates']['count']} near duplicates"
+    )
     if card.get("overlap"):
         o = card["overlap"]
-        text += f", eval overlap {o['count']}/{card['eval']['samples']}" + (" (allowed)" if o["count"] and o["allowed"] else "")
+        text += f", eval overlap {o['count']}/{card['eval']['samples']}" + (
+            " (allowed)" if o["count"] and o["allowed"] else ""
+        )
     return text
 
 
@@ -104,12 +127,16 @@ def inspect(path: str | Path, verify_base: bool = False) -> dict:
         export = open_export(path, verify=False)
         return export_node(export, verify_base)
     if (path / ADAPTER_MANIFEST).is_file():
-        manifest = json.loads((path / ADAPTER_MANIFEST).read_text())
+        manifest = AdapterManifest.load(path)
         if not (path / ADAPTER_WEIGHTS).is_file():
-            raise UsageError(f"{path} has {ADAPTER_MANIFEST} but no {ADAPTER_WEIGHTS} — restore the file or train again")
+            raise UsageError(
+                f"{path} has {ADAPTER_MANIFEST} but no {ADAPTER_WEIGHTS} — restore the file or train again"
+            )
         return adapter_node(adapter_record(path, manifest, path.resolve().name), verify_base, "this dir")
-    raise UsageError(f"{path} is neither an export dir ({EXPORT_MANIFEST}) nor an adapter dir ({ADAPTER_MANIFEST}) — "
-                     "pass the --output dir of edge-lora export or edge-lora train")
+    raise UsageError(
+        f"{path} is neither an export dir ({EXPORT_MANIFEST}) nor an adapter dir ({ADAPTER_MANIFEST}) — "
+        "pass the --output dir of edge-lora export or edge-lora train"
+    )
 
 
 def export_node(export: ExportDir, verify_base: bool) -> dict:
@@ -117,10 +144,18 @@ def export_node(export: ExportDir, verify_base: bool) -> dict:
     lineage = m.lineage
     if lineage is None:  # an export written before lineage was recorded: its source adapter's manifest is embedded
         source = m.source_adapter
-        records = [{"name": Path(source["path"]).name, "path": source["path"], "adapter_sha256": None,
-                    "base": {"model": source["manifest"]["base_model"],
-                             "fingerprint": source["manifest"]["base_fingerprint"]["digest"]},
-                    "data": data_digests(source["manifest"])}]
+        records = [
+            {
+                "name": Path(source["path"]).name,
+                "path": source["path"],
+                "adapter_sha256": None,
+                "base": {
+                    "model": source["manifest"]["base_model"],
+                    "fingerprint": source["manifest"]["base_fingerprint"]["digest"],
+                },
+                "data": data_digests(source["manifest"].get("data")),
+            }
+        ]
     else:
         records = lineage["adapters"]
     parents = []
@@ -128,9 +163,17 @@ def export_node(export: ExportDir, verify_base: bool) -> dict:
         weights = Path(record["path"]) / ADAPTER_WEIGHTS
         status = "not recorded" if record["adapter_sha256"] is None else file_status(weights, record["adapter_sha256"])
         parents.append(adapter_node(record, verify_base, status))
-    return {"kind": "export", "path": str(export.path.resolve()), "digest": export.digest(), "flavor": m.flavor,
-            "precision": m.precision, "opset": m.opset, "device": m.device,
-            "settings": (lineage or {}).get("settings", m.options), "parents": parents}
+    return {
+        "kind": "export",
+        "path": str(export.path.resolve()),
+        "digest": export.digest(),
+        "flavor": m.flavor,
+        "precision": m.precision,
+        "opset": m.opset,
+        "device": m.device,
+        "settings": (lineage or {}).get("settings", m.options),
+        "parents": parents,
+    }
 
 
 def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -> str:
@@ -147,8 +190,10 @@ def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -
 def describe(node: dict) -> str:
     kind = node["kind"]
     if kind == "export":
-        return (f"export {node['path']}  ({node['flavor']}, {node['precision']}, opset {node['opset']}, device "
-                f"{node['device']})  digest {node['digest'][:12]}")
+        return (
+            f"export {node['path']}  ({node['flavor']}, {node['precision']}, opset {node['opset']}, device "
+            f"{node['device']})  digest {node['digest'][:12]}"
+        )
     status = f"  [{node['status']}]"
     if kind == "adapter":
         version = node["sha256"][:12] if node["sha256"] else "?"

@@ -68,8 +68,14 @@ def llama_config(**overrides):
 # with what sets it apart from Llama kept: the point is to exercise each architecture's own layers.
 
 # The shape every tiny family shares (GPT-2 names these differently and spells them out itself).
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=CONTEXT)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=CONTEXT,
+)
 
 
 def tiny_llama(**overrides):
@@ -110,8 +116,20 @@ def tiny_gpt2(**overrides):
 
     # GPT-2: Conv1D layers (weights stored (in, out)), learned absolute positions, LayerNorm, tied head. No
     # dropout, so that a short training run moves the adapter as much as it can.
-    return GPT2Config(**COMMON | dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=CONTEXT,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) | overrides)
+    return GPT2Config(
+        **COMMON
+        | dict(
+            n_embd=64,
+            n_inner=128,
+            n_layer=2,
+            n_head=4,
+            n_positions=CONTEXT,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        | overrides
+    )
 
 
 FAMILIES = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.export.graphs.lora_inputs import input_names
-from edge_lora.formats import ADAPTER_SUFFIX
+from edge_lora.formats import ADAPTER_SUFFIX, AdapterManifest
 
 
 def adapter_tensors(peft_model, adapter: str, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -25,8 +25,10 @@ def adapter_tensors(peft_model, adapter: str, dtype=np.float32) -> dict[str, np.
         if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
             continue
         if layer.use_dora.get(adapter):
-            raise MergeError(f"{name}: DoRA adapters cannot be kept apart (their magnitudes rescale the base weight) — "
-                             "export them with --flavor merged")
+            raise MergeError(
+                f"{name}: DoRA adapters cannot be kept apart (their magnitudes rescale the base weight) — "
+                "export them with --flavor merged"
+            )
         a_name, b_name = input_names(base_param_name(name).removesuffix(".weight"))
         a = layer.lora_A[adapter].weight.detach().float()  # (r, in)
         b = layer.lora_B[adapter].weight.detach().float() * layer.scaling[adapter]  # (out, r)
@@ -47,8 +49,9 @@ def write_adapter(tensors: dict[str, np.ndarray], path: Path) -> Path:
     return path
 
 
-def write_adapters(export_dir: Path, peft_model, names: list[str], dirs: list[Path], manifests: list[dict],
-                   precision: str) -> dict:
+def write_adapters(
+    export_dir: Path, peft_model, names: list[str], dirs: list[Path], manifests: list[AdapterManifest], precision: str
+) -> dict:
     """adapters/<name>.onnx_adapter for each adapter of `peft_model`; their entries for export.json."""
     (export_dir / "adapters").mkdir()
     dtype = np.float16 if precision == "fp16" else np.float32  # the graph's LoRA inputs' type
@@ -57,6 +60,11 @@ def write_adapters(export_dir: Path, peft_model, names: list[str], dirs: list[Pa
         tensors = adapter_tensors(peft_model, name, dtype)
         file = f"adapters/{name}{ADAPTER_SUFFIX}"
         write_adapter(tensors, export_dir / file)
-        entries[name] = {"file": file, "inputs": sorted(tensors), "source_adapter": str(adapter_dir.resolve()),
-                         "lora": manifest["lora"], "base_fingerprint": manifest["base_fingerprint"]["digest"]}
+        entries[name] = {
+            "file": file,
+            "inputs": sorted(tensors),
+            "source_adapter": str(adapter_dir.resolve()),
+            "lora": manifest.lora,
+            "base_fingerprint": manifest.base_digest,
+        }
     return entries

@@ -11,6 +11,7 @@ from pathlib import Path
 from edge_lora.errors import UsageError
 from edge_lora.export.graphs import builder as builder_graph
 from edge_lora.export.options import ExportOptions, auto_graph
+from edge_lora.formats import AdapterManifest
 from edge_lora.train import manifest as adapter_manifest
 from edge_lora.train.reference import base_dir_of
 
@@ -23,16 +24,22 @@ class ExportInputs:
     """The adapter dirs, in the order given; the first one's tokenizer and eval set serve the whole export."""
     names: list[str]
     """Each adapter's name: its dir's name."""
-    manifests: list[dict]
-    """Each adapter's manifest (edge_lora.train.manifest)."""
+    manifests: list[AdapterManifest]
+    """Each adapter's edge_lora.json."""
     model_dir: Path
     """The base model the adapters were trained on."""
     options: ExportOptions
     """The options asked for, with graph "auto" resolved to the writer that takes this architecture."""
 
 
-def resolve_inputs(adapter_dirs: str | Path | list, output: str | Path, options: ExportOptions, base: str | None,
-                   force: bool, overwrite: bool) -> ExportInputs:
+def resolve_inputs(
+    adapter_dirs: str | Path | list,
+    output: str | Path,
+    options: ExportOptions,
+    base: str | None,
+    force: bool,
+    overwrite: bool,
+) -> ExportInputs:
     """The export's inputs, or UsageError with one line naming the first problem and its fix."""
     dirs = [Path(d) for d in (adapter_dirs if isinstance(adapter_dirs, (list, tuple)) else [adapter_dirs])]
     if options.flavor == "merged" and len(dirs) != 1:
@@ -60,8 +67,9 @@ def check_adapter_weights(adapter_dir: Path) -> None:
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
-        raise UsageError(f"{path} cannot be read ({e}) — the file is missing or corrupt; restore it or train "
-                         "again") from None
+        raise UsageError(
+            f"{path} cannot be read ({e}) — the file is missing or corrupt; restore it or train again"
+        ) from None
     broken = [name for name, t in tensors.items() if not t.isfinite().all()]
     if broken:
         raise UsageError(f"{path}: tensor {broken[0]} holds NaN or inf — the adapter is broken; train again")
@@ -77,16 +85,19 @@ def graph_options(model_dir: Path, options: ExportOptions) -> ExportOptions:
     if options.graph == "builder":
         builder_graph.check_supported(model_type, model_dir)
     elif model_type not in (supported := supported_model_types()):
-        raise UsageError(f"{model_dir}: architecture {model_type!r} cannot be exported with a KV cache — "
-                         f"supported: {', '.join(supported)}")
+        raise UsageError(
+            f"{model_dir}: architecture {model_type!r} cannot be exported with a KV cache — "
+            f"supported: {', '.join(supported)}"
+        )
     return options
 
 
-def check_same_base(dirs: list[Path], manifests: list[dict]) -> None:
+def check_same_base(dirs: list[Path], manifests: list[AdapterManifest]) -> None:
     """Adapters that share one base graph come from one base model and one quantization."""
     first = manifests[0]
     for d, m in zip(dirs[1:], manifests[1:]):
-        if m["base_fingerprint"]["digest"] != first["base_fingerprint"]["digest"] or \
-                m["training"]["quant"] != first["training"]["quant"]:
-            raise UsageError(f"{d} was trained on another base or quantization than {dirs[0]} — adapters that share "
-                             "one base graph must come from the same base and quant settings")
+        if m.base_digest != first.base_digest or m.training["quant"] != first.training["quant"]:
+            raise UsageError(
+                f"{d} was trained on another base or quantization than {dirs[0]} — adapters that share "
+                "one base graph must come from the same base and quant settings"
+            )

@@ -8,9 +8,8 @@ from pathlib import Path
 from edge_lora.export.graphs import builder as builder_graph
 from edge_lora.export.inputs import ExportInputs
 from edge_lora.export.models import Models
-from edge_lora.formats import EXPORT_MANIFEST, PORTABLE_GRAPH, ExportManifest
+from edge_lora.formats import EXPORT_MANIFEST, PORTABLE_GRAPH, ExportManifest, sha256_file
 from edge_lora.lineage import export_lineage
-from edge_lora.runtime.package import sha256_file
 from edge_lora.train import manifest as adapter_manifest
 
 FORMAT_VERSION = 1
@@ -38,7 +37,7 @@ def describe(export_dir: Path, inputs: ExportInputs, models: Models) -> dict:
         "device": options.device,
         "model_file": PORTABLE_GRAPH,
         **weight_bytes(graph_path),
-        "source_adapter": {"path": str(inputs.dirs[0].resolve()), "manifest": inputs.manifests[0]},
+        "source_adapter": {"path": str(inputs.dirs[0].resolve()), "manifest": inputs.manifests[0].to_dict()},
         "inputs": _signature(proto.graph.input),
         "outputs": _signature(proto.graph.output),
         "kv_cache": kv_cache(config) | (builder_graph.KV_CACHE if options.graph == "builder" else {}),
@@ -68,15 +67,22 @@ def kv_cache(config) -> dict:
 def _signature(values) -> list[dict]:
     from onnx import helper
 
-    return [{"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+    return [
+        {
+            "name": v.name,
+            "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+            "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+        }
+        for v in values
+    ]
 
 
 def write_manifest(export_dir: Path, export_json: dict) -> None:
     """export.json in `export_dir`, its "files" the sha256 of every other file there."""
     export_json["files"] = {
         p.relative_to(export_dir).as_posix(): sha256_file(p)
-        for p in sorted(export_dir.rglob("*")) if p.is_file() and p.name != EXPORT_MANIFEST
+        for p in sorted(export_dir.rglob("*"))
+        if p.is_file() and p.name != EXPORT_MANIFEST
     }
     # Checked as the runtime reads it (ExportManifest), so that an export this writer cannot describe fails here.
     ExportManifest.from_dict(export_json, str(export_dir / EXPORT_MANIFEST)).save(export_dir)

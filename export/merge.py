@@ -16,8 +16,9 @@ class MergeError(UsageError):
     """A merge produced non-finite weights, or the adapter does not fit the base: the adapter is bad input."""
 
 
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-               fan_in_fan_out: bool = False) -> torch.Tensor:
+def lora_delta(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
     """The weight change of one adapter, in fp32: B (out, r) @ A (r, in) * scaling.
 
     `fan_in_fan_out` layers (GPT-2's Conv1D) store their weight as (in, out), so the delta is transposed to match.
@@ -61,11 +62,16 @@ def merged_weights(peft_model, original_state: dict[str, torch.Tensor] | None = 
         else:  # a 4-bit layer's dequantized weight, or the layer's own weight where the base is not quantized
             base = merged.get(key, module.get_base_layer().weight.detach()).float()
         # Both terms in the layout of the base parameter, so that the result can replace it as it is.
-        delta = lora_delta(module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
-                           module.scaling[adapter], in_out)
+        delta = lora_delta(
+            module.lora_A[adapter].weight.detach(),
+            module.lora_B[adapter].weight.detach(),
+            module.scaling[adapter],
+            in_out,
+        )
         if delta.shape != base.shape:
-            raise MergeError(f"{name}: adapter delta shape {tuple(delta.shape)} does not fit the base weight "
-                             f"{tuple(base.shape)}")
+            raise MergeError(
+                f"{name}: adapter delta shape {tuple(delta.shape)} does not fit the base weight {tuple(base.shape)}"
+            )
         weight = base + delta
         if module.use_dora.get(adapter):
             # DoRA: each output's weight vector is rescaled to its learned magnitude, m · (W + ΔW) / ‖W + ΔW‖.
@@ -74,7 +80,9 @@ def merged_weights(peft_model, original_state: dict[str, torch.Tensor] | None = 
             scale = magnitude / weight.norm(p=2, dim=out_axis)
             weight = weight * (scale.unsqueeze(0) if in_out else scale.unsqueeze(1))
         if not torch.isfinite(weight).all():
-            raise MergeError(f"{name}: merging adapter {adapter!r} gives non-finite weights — the adapter is broken "
-                             "(NaN/inf in its tensors)")
+            raise MergeError(
+                f"{name}: merging adapter {adapter!r} gives non-finite weights — the adapter is broken "
+                "(NaN/inf in its tensors)"
+            )
         merged[key] = weight
     return merged

@@ -10,6 +10,7 @@ from edge_lora.export.inputs import ExportInputs
 from edge_lora.export.merge import merged_weights
 from edge_lora.export.options import ExportOptions
 from edge_lora.export.parity import reference_prompt_ids
+from edge_lora.formats import AdapterManifest
 
 
 @dataclass
@@ -32,7 +33,7 @@ def load_models(inputs: ExportInputs) -> Models:
     return Models(reference=reference, model=model, merge_report=merge_report)
 
 
-def load_weights(model, reference, options: ExportOptions, manifest: dict, tokenizer_dir: Path) -> dict:
+def load_weights(model, reference, options: ExportOptions, manifest: AdapterManifest, tokenizer_dir: Path) -> dict:
     """Put into the full-precision `model` what the graph should hold; returns the merge report.
 
     merged: the base (dequantized 4-bit or original) plus the adapter's delta. The report gives the logit error
@@ -61,6 +62,8 @@ def load_weights(model, reference, options: ExportOptions, manifest: dict, token
             for name, weight in merged_weights(reference, original if into == "original" else None).items():
                 model.get_parameter(name).copy_(weight)
             diffs = [(model(ids).logits - ref).abs() for ids, ref in zip(prompts, expected)]
-            errors[into] = {"max_abs_logit_diff": float(max(d.max() for d in diffs)),
-                            "mean_abs_logit_diff": float(np.mean([d.mean().item() for d in diffs]))}
+            errors[into] = {
+                "max_abs_logit_diff": float(max(d.max() for d in diffs)),
+                "mean_abs_logit_diff": float(np.mean([d.mean().item() for d in diffs])),
+            }
     return {"into": options.merge_into, "vs_trained_model": errors}

@@ -60,8 +60,10 @@ class ExportOptions:
         if self.graph not in get_args(Graph):
             problems.append(f"graph {self.graph!r} is not one of {', '.join(get_args(Graph))}")
         if self.graph == "builder" and self.precision not in builder_graph.PRECISIONS:
-            problems.append(f"graph builder writes precision {' or '.join(builder_graph.PRECISIONS)}, got "
-                            f"{self.precision!r} — use --graph optimum for it")
+            problems.append(
+                f"graph builder writes precision {' or '.join(builder_graph.PRECISIONS)}, got "
+                f"{self.precision!r} — use --graph optimum for it"
+            )
         unknown = [k for k in self.kernels or () if k not in devices.KERNELS]
         if unknown:
             problems.append(f"kernel {unknown[0]!r} is not one of {', '.join(devices.KERNELS)}")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_lora.errors import UsageError
+from edge_lora.formats import AdapterManifest
 from edge_lora.train.data import read_jsonl
 
 if TYPE_CHECKING:
@@ -93,9 +94,14 @@ def check(reference_model, generator, prompts: list[str], precision: str) -> Par
     greedy = agree / total
     passed = greedy >= min_agreement and (max_allowed is None or max_diff <= max_allowed)
     return ParityReport(
-        precision=precision, prompts=len(prompts), max_abs_logit_diff=max_diff,
-        mean_abs_logit_diff=float(np.mean(diffs)), greedy_agreement=greedy, greedy_prefix_agreement=prefix / total,
-        passed=passed, gate={"max_abs_logit_diff": max_allowed, "min_greedy_agreement": min_agreement},
+        precision=precision,
+        prompts=len(prompts),
+        max_abs_logit_diff=max_diff,
+        mean_abs_logit_diff=float(np.mean(diffs)),
+        greedy_agreement=greedy,
+        greedy_prefix_agreement=prefix / total,
+        passed=passed,
+        gate={"max_abs_logit_diff": max_allowed, "min_greedy_agreement": min_agreement},
     )
 
 
@@ -112,22 +118,24 @@ def task_accuracy(reference_model, generator, tokenizer_dir: Path, samples: list
     onnx_target = targets.RuntimeTarget(targets.TargetSpec(generator.export.path, "export"), generator=generator)
     reference = targets.TorchTarget(targets.TargetSpec(tokenizer_dir, "adapter"), model=reference_model)
     longest = max(len(reference.tokenizer.encode(s["completion"], add_special_tokens=False)) for s in samples)
-    return {"samples": len(samples), "onnx": exact_match(onnx_target, samples, longest + 2).value,
-            "reference": exact_match(reference, samples, longest + 2).value}
+    return {
+        "samples": len(samples),
+        "onnx": exact_match(onnx_target, samples, longest + 2).value,
+        "reference": exact_match(reference, samples, longest + 2).value,
+    }
 
 
-def parity_prompts(manifest: dict) -> list[str]:
+def parity_prompts(manifest: AdapterManifest) -> list[str]:
     """The first prompts of the adapter's eval set when it names one, else fixed generic prompts."""
-    eval_data = (manifest.get("data") or {}).get("eval")
-    if eval_data and Path(eval_data["path"]).exists():
-        records = read_jsonl(eval_data["path"])[:PARITY_PROMPTS]
+    if manifest.eval_data_path:
+        records = read_jsonl(manifest.eval_data_path)[:PARITY_PROMPTS]
         prompts = [r.get("prompt") or r.get("text", "")[:64] for _, r in records]
         if all(prompts):
             return prompts
     return list(FALLBACK_PROMPTS)
 
 
-def reference_prompt_ids(tokenizer_dir: Path, manifest: dict) -> list[list[int]]:
+def reference_prompt_ids(tokenizer_dir: Path, manifest: AdapterManifest) -> list[list[int]]:
     """The parity prompts of the adapter with `manifest`, tokenized by the tokenizer in `tokenizer_dir`."""
     from transformers import AutoTokenizer
 
@@ -135,12 +143,11 @@ def reference_prompt_ids(tokenizer_dir: Path, manifest: dict) -> list[list[int]]
     return [tokenizer(p)["input_ids"] for p in parity_prompts(manifest)]
 
 
-def eval_samples(manifest: dict) -> list[dict]:
+def eval_samples(manifest: AdapterManifest) -> list[dict]:
     """The adapter's eval file's prompt/completion records, if it names one that still exists."""
-    eval_data = (manifest.get("data") or {}).get("eval")
-    if not eval_data or not Path(eval_data["path"]).exists():
+    if not manifest.eval_data_path:
         return []
-    records = [r for _, r in read_jsonl(eval_data["path"])]
+    records = [r for _, r in read_jsonl(manifest.eval_data_path)]
     return [r for r in records if isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)]
 
 
@@ -154,8 +161,15 @@ def gate(export_dir: Path, export_json: dict, inputs: ExportInputs, reference) -
     for kernel, entry in kernel_graphs.items():
         problem = kernel_problem(kernel)
         entry["parity"] = {"skipped": problem} if problem else run_parity(export_dir, twin, inputs, kernels=(kernel,))
-    reports = {**export_json["parity"], **{f"{k} {name}": p for k, e in kernel_graphs.items()
-                                           for name, p in e.get("parity", {}).items() if name != "skipped"}}
+    reports = {
+        **export_json["parity"],
+        **{
+            f"{k} {name}": p
+            for k, e in kernel_graphs.items()
+            for name, p in e.get("parity", {}).items()
+            if name != "skipped"
+        },
+    }
     failed = {k: v for k, v in reports.items() if not v["passed"]}
     if failed:
         which, p = next(iter(failed.items()))
@@ -202,7 +216,7 @@ def run_parity(export_dir: Path, reference, inputs: ExportInputs, kernels: tuple
     if tuple(kernels) != ((generator.kernel,) if generator.kernel else ()):
         raise RuntimeError(f"{export_dir}: asked for kernels {kernels}, the runtime took {generator.kernel}")
 
-    def report(gen, manifest: dict) -> dict:
+    def report(gen, manifest: AdapterManifest) -> dict:
         result = check(reference, gen, parity_prompts(manifest), precision).to_dict()
         samples = eval_samples(manifest)
         if samples:

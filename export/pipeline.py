@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_lora.export.adapters import write_adapters
-from edge_lora.export.graphs import builder as builder_graph, lora_inputs
+from edge_lora.export.graphs import builder as builder_graph
+from edge_lora.export.graphs import lora_inputs
 from edge_lora.export.graphs.optimum import export_onnx, quantize
 from edge_lora.export.inputs import ExportInputs, resolve_inputs
 from edge_lora.export.kernel_graphs import write_kernel_graphs
@@ -27,12 +28,25 @@ from edge_lora.export.parity import gate
 from edge_lora.formats import PORTABLE_GRAPH
 from edge_lora.progress import progress_bar
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+)
 
 
-def export(adapter_dirs: str | Path | list, output: str | Path, options: ExportOptions = ExportOptions(),
-           base: str | None = None, force: bool = False, overwrite: bool = False, show_progress: bool = True) -> Path:
+def export(
+    adapter_dirs: str | Path | list,
+    output: str | Path,
+    options: ExportOptions = ExportOptions(),
+    base: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Path:
     """Export one adapter merged, or several (flavor `adapters`) beside one base graph: ONNX with KV cache at
     the chosen precision, parity checked against the trained models, built in a temporary dir and renamed
     into `output` only when complete."""
@@ -68,8 +82,16 @@ def write_graph(inputs: ExportInputs, models: Models, work: Path, advance: Calla
     options, final = inputs.options, work / "final"
     modules = lora_inputs.lora_modules(models.reference) if options.flavor == "adapters" else None
     if options.graph == "builder":
-        builder_graph.build_graph(models.model, inputs.model_dir, final, options.precision, options.int4_block_size,
-                                  options.int4_accuracy_level, options.int4_head, TOKENIZER_FILES)
+        builder_graph.build_graph(
+            models.model,
+            inputs.model_dir,
+            final,
+            options.precision,
+            options.int4_block_size,
+            options.int4_accuracy_level,
+            options.int4_head,
+            TOKENIZER_FILES,
+        )
         if modules is not None:
             lora_inputs.add_builder_lora_inputs(final / PORTABLE_GRAPH, modules, models.model.config)
         advance(1, "builder graph")
@@ -80,8 +102,14 @@ def write_graph(inputs: ExportInputs, models: Models, work: Path, advance: Calla
         lora_inputs.rewrite_optimum_graph(graph, modules)
     advance(1, "ONNX graph")
     final.mkdir()
-    quantize(graph, final / PORTABLE_GRAPH, options.precision, options.int4_block_size, options.int4_accuracy_level,
-             options.int4_head)
+    quantize(
+        graph,
+        final / PORTABLE_GRAPH,
+        options.precision,
+        options.int4_block_size,
+        options.int4_accuracy_level,
+        options.int4_head,
+    )
     for name in TOKENIZER_FILES:
         if (fp32_dir / name).exists():
             shutil.copy2(fp32_dir / name, final / name)
@@ -93,8 +121,9 @@ def write_adapters_and_kernel_graphs(export_dir: Path, inputs: ExportInputs, mod
     written into `export_dir`."""
     entries = {}
     if inputs.options.flavor == "adapters":
-        entries["adapters"] = write_adapters(export_dir, models.reference, inputs.names, inputs.dirs,
-                                             inputs.manifests, inputs.options.precision)
+        entries["adapters"] = write_adapters(
+            export_dir, models.reference, inputs.names, inputs.dirs, inputs.manifests, inputs.options.precision
+        )
     kernel_graphs = write_kernel_graphs(export_dir, entries.get("adapters", {}), inputs.options)
     if kernel_graphs:
         entries["kernels"] = kernel_graphs

@@ -13,5 +13,18 @@ from edge_lora.runtime.package import ExportDir, ExportError, open_export
 from edge_lora.runtime.session import ProviderError
 from edge_lora.runtime.tokenizer import TextTokenizer
 
-__all__ = ["load", "DEFAULT_DEVICE", "TextTokenizer", "device_profile", "Generator", "Generation", "SamplingConfig",
-           "ExportDir", "ExportError", "PromptError", "ProviderError", "ChatError", "open_export"]
+__all__ = [
+    "load",
+    "DEFAULT_DEVICE",
+    "TextTokenizer",
+    "device_profile",
+    "Generator",
+    "Generation",
+    "SamplingConfig",
+    "ExportDir",
+    "ExportError",
+    "PromptError",
+    "ProviderError",
+    "ChatError",
+    "open_export",
+]

@@ -29,8 +29,15 @@ from edge_lora.formats import LOGITS_START
 class SharedCache:
     """One generation's KV cache on a builder graph, and the session runs that fill it."""
 
-    def __init__(self, session: ort.InferenceSession, num_layers: int, kv_shape: tuple[int, int],
-                 prompts: list[list[int]], max_new_tokens: int, adapter_inputs: dict[str, ort.OrtValue] | None = None):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        num_layers: int,
+        kv_shape: tuple[int, int],
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        adapter_inputs: dict[str, ort.OrtValue] | None = None,
+    ):
         """`adapter_inputs`: an active adapter's tensors ({LoRA input name: OrtValue}, lora.Adapter.tensors), bound
         for the whole generation; LoRA inputs left unbound keep their rank-0 defaults, the base model."""
         self.session = session
@@ -39,7 +46,7 @@ class SharedCache:
         # (batch, width), right-padded with token 0 (generate.PAD_ID): no real token attends to the padding
         self.ids = np.zeros((batch, width), dtype=np.int64)
         for i, prompt in enumerate(prompts):
-            self.ids[i, :len(prompt)] = prompt
+            self.ids[i, : len(prompt)] = prompt
         # One column per position written so far, 1 where a row has a token (the graph: ReduceSum → seqlens_k).
         self.mask = np.zeros((batch, width + max_new_tokens), dtype=np.int64)
         for i, length in enumerate(self.lengths):
@@ -70,7 +77,7 @@ class SharedCache:
         (batch, width, vocab) at every position (those past a row's length are padding's)."""
         last_only = self.prunable and not all_positions and bool((self.lengths == self.width).all())
         logits = np.empty((len(self.lengths), 1 if last_only else self.width, self.vocab), dtype=np.float32)
-        self._run(self.ids, self.mask[:, :self.width], logits, -1 if last_only else 0)
+        self._run(self.ids, self.mask[:, : self.width], logits, -1 if last_only else 0)
         if all_positions:
             return logits
         return logits[:, 0] if last_only else logits[np.arange(len(self.lengths)), self.lengths - 1]
@@ -79,7 +86,7 @@ class SharedCache:
         """Run the n-th new token of each row (n from 0); logits (batch, vocab) after it, a view of the buffer the
         next step writes: a copy would add to every token's time (BENCHMARKS.md, Runtime)."""
         self.mask[np.arange(len(self.lengths)), self.lengths + n] = 1
-        self._run(np.array(tokens, dtype=np.int64)[:, None], self.mask[:, :self.width + n + 1], self.logits, -1)
+        self._run(np.array(tokens, dtype=np.int64)[:, None], self.mask[:, : self.width + n + 1], self.logits, -1)
         return self.logits[:, 0]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, start: int) -> None:

@@ -54,8 +54,9 @@ class ChatTemplate:
         """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]), ending where the reply starts."""
         check_messages(messages)
         try:
-            return compiled(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **self.special_tokens)
+            return compiled(self.source).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
         except ChatError:
             raise
         except Exception as e:  # a template that fails on these messages (jinja2's errors have no common base)
@@ -83,8 +84,9 @@ def compiled(source: str):
     if source not in _COMPILED:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
         env.globals["raise_exception"] = raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_lora.runtime.chat import ChatError, ChatTemplate
 from edge_lora.runtime.cache import SharedCache
+from edge_lora.runtime.chat import ChatError, ChatTemplate
 from edge_lora.runtime.package import ExportDir
 from edge_lora.runtime.sampling import PromptError, SamplingConfig, penalize_repetition, pick
 from edge_lora.runtime.tokenizer import StopStrings, StreamDecoder, TextTokenizer
@@ -124,13 +124,19 @@ class Generator:
     def _cache(self, prompts: list[list[int]], max_new_tokens: int) -> _GrowingCache | SharedCache:
         """A new generation's KV cache for `prompts`, on this export's graph."""
         if self.graph == "builder":
-            return SharedCache(self.session, self.num_layers, self.kv_shape, prompts, max_new_tokens,
-                               self._adapter_inputs)
+            return SharedCache(
+                self.session, self.num_layers, self.kv_shape, prompts, max_new_tokens, self._adapter_inputs
+            )
         return _GrowingCache(self, prompts)
 
-    def forward(self, ids: np.ndarray, past: dict[str, np.ndarray], start: int,
-                attention_mask: np.ndarray | None = None,
-                position_ids: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    def forward(
+        self,
+        ids: np.ndarray,
+        past: dict[str, np.ndarray],
+        start: int,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, dict]:
         """Logits (batch, seq, vocab) for `ids` (batch, seq) at positions start.., and the grown cache (an optimum
         graph's; a builder graph runs through cache.SharedCache).
 
@@ -147,16 +153,21 @@ class Generator:
         batch, seq = ids.shape
         feeds = {"input_ids": ids, **past}
         if "attention_mask" in self._inputs:
-            feeds["attention_mask"] = (np.ones((batch, start + seq), dtype=np.int64) if attention_mask is None
-                                       else attention_mask)
+            feeds["attention_mask"] = (
+                np.ones((batch, start + seq), dtype=np.int64) if attention_mask is None else attention_mask
+            )
         if "position_ids" in self._inputs:
-            feeds["position_ids"] = (np.broadcast_to(np.arange(start, start + seq, dtype=np.int64), (batch, seq))
-                                     if position_ids is None else position_ids)
+            feeds["position_ids"] = (
+                np.broadcast_to(np.arange(start, start + seq, dtype=np.int64), (batch, seq))
+                if position_ids is None
+                else position_ids
+            )
         outputs = self.session.run(self._outputs, feeds, self._run_options)
         named = dict(zip(self._outputs, outputs))
         present = {
             f"past_key_values.{i}.{kind}": named[f"present.{i}.{kind}"]
-            for i in range(self.num_layers) for kind in ("key", "value")
+            for i in range(self.num_layers)
+            for kind in ("key", "value")
         }
         return named["logits"], present
 
@@ -182,8 +193,10 @@ class Generator:
     def require_chat_template(self) -> ChatTemplate:
         """The model's chat template, or a ChatError that says this export has none."""
         if self.chat_template is None:
-            raise ChatError(f"{self.export.path} has no chat template (no chat_template.jinja, no chat_template in "
-                            "tokenizer_config.json) — pass a plain prompt, or export from a tokenizer that has one")
+            raise ChatError(
+                f"{self.export.path} has no chat template (no chat_template.jinja, no chat_template in "
+                "tokenizer_config.json) — pass a plain prompt, or export from a tokenizer that has one"
+            )
         return self.chat_template
 
     def fit_prompt(self, ids: list[int], sampling: SamplingConfig) -> list[int]:
@@ -193,8 +206,10 @@ class Generator:
         if len(ids) <= room:
             return ids
         if room < 1:
-            raise PromptError(f"max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the context "
-                              f"of {self.context_length} tokens — lower max_new_tokens below {self.context_length}")
+            raise PromptError(
+                f"max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the context "
+                f"of {self.context_length} tokens — lower max_new_tokens below {self.context_length}"
+            )
         if sampling.truncate == "left":
             return ids[-room:]
         raise PromptError(
@@ -219,8 +234,9 @@ class Generator:
         """The new tokens and their text for one prompt (text, or token ids as they are)."""
         return self.generate_batch([prompt], sampling)[0]
 
-    def generate_batch(self, prompts: list[str | list[int]],
-                       sampling: SamplingConfig = SamplingConfig()) -> list[Generation]:
+    def generate_batch(
+        self, prompts: list[str | list[int]], sampling: SamplingConfig = SamplingConfig()
+    ) -> list[Generation]:
         """One Generation per prompt, all decoded together in one batch (left-padded); each row stops on its own,
         and the batch ends when every row has."""
         if not prompts:
@@ -243,8 +259,12 @@ class Generator:
 
     def _row(self, prompt: str | list[int], sampling: SamplingConfig) -> _Row:
         stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self.eos_ids)
-        return _Row(self.fit_prompt(self.encode_prompt(prompt), sampling), stop_ids, StreamDecoder(self.tokenizer),
-                    StopStrings(sampling.stop))
+        return _Row(
+            self.fit_prompt(self.encode_prompt(prompt), sampling),
+            stop_ids,
+            StreamDecoder(self.tokenizer),
+            StopStrings(sampling.stop),
+        )
 
     def _run(self, rows: list[_Row], sampling: SamplingConfig) -> Iterator[list[str]]:
         """Prefill every row's prompt in one batch, then decode one token per row per step until every row has
@@ -262,12 +282,15 @@ class Generator:
         for n in range(sampling.max_new_tokens):
             picked = [
                 pick(penalize_repetition(logits[i], seen[i], sampling.repetition_penalty), sampling, rngs[i])
-                if row.finish_reason is None else PAD_ID
+                if row.finish_reason is None
+                else PAD_ID
                 for i, row in enumerate(rows)
             ]
             now = time.perf_counter()
-            deltas = [row.add(token, now - start, sampling.max_new_tokens) if row.finish_reason is None else ""
-                      for row, token in zip(rows, picked)]
+            deltas = [
+                row.add(token, now - start, sampling.max_new_tokens) if row.finish_reason is None else ""
+                for row, token in zip(rows, picked)
+            ]
             if penalized:
                 seen[np.arange(batch), picked] = True
             yield deltas
@@ -290,8 +313,8 @@ class _GrowingCache:
         self.ids = np.full((batch, self.width), PAD_ID, dtype=np.int64)  # (batch, width), prompts left-padded
         self.mask = np.zeros((batch, self.width), dtype=np.int64)  # 1 on real tokens, 0 on padding
         for i, prompt in enumerate(prompts):
-            self.ids[i, self.width - len(prompt):] = prompt
-            self.mask[i, self.width - len(prompt):] = 1
+            self.ids[i, self.width - len(prompt) :] = prompt
+            self.mask[i, self.width - len(prompt) :] = 1
         self.past = generator._empty_cache(batch)
 
     def prefill(self) -> np.ndarray:
@@ -305,8 +328,9 @@ class _GrowingCache:
         """Run the n-th new token of each row (n from 0); logits (batch, vocab) after it."""
         self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
         positions = (self.lengths + n)[:, None]  # (batch, 1): the position of the token just picked
-        logits, self.past = self.forward(np.array(tokens, dtype=np.int64)[:, None], self.past, self.width + n,
-                                         self.mask, positions)
+        logits, self.past = self.forward(
+            np.array(tokens, dtype=np.int64)[:, None], self.past, self.width + n, self.mask, positions
+        )
         return logits[:, -1].astype(np.float32)
 
 
@@ -357,6 +381,11 @@ class _Row:
         return self.stops.push(self.decoder.flush()) + self.stops.flush()
 
     def generation(self) -> Generation:
-        return Generation(text="".join(self.deltas), token_ids=self.token_ids, prompt_tokens=len(self.prompt_ids),
-                          finish_reason=self.finish_reason, ttft_s=self.times[0], token_times_s=self.times[1:])
-
+        return Generation(
+            text="".join(self.deltas),
+            token_ids=self.token_ids,
+            prompt_tokens=len(self.prompt_ids),
+            finish_reason=self.finish_reason,
+            ttft_s=self.times[0],
+            token_times_s=self.times[1:],
+        )

@@ -16,8 +16,20 @@ import numpy as np
 import onnxruntime as ort
 
 # onnxruntime's TensorDataType (the ONNX TensorProto codes) → numpy, for the types an adapter's A and B come in
-NUMPY_TYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
-               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+NUMPY_TYPES = {
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    4: np.uint16,
+    5: np.int16,
+    6: np.int32,
+    7: np.int64,
+    9: np.bool_,
+    10: np.float16,
+    11: np.float64,
+    12: np.uint32,
+    13: np.uint64,
+}
 
 
 class Adapter:
@@ -55,7 +67,8 @@ class Adapter:
 
             blobs = lora_blobs({name: value.numpy() for name, value in self.tensors.items()}, slots)
             self._converted[kernel] = MappedTensors(
-                {name: ort.OrtValue.ortvalue_from_numpy(blob) for name, blob in blobs.items()}, list(blobs.values()))
+                {name: ort.OrtValue.ortvalue_from_numpy(blob) for name, blob in blobs.items()}, list(blobs.values())
+            )
         return self._converted[kernel]
 
 
@@ -98,8 +111,10 @@ def map_tensors(path: Path) -> dict[str, ort.OrtValue]:
             if not (name_at and type_at):
                 raise ValueError(f"parameter {i} has no name or no data type")
             name = param.String(param.Pos + name_at).decode()
-            dims = [param.Get(number_types.Int64Flags, param.Vector(dims_at) + 8 * k)
-                    for k in range(param.VectorLen(dims_at) if dims_at else 0)]
+            dims = [
+                param.Get(number_types.Int64Flags, param.Vector(dims_at) + 8 * k)
+                for k in range(param.VectorLen(dims_at) if dims_at else 0)
+            ]
             dtype = np.dtype(NUMPY_TYPES[param.Get(number_types.Int32Flags, param.Pos + type_at)])
             start, length = (param.Vector(raw_at), param.VectorLen(raw_at)) if raw_at else (0, 0)
             count = int(np.prod(dims, dtype=np.int64))

@@ -7,15 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_lora.formats import TOKENIZER_FILE, ExportError, ExportManifest
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from edge_lora.formats import TOKENIZER_FILE, ExportError, ExportManifest, sha256_file
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ class SamplingConfig:
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             problems.append(f"stop={self.stop!r} must be a tuple of non-empty strings, for example ('\\n\\n',)")
         if isinstance(self.stop_token_ids, (str, int)) or not all(
-                isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            isinstance(t, int) and t >= 0 for t in self.stop_token_ids
+        ):
             problems.append(f"stop_token_ids={self.stop_token_ids!r} must be a tuple of token ids >= 0")
         if self.truncate not in ("none", "left"):
             problems.append(f"truncate={self.truncate!r} must be one of none, left")

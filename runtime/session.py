@@ -29,24 +29,32 @@ def choose_providers(requested: list[tuple[str, dict]], strict: bool = False) ->
     chosen = []
     for name, options in requested:
         if name not in known:
-            raise ProviderError(f"execution provider {name!r} does not exist — available here: "
-                                f"{', '.join(available)}")
+            raise ProviderError(f"execution provider {name!r} does not exist — available here: {', '.join(available)}")
         if name in available:
             chosen.append((name, options))
         elif strict:
-            raise ProviderError(f"execution provider {name} is not available in this onnxruntime build — available: "
-                                f"{', '.join(available)}")
+            raise ProviderError(
+                f"execution provider {name} is not available in this onnxruntime build — available: "
+                f"{', '.join(available)}"
+            )
         else:
-            warnings.warn(f"execution provider {name} is not available here; falling back to the next one",
-                          stacklevel=3)
+            warnings.warn(
+                f"execution provider {name} is not available here; falling back to the next one", stacklevel=3
+            )
     if not any(name == "CPUExecutionProvider" for name, _ in chosen):
         chosen.append(("CPUExecutionProvider", {}))
     return chosen
 
 
-def make_session(model_path: Path, providers: list[tuple[str, dict]], threads: int = 0,
-                 graph_optimization: str = "all", profile_file_prefix: str | None = None,
-                 log_severity: int = 2, custom_ops_library: Path | None = None) -> ort.InferenceSession:
+def make_session(
+    model_path: Path,
+    providers: list[tuple[str, dict]],
+    threads: int = 0,
+    graph_optimization: str = "all",
+    profile_file_prefix: str | None = None,
+    log_severity: int = 2,
+    custom_ops_library: Path | None = None,
+) -> ort.InferenceSession:
     """With `profile_file_prefix`, onnxruntime traces every node run into a JSON file whose path starts with it;
     session.end_profiling() closes the file and returns its path. `custom_ops_library`: a library of custom ops
     the graph uses (edge_lora.runtime.kernels)."""
@@ -62,6 +70,8 @@ def make_session(model_path: Path, providers: list[tuple[str, dict]], threads: i
     options.inter_op_num_threads = 1  # a decoder graph is a chain: no independent branches to run in parallel
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(
-        str(model_path), sess_options=options,
-        providers=[name for name, _ in providers], provider_options=[opts for _, opts in providers],
+        str(model_path),
+        sess_options=options,
+        providers=[name for name, _ in providers],
+        provider_options=[opts for _, opts in providers],
     )

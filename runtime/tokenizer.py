@@ -82,8 +82,10 @@ class StopStrings:
             at, self.stopped = min(found)
             self._held = ""
             return text[:at]
-        held = max((k for stop in self._stops for k in range(1, min(len(stop), len(text) + 1))
-                    if text.endswith(stop[:k])), default=0)
+        held = max(
+            (k for stop in self._stops for k in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:k])),
+            default=0,
+        )
         self._held = text[len(text) - held :]
         return text[: len(text) - held]
 

@@ -10,8 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SMALL_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2)
+SMALL_MODEL = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 TRAIN_STEPS = 100
 
 
@@ -46,9 +47,16 @@ def adapter_dir(workdir, base_dir, task_files) -> Path:
     from edge_lora.train.loop import train
 
     train_path, eval_path = task_files
-    config = TrainConfig(model=str(base_dir), data=str(train_path), eval_data=str(eval_path),
-                         output=str(workdir / "adapter"), max_steps=TRAIN_STEPS, batch_size=16,
-                         learning_rate=2e-3, log_every=10)
+    config = TrainConfig(
+        model=str(base_dir),
+        data=str(train_path),
+        eval_data=str(eval_path),
+        output=str(workdir / "adapter"),
+        max_steps=TRAIN_STEPS,
+        batch_size=16,
+        learning_rate=2e-3,
+        log_every=10,
+    )
     return train(config, show_progress=False)
 
 
@@ -60,10 +68,21 @@ def second_adapter(base_dir, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("second")
     data = work / "upper.jsonl"
-    data.write_text("".join(json.dumps({"prompt": w + ":", "completion": w.upper()}) + "\n"
-                            for w in ("abc", "hello", "lora", "edge", "qwerty", "dates", "onnx", "runtime") * 4))
-    config = TrainConfig(model=str(base_dir), data=str(data), output=str(work / "upper"), max_steps=40, batch_size=8,
-                         learning_rate=1e-2, lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": w + ":", "completion": w.upper()}) + "\n"
+            for w in ("abc", "hello", "lora", "edge", "qwerty", "dates", "onnx", "runtime") * 4
+        )
+    )
+    config = TrainConfig(
+        model=str(base_dir),
+        data=str(data),
+        output=str(work / "upper"),
+        max_steps=40,
+        batch_size=8,
+        learning_rate=1e-2,
+        lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")),
+    )
     return train(config, show_progress=False)
 
 
@@ -80,8 +99,12 @@ def export_optimum_fp32(workdir, adapter_dir) -> Path:
     """The same adapter through optimum's exporter (what every architecture the builder lacks gets)."""
     from edge_lora.export import ExportOptions, export
 
-    return export(adapter_dir, workdir / "export-optimum-fp32", ExportOptions(precision="fp32", graph="optimum"),
-                  show_progress=False)
+    return export(
+        adapter_dir,
+        workdir / "export-optimum-fp32",
+        ExportOptions(precision="fp32", graph="optimum"),
+        show_progress=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,27 @@ import sys
 
 import pytest
 
-COMMANDS = [["demo"], ["train"], ["export"], ["run"], ["serve"], ["profile"], ["profile", "measure"],
-            ["profile", "compare"], ["eval"], ["devices"], ["devices", "list"], ["devices", "show"], ["devices", "detect"]]
+COMMANDS = [
+    ["demo"],
+    ["train"],
+    ["export"],
+    ["run"],
+    ["serve"],
+    ["profile"],
+    ["profile", "measure"],
+    ["profile", "compare"],
+    ["eval"],
+    ["devices"],
+    ["devices", "list"],
+    ["devices", "show"],
+    ["devices", "detect"],
+]
 
 
 def edge_lora(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "edge_lora", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_lora", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(done, *fragments):

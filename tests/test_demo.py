@@ -31,6 +31,9 @@ def test_demo_runs_every_step_and_writes_its_summary(tmp_path):
 
 def test_a_failed_step_is_named_and_earlier_outputs_stay(tmp_path):
     (tmp_path / "data").write_text("a file where the task's folder should go")
-    with pytest.raises(DemoStepError, match=r"demo step 2 \(write the date-reformatting task\) failed: .* earlier steps' outputs are kept"):
+    with pytest.raises(
+        DemoStepError,
+        match=r"demo step 2 \(write the date-reformatting task\) failed: .* earlier steps' outputs are kept",
+    ):
         run_demo(tmp_path, training_overrides={"max_steps": 1})
     assert (tmp_path / "base" / "config.json").exists()

@@ -26,8 +26,14 @@ EXPORT = {
     "kv_cache": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "context_length": 256, "shared_buffer": True},
     "eos_token_ids": [2],
     "adapters": {"a": {"file": "adapters/a.onnx_adapter", "inputs": ["x.lora_A"]}},
-    "kernels": {"lora_add": {"model_file": "model.lora.onnx", "format": 1, "data_files": ["model.onnx.data"],
-                             "adapters": {"a": {"file": "adapters/a.q4.onnx_adapter"}}}},
+    "kernels": {
+        "lora_add": {
+            "model_file": "model.lora.onnx",
+            "format": 1,
+            "data_files": ["model.onnx.data"],
+            "adapters": {"a": {"file": "adapters/a.q4.onnx_adapter"}},
+        }
+    },
     "files": {"model.onnx": "00"},
     "parity": {"a": {"passed": True}},
     "a_key_from_a_newer_version": {"kept": True},
@@ -88,9 +94,16 @@ def test_missing_dir_file_and_bad_json_say_what_to_do(tmp_path):
 def test_adapter_manifest(tmp_path):
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("")
-    doc = {"format_version": 1, "kind": "adapter", "base_model": "base", "base_fingerprint": {"digest": "ab"},
-           "training": {"quant": {"quant_type": "nf4"}}, "lora": {"r": 8}, "data": {"eval": {"path": str(eval_file)}},
-           "data_card": None}
+    doc = {
+        "format_version": 1,
+        "kind": "adapter",
+        "base_model": "base",
+        "base_fingerprint": {"digest": "ab"},
+        "training": {"quant": {"quant_type": "nf4"}},
+        "lora": {"r": 8},
+        "data": {"eval": {"path": str(eval_file)}},
+        "data_card": None,
+    }
     manifest = AdapterManifest.load(write(tmp_path, "edge_lora.json", doc))
     assert (manifest.base_digest, manifest.eval_data_path, manifest.data_card) == ("ab", eval_file, None)
     assert manifest.to_dict() == doc
@@ -101,8 +114,16 @@ def test_adapter_manifest(tmp_path):
 
 
 def test_profile_report_checks_its_schema():
-    report = {"schema": "edge-lora/profile", "schema_version": 3, "host": {}, "device_profile": {"name": "x"},
-              "exports": [], "settings": {}, "configurations": [], "created": "now"}
+    report = {
+        "schema": "edge-lora/profile",
+        "schema_version": 3,
+        "host": {},
+        "device_profile": {"name": "x"},
+        "exports": [],
+        "settings": {},
+        "configurations": [],
+        "created": "now",
+    }
     assert ProfileReport.from_dict(report, "p.json").to_dict() == report
     with pytest.raises(ProfileError, match="is not a profile report: schema 'other'"):
         ProfileReport.from_dict(report | {"schema": "other"}, "p.json")

@@ -41,12 +41,12 @@ for command in (demo, train, export, run, serve, serve_admin, profile, eval_grou
 
 
 def bad_input_types() -> tuple[type[Exception], ...]:
-    """Errors that mean the user's input was wrong; each carries a one-line message with the fix."""
+    """Errors that mean the user's input was wrong; each carries a one-line message with the fix. UsageError covers
+    the manifests' errors (edge_lora.formats: ExportError, ProfileError, AdapterError)."""
     from edge_lora.devices import DeviceProfileError
-    from edge_lora.runtime import ChatError, ExportError, PromptError, ProviderError
-    from edge_lora.runtime.profile.sweep import ProfileError
+    from edge_lora.runtime import ChatError, PromptError, ProviderError
 
-    return UsageError, DeviceProfileError, ExportError, PromptError, ProviderError, ProfileError, ChatError
+    return UsageError, DeviceProfileError, PromptError, ProviderError, ChatError
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,35 +10,81 @@ from edge_lora.formats import FLAVORS, GRAPHS, PRECISIONS
 @click.command("export")
 @click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--output", required=True, help="Export dir to write (built in a temporary dir, then renamed).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Weight precision [default: fp32, or the device profile's].")
-@click.option("--flavor", type=click.Choice(FLAVORS), default=None,
-              help="Merge one adapter into the base, or keep several apart beside one base graph [default: merged].")
-@click.option("--merge-into", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
-              help="Merge onto the dequantized 4-bit weights the adapter was trained against, or the original ones.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Weight precision [default: fp32, or the device profile's].",
+)
+@click.option(
+    "--flavor",
+    type=click.Choice(FLAVORS),
+    default=None,
+    help="Merge one adapter into the base, or keep several apart beside one base graph [default: merged].",
+)
+@click.option(
+    "--merge-into",
+    type=click.Choice(["dequantized", "original"]),
+    default="dequantized",
+    show_default=True,
+    help="Merge onto the dequantized 4-bit weights the adapter was trained against, or the original ones.",
+)
 @click.option("--device", default=None, help="Device profile (see 'edge-lora devices list') for precision and opset.")
-@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
-              help="Weights per int4 scale [default: 32, or the device profile's].")
-@click.option("--int4-accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="MatMulNBits accuracy_level: 4 = int8 activations [default: 4, or the device profile's].")
-@click.option("--int4-head/--no-int4-head", default=True, show_default=True,
-              help="Quantize the output head (and a tied embedding's MatMul) to int4 too.")
-@click.option("--graph", type=click.Choice(GRAPHS), default=None,
-              help="Graph writer: optimum's exporter, onnxruntime-genai's model builder (fused attention, "
-                   "Llama-family, fp32 or int4), or auto (the builder where it applies). Default: the "
-                   "--device profile's, else auto.")
+@click.option(
+    "--int4-block-size",
+    type=click.Choice(["16", "32", "64", "128"]),
+    default=None,
+    help="Weights per int4 scale [default: 32, or the device profile's].",
+)
+@click.option(
+    "--int4-accuracy-level",
+    type=click.IntRange(0, 4),
+    default=None,
+    help="MatMulNBits accuracy_level: 4 = int8 activations [default: 4, or the device profile's].",
+)
+@click.option(
+    "--int4-head/--no-int4-head",
+    default=True,
+    show_default=True,
+    help="Quantize the output head (and a tied embedding's MatMul) to int4 too.",
+)
+@click.option(
+    "--graph",
+    type=click.Choice(GRAPHS),
+    default=None,
+    help="Graph writer: optimum's exporter, onnxruntime-genai's model builder (fused attention, "
+    "Llama-family, fp32 or int4), or auto (the builder where it applies). Default: the "
+    "--device profile's, else auto.",
+)
 @click.option("--base", default=None, help="Base model dir, if not where the adapter's manifest says.")
 @click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity gate (not recommended).")
-@click.option("--no-kernels", is_flag=True,
-              help="Write the portable graph alone, without the graphs for edge-lora's own kernels (the profile's: "
-                   "matmul_q4, lora_add).")
+@click.option(
+    "--no-kernels",
+    is_flag=True,
+    help="Write the portable graph alone, without the graphs for edge-lora's own kernels (the profile's: "
+    "matmul_q4, lora_add).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def export(adapter_dirs: tuple[str, ...], output: str, precision: str | None, flavor: str | None, merge_into: str,
-           device: str | None, int4_block_size: str | None, int4_accuracy_level: int | None, int4_head: bool,
-           graph: str | None, base: str | None, force: bool, overwrite: bool, no_validate: bool, no_kernels: bool,
-           quiet: bool) -> None:
+def export(
+    adapter_dirs: tuple[str, ...],
+    output: str,
+    precision: str | None,
+    flavor: str | None,
+    merge_into: str,
+    device: str | None,
+    int4_block_size: str | None,
+    int4_accuracy_level: int | None,
+    int4_head: bool,
+    graph: str | None,
+    base: str | None,
+    force: bool,
+    overwrite: bool,
+    no_validate: bool,
+    no_kernels: bool,
+    quiet: bool,
+) -> None:
     """Merge an adapter (or keep several apart), export ONNX with KV cache, quantize, and check parity with
     the trained model.
 
@@ -52,18 +98,32 @@ def export(adapter_dirs: tuple[str, ...], output: str, precision: str | None, fl
         options["kernels"] = ()
     if device:
         options |= profile_options(device)
-    given = {"precision": precision, "flavor": flavor, "int4_accuracy_level": int4_accuracy_level, "graph": graph,
-             "int4_block_size": int(int4_block_size) if int4_block_size else None}
+    given = {
+        "precision": precision,
+        "flavor": flavor,
+        "int4_accuracy_level": int4_accuracy_level,
+        "graph": graph,
+        "int4_block_size": int(int4_block_size) if int4_block_size else None,
+    }
     options |= {k: v for k, v in given.items() if v is not None}
 
-    from edge_lora.export import ExportOptions, export as run_export
+    from edge_lora.export import ExportOptions
+    from edge_lora.export import export as run_export
     from edge_lora.runtime.package import open_export
 
-    out = run_export(list(adapter_dirs), output, ExportOptions(**options), base=base, force=force,
-                     overwrite=overwrite, show_progress=not quiet)
+    out = run_export(
+        list(adapter_dirs),
+        output,
+        ExportOptions(**options),
+        base=base,
+        force=force,
+        overwrite=overwrite,
+        show_progress=not quiet,
+    )
     manifest = open_export(out, verify=False).manifest
-    click.echo(f"export written to {out} ({manifest['flavor']}, {manifest['precision']}); "
-               f"parity {parity_verdict(manifest.get('parity'))}")
+    click.echo(
+        f"export written to {out} ({manifest.flavor}, {manifest.precision}); parity {parity_verdict(manifest.parity)}"
+    )
 
 
 def profile_options(device: str) -> dict:
@@ -71,14 +131,22 @@ def profile_options(device: str) -> dict:
     from edge_lora import devices
 
     profile = devices.load(device)
-    return {"precision": profile.precision, "flavor": profile.flavor, "opset": profile.opset, "graph": profile.graph,
-            "device": profile.name, "int4_block_size": profile.int4_block_size,
-            "int4_accuracy_level": profile.int4_accuracy_level}
+    return {
+        "precision": profile.precision,
+        "flavor": profile.flavor,
+        "opset": profile.opset,
+        "graph": profile.graph,
+        "device": profile.name,
+        "int4_block_size": profile.int4_block_size,
+        "int4_accuracy_level": profile.int4_accuracy_level,
+    }
 
 
 def parity_verdict(parity: dict | None) -> str:
     """export.json's parity reports in one line."""
     if not parity:
         return "parity not checked (--no-validate)"
-    return "; ".join(f"{name}: max |Δlogit| {p['max_abs_logit_diff']:.2e}, "
-                     f"greedy agreement {p['greedy_agreement']:.1%}" for name, p in parity.items())
+    return "; ".join(
+        f"{name}: max |Δlogit| {p['max_abs_logit_diff']:.2e}, greedy agreement {p['greedy_agreement']:.1%}"
+        for name, p in parity.items()
+    )

@@ -10,8 +10,9 @@ import click
 @click.command("inspect")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the lineage tree as JSON.")
-@click.option("--verify-base", is_flag=True,
-              help="Also recompute the base model's fingerprint (reads all its weights).")
+@click.option(
+    "--verify-base", is_flag=True, help="Also recompute the base model's fingerprint (reads all its weights)."
+)
 def inspect_command(path: str, as_json: bool, verify_base: bool) -> None:
     """Print the lineage of an export dir or an adapter dir — export, adapter(s), base model, training and eval
     data — each parent still on disk checked against its recorded digest (matches, changed, missing).

@@ -14,24 +14,63 @@ from edge_lora.errors import UsageError
 @click.argument("export_dir", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--api-key", default=None, envvar="EDGE_LORA_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on every endpoint but /health [env: EDGE_LORA_API_KEY].")
-@click.option("--workers", type=int, default=None,
-              help="Generations at once [default: the host's physical cores / threads per worker, at least 1].")
-@click.option("--queue-size", type=int, default=32, show_default=True,
-              help="Requests that may wait for a worker; one more is answered 429.")
-@click.option("--queue-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds a request may wait for a worker before it is answered 503.")
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="EDGE_LORA_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on every endpoint but /health [env: EDGE_LORA_API_KEY].",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Generations at once [default: the host's physical cores / threads per worker, at least 1].",
+)
+@click.option(
+    "--queue-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Requests that may wait for a worker; one more is answered 429.",
+)
+@click.option(
+    "--queue-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds a request may wait for a worker before it is answered 503.",
+)
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Larger bodies get 413.")
-@click.option("--admin-max-body-bytes", type=int, default=1 << 30, show_default=True,
-              help="Largest adapter upload to /admin/adapters/NAME (see 'edge-lora serve-admin').")
-@click.option("--grace-period", type=float, default=10.0, show_default=True,
-              help="On SIGTERM, seconds in-flight requests may take to finish before they are cancelled.")
+@click.option(
+    "--admin-max-body-bytes",
+    type=int,
+    default=1 << 30,
+    show_default=True,
+    help="Largest adapter upload to /admin/adapters/NAME (see 'edge-lora serve-admin').",
+)
+@click.option(
+    "--grace-period",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM, seconds in-flight requests may take to finish before they are cancelled.",
+)
 @click.option("--device", default=None, help="Device profile for providers and threads.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads per worker (0: one per physical core).")
-def serve(export_dir: str, host: str, port: int, api_key: str | None, workers: int | None, queue_size: int,
-          queue_timeout: float, max_body_bytes: int, admin_max_body_bytes: int, grace_period: float, device: str | None,
-          threads: int | None) -> None:
+def serve(
+    export_dir: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    workers: int | None,
+    queue_size: int,
+    queue_timeout: float,
+    max_body_bytes: int,
+    admin_max_body_bytes: int,
+    grace_period: float,
+    device: str | None,
+    threads: int | None,
+) -> None:
     """Serve an export (and its adapters) over OpenAI's HTTP API: /v1/completions, /v1/chat/completions,
     /v1/models, /health and /metrics. Needs the extra: pip install 'edge-lora[serve]'. With --api-key, adapter
     versions can be loaded and rolled back while serving (see 'edge-lora serve-admin').
@@ -42,13 +81,22 @@ def serve(export_dir: str, host: str, port: int, api_key: str | None, workers: i
                    -d '{"model": "export-int4", "prompt": "2024-03-17 ->", "max_tokens": 16}'
     """
     try:
-        from edge_lora.runtime.serve.app import ServeConfig, ServeError, serve as run_server
+        from edge_lora.runtime.serve.app import ServeConfig, ServeError
+        from edge_lora.runtime.serve.app import serve as run_server
     except ImportError as e:
         raise UsageError(f"serving needs FastAPI and uvicorn ({e}) — pip install 'edge-lora[serve]'") from None
     try:
-        config = ServeConfig(host=host, port=port, api_key=api_key, workers=workers, queue_size=queue_size,
-                             queue_timeout_s=queue_timeout, max_body_bytes=max_body_bytes,
-                             admin_max_body_bytes=admin_max_body_bytes, grace_s=grace_period)
+        config = ServeConfig(
+            host=host,
+            port=port,
+            api_key=api_key,
+            workers=workers,
+            queue_size=queue_size,
+            queue_timeout_s=queue_timeout,
+            max_body_bytes=max_body_bytes,
+            admin_max_body_bytes=admin_max_body_bytes,
+            grace_s=grace_period,
+        )
         run_server(export_dir, config, device=device, threads=threads)
     except ServeError as e:
         raise UsageError(str(e)) from None
@@ -76,8 +124,9 @@ def admin_call(call: Callable[..., dict], *args) -> None:
         raise UsageError(str(e)) from None
 
 
-API_KEY_OPTION = click.option("--api-key", default=None, envvar="EDGE_LORA_API_KEY",
-                              help="The server's API key [env: EDGE_LORA_API_KEY].")
+API_KEY_OPTION = click.option(
+    "--api-key", default=None, envvar="EDGE_LORA_API_KEY", help="The server's API key [env: EDGE_LORA_API_KEY]."
+)
 
 
 @serve_admin.command("push")

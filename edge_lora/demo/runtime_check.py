@@ -20,9 +20,10 @@ LATENCY_SETTINGS = ProfileSettings(prompt_lens=(16,), new_tokens=32, warmup_runs
 
 
 def main(export_dir: str, eval_path: str, max_new_tokens: int) -> dict:
-    accuracy = evaluate(export_dir, [eval_path], EvalSettings(metric="exact", max_new_tokens=max_new_tokens),
-                        show_progress=False).files[0]
-    summary = profile(export_dir, LATENCY_SETTINGS)["configurations"][0]["summary"]
+    accuracy = evaluate(
+        export_dir, [eval_path], EvalSettings(metric="exact", max_new_tokens=max_new_tokens), show_progress=False
+    ).files[0]
+    summary = profile(export_dir, LATENCY_SETTINGS).configurations[0]["summary"]
     return {
         "correct": int(sum(s.score for s in accuracy.samples)),
         "total": len(accuracy.samples),

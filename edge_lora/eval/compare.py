@@ -71,14 +71,23 @@ class Comparison:
 def check_same_tokenizer(old: targets.TargetSpec, new: targets.TargetSpec) -> None:
     a, b = old.tokenizer_digest(), new.tokenizer_digest()
     if a != b:
-        raise EvalError(f"OLD {old.path} and NEW {new.path} have different tokenizers (tokenizer.json digest "
-                        f"{a[:12]}… vs {b[:12]}…) — the same samples would be different token sequences; "
-                        "compare targets built on the same base model")
+        raise EvalError(
+            f"OLD {old.path} and NEW {new.path} have different tokenizers (tokenizer.json digest "
+            f"{a[:12]}… vs {b[:12]}…) — the same samples would be different token sequences; "
+            "compare targets built on the same base model"
+        )
 
 
-def compare(old: str | Path, new: str | Path, data: list[str | Path], settings: EvalSettings = EvalSettings(),
-            margin: float | None = None, old_adapter: str | None = None, new_adapter: str | None = None,
-            show_progress: bool = True) -> Comparison:
+def compare(
+    old: str | Path,
+    new: str | Path,
+    data: list[str | Path],
+    settings: EvalSettings = EvalSettings(),
+    margin: float | None = None,
+    old_adapter: str | None = None,
+    new_adapter: str | None = None,
+    show_progress: bool = True,
+) -> Comparison:
     """Evaluate OLD and NEW on the same files and pair their samples. Every check on the inputs runs before the
     first model is loaded."""
     if margin is not None and not (margin >= 0 and math.isfinite(margin)):
@@ -94,13 +103,15 @@ def compare(old: str | Path, new: str | Path, data: list[str | Path], settings: 
         reports.append(run(loaded, files, settings, show_progress, description=f"eval {name}"))
         del loaded  # one model in memory at a time
     old_report, new_report = reports
-    pairings = tuple(pair(a.data, a.samples, b.samples, settings.metric, margin)
-                     for a, b in zip(old_report.files, new_report.files))
+    pairings = tuple(
+        pair(a.data, a.samples, b.samples, settings.metric, margin) for a, b in zip(old_report.files, new_report.files)
+    )
     return Comparison(old_report, new_report, margin, pairings)
 
 
-def pair(data: str, old: Sequence[SampleResult], new: Sequence[SampleResult], metric: MetricName,
-         margin: float | None) -> Pairing:
+def pair(
+    data: str, old: Sequence[SampleResult], new: Sequence[SampleResult], metric: MetricName, margin: float | None
+) -> Pairing:
     """OLD's and NEW's results on the same samples, in the same order, paired."""
     old_loss = np.array([s.loss for s in old])
     new_loss = np.array([s.loss for s in new])
@@ -115,7 +126,19 @@ def pair(data: str, old: Sequence[SampleResult], new: Sequence[SampleResult], me
     else:
         diff = np.array([s.score for s in new]) - np.array([s.score for s in old])
         ci = stats.bootstrap((diff,), lambda d, n: 100 * d / n)
-    pairing = Pairing(data, metric, old_summary, new_summary, delta, ci, better, worse, len(old) - better - worse, p_value,
-                      "McNemar exact" if metric in ("exact", "contains") else "sign test", False)
+    pairing = Pairing(
+        data,
+        metric,
+        old_summary,
+        new_summary,
+        delta,
+        ci,
+        better,
+        worse,
+        len(old) - better - worse,
+        p_value,
+        "McNemar exact" if metric in ("exact", "contains") else "sign test",
+        False,
+    )
     failed = margin is not None and pairing.drop_points > margin and p_value < ALPHA
     return dataclasses.replace(pairing, worse_beyond_margin=failed)

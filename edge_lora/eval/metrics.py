@@ -74,8 +74,9 @@ def nll(logits, targets: list[int]) -> float:
     return float((log_z - rows[np.arange(len(targets)), targets]).sum())
 
 
-def summarise(metric: MetricName, scores: list[float], nlls: list[float] | None = None,
-              tokens: list[int] | None = None) -> Summary:
+def summarise(
+    metric: MetricName, scores: list[float], nlls: list[float] | None = None, tokens: list[int] | None = None
+) -> Summary:
     """The figure and its 95% interval: `scores` for exact/contains/token-f1, `nlls` and `tokens` for perplexity."""
     import numpy as np
 

@@ -103,8 +103,10 @@ class EvalReport:
 def check_target(target_spec: targets.TargetSpec, metric: str) -> None:
     """A metric the target cannot give is refused before the model is loaded."""
     if metric == "perplexity" and not target_spec.has_logits():
-        raise EvalError(f"--metric perplexity needs logits, and the graph of {target_spec.path} has no 'logits' output "
-                        "(see its export.json outputs) — use a generation metric (exact, contains, token-f1)")
+        raise EvalError(
+            f"--metric perplexity needs logits, and the graph of {target_spec.path} has no 'logits' output "
+            "(see its export.json outputs) — use a generation metric (exact, contains, token-f1)"
+        )
 
 
 def read_files(data: list[str | Path], metric: str) -> dict[str, list[EvalSample]]:
@@ -119,8 +121,13 @@ def read_files(data: list[str | Path], metric: str) -> dict[str, list[EvalSample
     return files
 
 
-def evaluate(target: str | Path, data: list[str | Path], settings: EvalSettings = EvalSettings(),
-             adapter: str | None = None, show_progress: bool = True) -> EvalReport:
+def evaluate(
+    target: str | Path,
+    data: list[str | Path],
+    settings: EvalSettings = EvalSettings(),
+    adapter: str | None = None,
+    show_progress: bool = True,
+) -> EvalReport:
     """Evaluate an export dir (on the runtime) or an adapter dir (in PyTorch) on each eval file."""
     target_spec = targets.spec(target, adapter)
     check_target(target_spec, settings.metric)
@@ -129,8 +136,13 @@ def evaluate(target: str | Path, data: list[str | Path], settings: EvalSettings 
     return run(loaded, files, settings, show_progress)
 
 
-def run(target: targets.Target, files: dict[str, list[EvalSample]], settings: EvalSettings,
-        show_progress: bool = True, description: str = "eval") -> EvalReport:
+def run(
+    target: targets.Target,
+    files: dict[str, list[EvalSample]],
+    settings: EvalSettings,
+    show_progress: bool = True,
+    description: str = "eval",
+) -> EvalReport:
     total = sum(len(samples) for samples in files.values())
     results = []
     with progress_bar(description, total=total, enabled=show_progress) as advance:
@@ -153,8 +165,9 @@ def new_tokens(target: targets.Target, samples: list[EvalSample], settings: Eval
     return max(len(target.reference_ids(s)) for s in samples) + 1
 
 
-def score_sample(target: targets.Target, sample: EvalSample, settings: EvalSettings, max_new_tokens: int,
-                 advance) -> SampleResult:
+def score_sample(
+    target: targets.Target, sample: EvalSample, settings: EvalSettings, max_new_tokens: int, advance
+) -> SampleResult:
     prompt_ids = target.prompt_ids(sample)
     prompt = list(sample.messages) if sample.shape == "messages" else sample.prompt
     if settings.metric == "perplexity":
@@ -167,16 +180,25 @@ def score_sample(target: targets.Target, sample: EvalSample, settings: EvalSetti
         value = metrics.nll(logits[first - 1 : len(ids) - 1], ids[first:])
         count = len(ids) - first
         advance(1)
-        return SampleResult(sample.where, prompt, sample.reference, None, math.exp(value / count),
-                            seconds, value, count)
+        return SampleResult(
+            sample.where, prompt, sample.reference, None, math.exp(value / count), seconds, value, count
+        )
     check_length(target, sample, len(prompt_ids) + max_new_tokens, f"prompt and max_new_tokens {max_new_tokens}")
     output, seconds = target.complete(prompt_ids, max_new_tokens)
     advance(1)
-    return SampleResult(sample.where, prompt, sample.reference, output,
-                        metrics.SCORERS[settings.metric](output, sample.reference), seconds)
+    return SampleResult(
+        sample.where,
+        prompt,
+        sample.reference,
+        output,
+        metrics.SCORERS[settings.metric](output, sample.reference),
+        seconds,
+    )
 
 
 def check_length(target: targets.Target, sample: EvalSample, length: int, what: str) -> None:
     if length > target.context_length:
-        raise EvalError(f"{sample.where}: {what} take {length} tokens, more than the model's context of "
-                        f"{target.context_length} — shorten the sample or lower --max-new-tokens")
+        raise EvalError(
+            f"{sample.where}: {what} take {length} tokens, more than the model's context of "
+            f"{target.context_length} — shorten the sample or lower --max-new-tokens"
+        )

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_lora.train.data import SHAPES, read_jsonl, split_record
 from edge_lora.errors import UsageError
+from edge_lora.train.data import SHAPES, read_jsonl, split_record
 
 
 class EvalError(UsageError):
@@ -43,20 +43,32 @@ def read_samples(path: str | Path) -> list[EvalSample]:
             samples.append(messages_sample(record["messages"], where))
             continue
         prompt, reference = split_record(record, f"{path} line {lineno}")
-        samples.append(EvalSample(where, reference, prompt, shape="prompt/completion" if "completion" in record else "text"))
+        samples.append(
+            EvalSample(where, reference, prompt, shape="prompt/completion" if "completion" in record else "text")
+        )
     return samples
 
 
 def messages_sample(messages, where: str) -> EvalSample:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     )
     if not ok:
-        raise EvalError(f'{where}: "messages" must be a list of {{"role", "content"}} strings, got {json.dumps(messages)[:80]} — {SHAPES}')
+        raise EvalError(
+            f'{where}: "messages" must be a list of {{"role", "content"}} strings, '
+            f"got {json.dumps(messages)[:80]} — {SHAPES}"
+        )
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None or last == 0:
-        raise EvalError(f"{where}: a messages record needs an assistant turn after at least one other turn — "
-                        "its last assistant turn is the reference and the turns before it the prompt")
+        raise EvalError(
+            f"{where}: a messages record needs an assistant turn after at least one other turn — "
+            "its last assistant turn is the reference and the turns before it the prompt"
+        )
     return EvalSample(where, messages[last]["content"], messages=tuple(messages[:last]), shape="messages")
 
 
@@ -65,5 +77,7 @@ def check_metric_fits(samples: list[EvalSample], metric: str) -> None:
     if metric != "perplexity":
         text = next((s for s in samples if s.shape == "text"), None)
         if text is not None:
-            raise EvalError(f"{text.where}: a text record has no reference answer for --metric {metric} — "
-                            "use --metric perplexity, or prompt/completion or messages records")
+            raise EvalError(
+                f"{text.where}: a text record has no reference answer for --metric {metric} — "
+                "use --metric perplexity, or prompt/completion or messages records"
+            )

@@ -33,8 +33,13 @@ def wilson(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap(columns: tuple[np.ndarray, ...], statistic: Callable[..., np.ndarray],
-              resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> tuple[float, float]:
+def bootstrap(
+    columns: tuple[np.ndarray, ...],
+    statistic: Callable[..., np.ndarray],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = LEVEL,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic` over samples.
 
     `columns` are per-sample arrays of one length n; `statistic` takes their resampled sums, each of shape
@@ -66,5 +71,7 @@ def sign_test(better: int, worse: int) -> float:
     k = min(better, worse)
     # the binomial(n, 1/2) lower tail in log space: exact integers of 2**n digits would be slow for large n
     log_half_n = n * math.log(2)
-    tail = sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - log_half_n) for i in range(k + 1))
+    tail = sum(
+        math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - log_half_n) for i in range(k + 1)
+    )
     return min(1.0, 2 * tail)

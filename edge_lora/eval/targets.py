@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST, ExportManifest
 from edge_lora.eval.samples import EvalError, EvalSample
+from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST, ExportManifest
 from edge_lora.runtime.chat import ChatError, ChatTemplate
 from edge_lora.runtime.tokenizer import TextTokenizer
 
@@ -54,21 +54,29 @@ def spec(path: str | Path, adapter: str | None = None) -> TargetSpec:
         return TargetSpec(path, "export", adapter)
     if (path / ADAPTER_MANIFEST).is_file():
         if adapter is not None:
-            raise EvalError(f"--adapter {adapter} applies to an export of flavor adapters, but {path} is an adapter dir — "
-                            "drop --adapter, or pass the export dir")
+            raise EvalError(
+                f"--adapter {adapter} applies to an export of flavor adapters, but {path} is an adapter dir — "
+                "drop --adapter, or pass the export dir"
+            )
         return TargetSpec(path, "adapter")
-    raise EvalError(f"target {path} is neither an export dir (export.json) nor an adapter dir (edge_lora.json) — "
-                    "pass the --output dir of edge-lora export or edge-lora train")
+    raise EvalError(
+        f"target {path} is neither an export dir (export.json) nor an adapter dir (edge_lora.json) — "
+        "pass the --output dir of edge-lora export or edge-lora train"
+    )
 
 
 def tokenizer_digest(target_dir: Path) -> str:
     """sha256 of what makes tokenizer.json turn text into ids: equal digests, equal token ids."""
     path = Path(target_dir) / "tokenizer.json"
     if not path.is_file():
-        raise EvalError(f"{target_dir} has no tokenizer.json — evaluation tokenizes with it; save the tokenizer "
-                        "there (edge-lora train and export do)")
+        raise EvalError(
+            f"{target_dir} has no tokenizer.json — evaluation tokenizes with it; save the tokenizer "
+            "there (edge-lora train and export do)"
+        )
     tokenizer = json.loads(path.read_text())
-    return hashlib.sha256(json.dumps({k: tokenizer.get(k) for k in TOKENIZER_KEYS}, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps({k: tokenizer.get(k) for k in TOKENIZER_KEYS}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 class Target:
@@ -89,8 +97,10 @@ class Target:
         if sample.shape != "messages":
             return self.tokenizer.encode(sample.prompt)
         if self.template is None:
-            raise EvalError(f"{sample.where}: a messages record needs a chat template, and {self.spec.path} has none — "
-                            "use prompt/completion records")
+            raise EvalError(
+                f"{sample.where}: a messages record needs a chat template, and {self.spec.path} has none — "
+                "use prompt/completion records"
+            )
         try:
             text = self.template.render(list(sample.messages), add_generation_prompt=True)
         except ChatError as e:
@@ -149,8 +159,9 @@ class TorchTarget(Target):
             model = qlora_model(spec_.path, base_dir_of(spec_.path, manifest, base, force=False), manifest)
         self.model = model
         eos = self.model.config.eos_token_id
-        super().__init__(spec_, list(eos) if isinstance(eos, (list, tuple)) else [eos],
-                         self.model.config.max_position_embeddings)
+        super().__init__(
+            spec_, list(eos) if isinstance(eos, (list, tuple)) else [eos], self.model.config.max_position_embeddings
+        )
         pad = self.model.config.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_id
 
@@ -159,10 +170,15 @@ class TorchTarget(Target):
 
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(self.eos_ids),
-                                      pad_token_id=self.pad_id)
-        return self.cut_at_eos(out[0, len(prompt_ids):].tolist()), time.perf_counter() - start
+            out = self.model.generate(
+                input_ids=torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.pad_id,
+            )
+        return self.cut_at_eos(out[0, len(prompt_ids) :].tolist()), time.perf_counter() - start
 
     def complete_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         """Greedy completions BATCH prompts at a time, left-padded so that every row's next token comes last."""
@@ -175,8 +191,14 @@ class TorchTarget(Target):
             ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
             with torch.no_grad():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                          do_sample=False, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=sorted(self.eos_ids),
+                    pad_token_id=self.pad_id,
+                )
             texts += [self.cut_at_eos(row[width:].tolist()) for row in out]
         return texts
 

@@ -95,13 +95,14 @@ def to_resume(output: Path, resume: bool, config: TrainConfig, fingerprint: dict
     `output`, made from the same base (`fingerprint`) and settings; without, `output` must hold no run yet."""
     if not resume:
         if complete(output) or (output / ADAPTER_MANIFEST).exists():
-            raise UsageError(f"output {output} already holds a training run — pass --resume to continue it, "
-                             "or choose another --output")
+            raise UsageError(
+                f"output {output} already holds a training run — pass --resume to continue it, "
+                "or choose another --output"
+            )
         return None
     path = newest(output)
     if path is None:
-        raise UsageError(f"--resume: no complete checkpoint in {output / CHECKPOINTS} — "
-                         "run without --resume to start")
+        raise UsageError(f"--resume: no complete checkpoint in {output / CHECKPOINTS} — run without --resume to start")
     check_resumable(read_meta(path), config, fingerprint, output)
     return path
 
@@ -118,8 +119,9 @@ def check_resumable(meta: dict, config: TrainConfig, fingerprint: dict, where: P
     changed = sorted(k for k in now if k not in RESUME_FREE_FIELDS and json.dumps(now[k]) != json.dumps(before.get(k)))
     if changed:
         diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise UsageError(f"--resume: the config differs from the checkpoint's ({diffs}) — use the same settings, "
-                         "or a new --output")
+        raise UsageError(
+            f"--resume: the config differs from the checkpoint's ({diffs}) — use the same settings, or a new --output"
+        )
 
 
 def with_defaults(saved: dict, config: TrainConfig) -> dict:

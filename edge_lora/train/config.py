@@ -161,8 +161,9 @@ class TrainConfig:
         if not 0.0 <= self.max_overlap <= 1.0:
             problems.append(f"max_overlap={self.max_overlap!r} must be a fraction in [0, 1]")
         if not 0.0 < self.near_duplicate_jaccard <= 1.0:
-            problems.append(f"near_duplicate_jaccard={self.near_duplicate_jaccard!r} must be in (0, 1], "
-                            "for example 0.8")
+            problems.append(
+                f"near_duplicate_jaccard={self.near_duplicate_jaccard!r} must be in (0, 1], for example 0.8"
+            )
         if self.learning_rate <= 0:
             problems.append(f"learning_rate={self.learning_rate!r} must be positive, for example 2e-4")
         if self.warmup_steps < 0:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_lora.errors import UsageError
-from edge_lora.runtime.package import sha256_file
+from edge_lora.formats import sha256_file
 
 IGNORE_INDEX = -100  # label value that the loss skips (transformers and torch's cross_entropy default)
 SHAPES = 'every line needs "prompt" and "completion" strings, or "messages", or "text"'
@@ -89,15 +89,23 @@ def encode_messages(messages, tokenizer, max_length: int, train_on_prompt: bool,
     (with the generation prompt) and through it — and mapped to tokens by their offsets, so that the tokens
     are exactly those of the whole rendered text.
     """
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     )
     if not ok or not any(m["role"] == "assistant" for m in messages):
-        raise UsageError(f'{where}: "messages" must be a list of {{"role", "content"}} strings with an assistant '
-                         f'turn — {SHAPES}')
+        raise UsageError(
+            f'{where}: "messages" must be a list of {{"role", "content"}} strings with an assistant turn — {SHAPES}'
+        )
     if not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"{where}: a messages record needs a tokenizer with a chat template; this one has none — "
-                         "use prompt/completion records")
+        raise UsageError(
+            f"{where}: a messages record needs a tokenizer with a chat template; this one has none — "
+            "use prompt/completion records"
+        )
 
     def render(turns, generation_prompt=False) -> str:
         if not turns:
@@ -110,8 +118,10 @@ def encode_messages(messages, tokenizer, max_length: int, train_on_prompt: bool,
         if message["role"] == "assistant":
             before, through = render(messages[:i], True), render(messages[: i + 1])
             if not (text.startswith(before) and text.startswith(through)):
-                raise UsageError(f"{where}: the chat template renders a conversation's start differently from the "
-                                 "whole — its assistant turns cannot be located; use prompt/completion records")
+                raise UsageError(
+                    f"{where}: the chat template renders a conversation's start differently from the "
+                    "whole — its assistant turns cannot be located; use prompt/completion records"
+                )
             spans.append((len(before), len(through)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -125,8 +135,10 @@ def encode_messages(messages, tokenizer, max_length: int, train_on_prompt: bool,
 
 def encode(prompt: str, completion: str, tokenizer, max_length: int, train_on_prompt: bool) -> tuple[Example, bool]:
     """Token ids with labels; returns (example, truncated). The BOS token is never a label."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else (
-        [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = (
+        tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if prompt
+        else ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
     )
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = prompt_ids + completion_ids
@@ -138,8 +150,9 @@ def encode(prompt: str, completion: str, tokenizer, max_length: int, train_on_pr
     return Example(tuple(ids[:max_length]), tuple(labels[:max_length])), truncated
 
 
-def load_examples(path: str | Path, tokenizer, max_length: int,
-                  train_on_prompt: bool) -> tuple[list[Example], DataReport]:
+def load_examples(
+    path: str | Path, tokenizer, max_length: int, train_on_prompt: bool
+) -> tuple[list[Example], DataReport]:
     records = read_jsonl(path)
     examples, truncated = [], 0
     for lineno, record in records:

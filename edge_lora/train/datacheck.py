@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.train.data import SHAPES, read_jsonl, split_record
 from edge_lora.errors import UsageError
+from edge_lora.train.data import SHAPES, read_jsonl, split_record
 
 SHINGLE = 5  # characters (UTF-8 bytes) per shingle
 BANDS, ROWS = 20, 5  # LSH: BANDS * ROWS MinHash functions
@@ -51,7 +51,8 @@ def record_text(record: dict, where: str) -> str:
     if "messages" in record:
         messages = record["messages"]
         turns_ok = isinstance(messages, list) and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+        )
         if not turns_ok:
             raise UsageError(f'{where}: "messages" must be a list of {{"role", "content"}} strings — {SHAPES}')
         return "\n".join(f"{m.get('role')}: {m['content']}" for m in messages)
@@ -61,8 +62,10 @@ def record_text(record: dict, where: str) -> str:
 
 def read_texts(path: str | Path) -> list[tuple[str, str]]:
     """(file:line, normalised text) of every record."""
-    return [(f"{path}:{lineno}", normalise(record_text(record, f"{path} line {lineno}")))
-            for lineno, record in read_jsonl(path)]
+    return [
+        (f"{path}:{lineno}", normalise(record_text(record, f"{path} line {lineno}")))
+        for lineno, record in read_jsonl(path)
+    ]
 
 
 def percentiles(lengths: list[int]) -> dict:
@@ -125,8 +128,9 @@ def minhash(hashes: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     first = 0
     while first < n:  # texts [first, last) at a time, about _CHUNK_ROWS shingles: (functions, shingles) stays in cache
         last = min(n, max(first + 1, int(np.searchsorted(bounds, bounds[first] + _CHUNK_ROWS, side="right")) - 1))
-        signatures[:, first:last] = np.minimum.reduceat(a * hashes[bounds[first] : bounds[last]] + b,
-                                                        bounds[first:last] - bounds[first], axis=1)
+        signatures[:, first:last] = np.minimum.reduceat(
+            a * hashes[bounds[first] : bounds[last]] + b, bounds[first:last] - bounds[first], axis=1
+        )
         first = last
     return signatures.T
 
@@ -206,16 +210,23 @@ def check_data(config, examples: list, report) -> dict:
             near_train.setdefault(unique[max(a, b)], (unique[min(a, b)], similarity))
     card = {
         "train": {
-            "path": str(config.data), "sha256": report.sha256, "samples": len(train),
-            "tokens": percentiles([len(e.input_ids) for e in examples]), "max_length": config.max_length,
+            "path": str(config.data),
+            "sha256": report.sha256,
+            "samples": len(train),
+            "tokens": percentiles([len(e.input_ids) for e in examples]),
+            "max_length": config.max_length,
             "truncated": report.truncated,
-            "exact_duplicates": {"count": len(exact),
-                                 "examples": [f"{train[j][0]} = {train[i][0]}" for i, j in exact[:SHOWN]]},
+            "exact_duplicates": {
+                "count": len(exact),
+                "examples": [f"{train[j][0]} = {train[i][0]}" for i, j in exact[:SHOWN]],
+            },
             "near_duplicates": {
-                "count": len(near_train), "jaccard": config.near_duplicate_jaccard,
+                "count": len(near_train),
+                "jaccard": config.near_duplicate_jaccard,
                 "method": f"character {SHINGLE}-gram shingles, MinHash {BANDS}x{ROWS} LSH, exact Jaccard check",
-                "examples": [f"{train[j][0]} ~ {train[i][0]} ({s:.2f})"
-                             for j, (i, s) in sorted(near_train.items())[:SHOWN]],
+                "examples": [
+                    f"{train[j][0]} ~ {train[i][0]} ({s:.2f})" for j, (i, s) in sorted(near_train.items())[:SHOWN]
+                ],
             },
         },
         "eval": None,
@@ -229,13 +240,21 @@ def check_data(config, examples: list, report) -> dict:
 
 
 def overlap(config, train: list, held: list, held_exact: dict, near_held: dict) -> dict:
-    named = sorted([(j, f"{held[j][0]} = {train[i][0]}") for j, i in held_exact.items()] +
-                   [(j, f"{held[j][0]} ~ {train[i][0]} ({s:.2f})") for j, (i, s) in near_held.items()])
+    named = sorted(
+        [(j, f"{held[j][0]} = {train[i][0]}") for j, i in held_exact.items()]
+        + [(j, f"{held[j][0]} ~ {train[i][0]} ({s:.2f})") for j, (i, s) in near_held.items()]
+    )
     count = len(named)
     fraction = count / len(held)
-    result = {"count": count, "exact": len(held_exact), "near": len(near_held), "fraction": round(fraction, 6),
-              "max_fraction": config.max_overlap, "allowed": config.allow_overlap,
-              "examples": [text for _, text in named[:SHOWN]]}
+    result = {
+        "count": count,
+        "exact": len(held_exact),
+        "near": len(near_held),
+        "fraction": round(fraction, 6),
+        "max_fraction": config.max_overlap,
+        "allowed": config.allow_overlap,
+        "examples": [text for _, text in named[:SHOWN]],
+    }
     if fraction > config.max_overlap and not config.allow_overlap:
         shown = ", ".join(result["examples"]) + (f" and {count - SHOWN} more" if count > SHOWN else "")
         raise OverlapError(

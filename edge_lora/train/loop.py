@@ -18,8 +18,14 @@ from edge_lora.train.data import Example, batch_order, load_examples, pack
 from edge_lora.train.datacheck import check_data
 from edge_lora.train.distributed import Distributed
 from edge_lora.train.metrics import LOSS_PLOT, METRICS_FILE, MetricsLog, keep_rows_until, plot_loss
-from edge_lora.train.qlora import (add_lora, compute_dtype, load_quantized_base, mixed_precision, resolve_model_dir,
-                                   sum_lora_in_place)
+from edge_lora.train.qlora import (
+    add_lora,
+    compute_dtype,
+    load_quantized_base,
+    mixed_precision,
+    resolve_model_dir,
+    sum_lora_in_place,
+)
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,13 @@ class TrainState:
     def capture(self) -> dict:
         import torch
 
-        return {"trainable": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "torch_rng": torch.get_rng_state()}
+        return {
+            "trainable": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
 
     def restore(self, state: dict) -> None:
         import torch
@@ -95,12 +105,16 @@ def train(config: TrainConfig, show_progress: bool = True, resume: bool = False)
     save_checkpoint(run, state, config.max_steps)
     digests = dist.gather_strings(adapter_digest(state.model))
     if dist.main:
-        metrics = {"train_loss": loss, "train_seconds": round(seconds, 2),
-                   "seconds_per_step": round(seconds / max(1, config.max_steps - start_step), 4),
-                   "resumed_from_step": start_step}
+        metrics = {
+            "train_loss": loss,
+            "train_seconds": round(seconds, 2),
+            "seconds_per_step": round(seconds / max(1, config.max_steps - start_step), 4),
+            "resumed_from_step": start_step,
+        }
         if data.eval_examples:
-            metrics["eval_loss"] = evaluation_loss(state.model, data.eval_examples, config, data.tokenizer.pad_token_id,
-                                                   state.autocast)
+            metrics["eval_loss"] = evaluation_loss(
+                state.model, data.eval_examples, config, data.tokenizer.pad_token_id, state.autocast
+            )
         write_adapter(run, data, state, metrics, digests)
     dist.barrier()
     dist.close()
@@ -119,17 +133,23 @@ def load_data(config: TrainConfig, model_dir: Path) -> TrainData:
     card = check_data(config, examples, report)
     eval_report = None
     if config.eval_data:
-        eval_examples, eval_report = load_examples(config.eval_data, tokenizer, config.max_length,
-                                                   config.train_on_prompt)
+        eval_examples, eval_report = load_examples(
+            config.eval_data, tokenizer, config.max_length, config.train_on_prompt
+        )
         eval_split = {"file": eval_report.to_dict()}
     else:
         examples, eval_examples = split_eval(examples, config)
         eval_split = {"fraction": config.eval_fraction, "samples": len(eval_examples)} if eval_examples else None
     if len(examples) < config.batch_size:
-        raise UsageError(f"{config.data}: {len(examples)} training samples, fewer than batch_size={config.batch_size} "
-                         "— lower batch_size or add data")
-    record = {"train": report.to_dict(), "eval": eval_report.to_dict() if eval_report else None,
-              "eval_split": eval_split}
+        raise UsageError(
+            f"{config.data}: {len(examples)} training samples, fewer than batch_size={config.batch_size} "
+            "— lower batch_size or add data"
+        )
+    record = {
+        "train": report.to_dict(),
+        "eval": eval_report.to_dict() if eval_report else None,
+        "eval_split": eval_split,
+    }
     return TrainData(tokenizer, examples, eval_examples, card, record)
 
 
@@ -205,8 +225,9 @@ def prepare_output(run: Run, state: TrainState, resume_from: Path | None) -> int
     return meta["step"]
 
 
-def run_steps(run: Run, data: TrainData, state: TrainState, start_step: int,
-              show_progress: bool) -> tuple[float, float]:
+def run_steps(
+    run: Run, data: TrainData, state: TrainState, start_step: int, show_progress: bool
+) -> tuple[float, float]:
     """The optimizer steps from `start_step` to max_steps, logging and checkpointing as configured; returns the
     last step's loss and the seconds they took."""
     config, dist = run.config, run.dist
@@ -240,7 +261,8 @@ def optimizer_step(run: Run, data: TrainData, state: TrainState, loop_model, ste
     state.scaler.unscale_(state.optimizer)
     grad_norm = (
         torch.nn.utils.clip_grad_norm_(state.trainable, config.max_grad_norm).item()
-        if config.max_grad_norm > 0 else float("nan")
+        if config.max_grad_norm > 0
+        else float("nan")
     )
     state.scaler.step(state.optimizer)  # skipped, and the scale lowered, when fp16 gradients overflowed
     state.scaler.update()
@@ -276,9 +298,13 @@ def accumulate_gradients(run: Run, data: TrainData, state: TrainState, loop_mode
 
 def save_checkpoint(run: Run, state: TrainState, step: int) -> None:
     if run.dist.main:
-        checkpoint.save(run.output, step, state.capture(),
-                        {"config": run.config.to_dict(), "base_fingerprint": run.fingerprint["digest"]},
-                        run.config.keep_checkpoints)
+        checkpoint.save(
+            run.output,
+            step,
+            state.capture(),
+            {"config": run.config.to_dict(), "base_fingerprint": run.fingerprint["digest"]},
+            run.config.keep_checkpoints,
+        )
     run.dist.barrier()
 
 
@@ -288,20 +314,26 @@ def write_adapter(run: Run, data: TrainData, state: TrainState, metrics: dict, d
     state.model.save_pretrained(output)
     data.tokenizer.save_pretrained(output)
     plot_loss(output / METRICS_FILE, output / LOSS_PLOT)
-    manifest.write(output, {
-        "kind": "adapter",
-        "base_model": config.model,
-        "base_fingerprint": run.fingerprint,
-        "quantization": quant_record(state.model, config),
-        "lora": config.lora.__dict__ | {"target_modules": list(config.lora.target_modules)},
-        "training": config.to_dict(),
-        "data_card": data.card,
-        "data": data.record,
-        "metrics": metrics,
-        "distributed": {"world_size": run.dist.world_size, "adapter_sha256_per_rank": digests,
-                        "ranks_identical": len(set(digests)) == 1},
-        "versions": manifest.library_versions(),
-    })
+    manifest.write(
+        output,
+        {
+            "kind": "adapter",
+            "base_model": config.model,
+            "base_fingerprint": run.fingerprint,
+            "quantization": quant_record(state.model, config),
+            "lora": config.lora.__dict__ | {"target_modules": list(config.lora.target_modules)},
+            "training": config.to_dict(),
+            "data_card": data.card,
+            "data": data.record,
+            "metrics": metrics,
+            "distributed": {
+                "world_size": run.dist.world_size,
+                "adapter_sha256_per_rank": digests,
+                "ranks_identical": len(set(digests)) == 1,
+            },
+            "versions": manifest.library_versions(),
+        },
+    )
 
 
 def trainable_state(model) -> dict:

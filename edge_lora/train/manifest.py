@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from edge_lora.formats import ADAPTER_MANIFEST
+from edge_lora.formats import ADAPTER_MANIFEST, AdapterManifest
 
 FORMAT_VERSION = 1
 LIBRARIES = ("edge-lora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
@@ -56,23 +56,12 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write(adapter_dir: Path, manifest: dict) -> Path:
-    """Write `manifest` as edge_lora.json of `adapter_dir`, with the format version; returns its path."""
-    path = Path(adapter_dir) / ADAPTER_MANIFEST
-    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2) + "\n")
-    return path
+def write(adapter_dir: Path, fields: dict) -> Path:
+    """edge_lora.json of `adapter_dir` from `fields`, checked as readers read it (AdapterManifest); its path."""
+    record = {"format_version": FORMAT_VERSION, **fields}
+    return AdapterManifest.from_dict(record, str(Path(adapter_dir) / ADAPTER_MANIFEST)).save(adapter_dir)
 
 
-def read(adapter_dir: str | Path) -> dict:
-    """edge_lora.json of `adapter_dir`; UsageError, naming the fix, when the dir or its manifest is missing or bad."""
-    from edge_lora.errors import UsageError
-
-    path = Path(adapter_dir) / ADAPTER_MANIFEST
-    if not Path(adapter_dir).is_dir():
-        raise UsageError(f"adapter dir {adapter_dir} does not exist — pass the --output dir of edge-lora train")
-    if not path.exists():
-        raise UsageError(f"{adapter_dir} has no {ADAPTER_MANIFEST} — pass a dir written by edge-lora train")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path} is not valid JSON ({e}) — retrain or restore the file") from None
+def read(adapter_dir: str | Path) -> AdapterManifest:
+    """edge_lora.json of `adapter_dir`; AdapterError, naming the fix, when the dir or its manifest is missing or bad."""
+    return AdapterManifest.load(adapter_dir)

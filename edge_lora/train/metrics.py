@@ -26,8 +26,14 @@ class MetricsLog:
         import torch
 
         now = time.perf_counter()
-        row = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-               "loss_tokens_per_s": round(self.tokens / (now - self.since), 1), "rss_mb": round(rss_mb(), 1)}
+        row = {
+            "step": step,
+            "loss": round(loss, 6),
+            "lr": lr,
+            "grad_norm": round(grad_norm, 6),
+            "loss_tokens_per_s": round(self.tokens / (now - self.since), 1),
+            "rss_mb": round(rss_mb(), 1),
+        }
         if torch.cuda.is_available():
             row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         with open(self.path, "a") as f:

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_lora.train.config import LoraConfig, QuantConfig
 from edge_lora.errors import UsageError
+from edge_lora.train.config import LoraConfig, QuantConfig
 
 if TYPE_CHECKING:
     import torch
@@ -27,8 +27,10 @@ def resolve_model_dir(model: str) -> Path:
         if not (path / "config.json").exists():
             raise UsageError(f"--model {model} has no config.json — pass a Hugging Face model directory")
         if not any(p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)):
-            raise UsageError(f"--model {model} has no weights (*.safetensors or pytorch_model*.bin) — "
-                             "save the model with save_pretrained first")
+            raise UsageError(
+                f"--model {model} has no weights (*.safetensors or pytorch_model*.bin) — "
+                "save the model with save_pretrained first"
+            )
         return path
     if model.count("/") != 1 or model.startswith((".", "/")):
         raise UsageError(f"--model {model} does not exist — pass a model directory or a hub id like org/name")
@@ -37,8 +39,10 @@ def resolve_model_dir(model: str) -> Path:
     try:
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # the hub client raises many types; all mean the same to the user
-        raise UsageError(f"--model {model}: not a local directory and the hub could not provide it "
-                         f"({type(e).__name__}) — download it and pass the directory") from None
+        raise UsageError(
+            f"--model {model}: not a local directory and the hub could not provide it "
+            f"({type(e).__name__}) — download it and pass the directory"
+        ) from None
 
 
 def compute_dtype(quant: QuantConfig):
@@ -111,12 +115,15 @@ def requantize(model, model_dir: Path, quant: QuantConfig) -> None:
     if quant.block_size == 1024 and not torch.cuda.is_available():
         # bitsandbytes 0.50's CPU dequantize_4bit is wrong at blocksize 1024 (quantize is right): its mean
         # error is twice that of 512 or 2048, and up to 1.26 off the codebook value times absmax.
-        raise UsageError("quant.block_size=1024 dequantizes wrongly in bitsandbytes' CPU kernel — "
-                         "use 512 or 2048 on a CPU")
+        raise UsageError(
+            "quant.block_size=1024 dequantizes wrongly in bitsandbytes' CPU kernel — use 512 or 2048 on a CPU"
+        )
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise UsageError(f"quant.block_size={quant.block_size} needs the model's *.safetensors weights; "
-                         f"{model_dir} has none — use block_size 64")
+        raise UsageError(
+            f"quant.block_size={quant.block_size} needs the model's *.safetensors weights; "
+            f"{model_dir} has none — use block_size 64"
+        )
     where = {name: file for file in files for name in safe_open(file, framework="pt").keys()}
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
@@ -130,8 +137,12 @@ def requantize(model, model_dir: Path, quant: QuantConfig) -> None:
             original = original.T  # a Conv1D stores (in, out); Linear4bit holds (out, in), as the loader made it
         weight = module.weight
         module.weight = bnb.nn.Params4bit(
-            original.contiguous(), requires_grad=False, blocksize=quant.block_size,
-            compress_statistics=quant.double_quant, quant_type=quant.quant_type, quant_storage=weight.quant_storage,
+            original.contiguous(),
+            requires_grad=False,
+            blocksize=quant.block_size,
+            compress_statistics=quant.double_quant,
+            quant_type=quant.quant_type,
+            quant_storage=weight.quant_storage,
             module=module,
         ).to(weight.device)
 
@@ -153,8 +164,9 @@ def keep_training_numerics(model):
             module.support_avx512bf16_for_cpu = False
             weight = module.weight
             if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data,
-                                                                                          weight.quant_state)
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    weight.data, weight.quant_state
+                )
     return model
 
 
@@ -204,8 +216,9 @@ def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool = False):
     # only through its inputs. Reentrant rather than non-reentrant: faster and with a lower peak RSS
     # (BENCHMARKS.md, Training), and the same adapter either way (tests/train/test_distributed.py), under torchrun
     # too.
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": True})
+    base = prepare_model_for_kbit_training(
+        base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": True}
+    )
     return get_peft_model(base, peft_config(lora, base))
 
 
@@ -308,5 +321,5 @@ def dequantized_weights(model) -> dict[str, torch.Tensor]:
 def base_param_name(peft_module_name: str) -> str:
     """'base_model.model.model.layers.0.self_attn.q_proj' -> 'model.layers.0.self_attn.q_proj.weight'."""
     prefix = "base_model.model."
-    name = peft_module_name[len(prefix):] if peft_module_name.startswith(prefix) else peft_module_name
+    name = peft_module_name[len(prefix) :] if peft_module_name.startswith(prefix) else peft_module_name
     return name + ".weight"

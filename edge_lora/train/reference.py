@@ -4,34 +4,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_lora.errors import UsageError
+from edge_lora.formats import AdapterManifest
 from edge_lora.train import manifest as adapter_manifest
 from edge_lora.train.config import QuantConfig
-from edge_lora.errors import UsageError
 from edge_lora.train.qlora import load_quantized_base, resolve_model_dir
 
 
-def base_dir_of(adapter_dir: Path, manifest: dict, base: str | None, force: bool) -> Path:
+def base_dir_of(adapter_dir: Path, manifest: AdapterManifest, base: str | None, force: bool) -> Path:
     """The base model dir: `base` if given (its fingerprint must match the adapter's unless `force`)."""
-    model_dir = resolve_model_dir(base or manifest["base_model"])
+    model_dir = resolve_model_dir(base or manifest.base_model)
     if base is not None and not force:
-        expected = manifest["base_fingerprint"]["digest"]
+        expected = manifest.base_digest
         actual = adapter_manifest.fingerprint(model_dir)["digest"]
         if actual != expected:
             raise UsageError(
                 f"--base {base} has fingerprint {actual[:12]}… but {adapter_dir} was trained on "
-                f"{manifest['base_model']} ({expected[:12]}…) — pass that base, or --force to export anyway"
+                f"{manifest.base_model} ({expected[:12]}…) — pass that base, or --force to export anyway"
             )
     return model_dir
 
 
-def qlora_model(adapter_dirs: Path | list[Path], model_dir: Path, manifest: dict, names: list[str] | None = None):
+def qlora_model(
+    adapter_dirs: Path | list[Path], model_dir: Path, manifest: AdapterManifest, names: list[str] | None = None
+):
     """The trained model: the 4-bit base (as it was quantized for training) with the adapter(s) on top, in eval
     mode, computing in fp32. Several adapters load side by side under `names`, the first one active.
 
     fp32 even when training computed in bf16 or fp16: the weights are the same, and the reference is then
     exact, so that a parity figure measures the export alone and not the training dtype's rounding as well.
     """
-    quant = QuantConfig(**manifest["training"]["quant"] | {"compute_dtype": "float32"})
+    quant = QuantConfig(**manifest.training["quant"] | {"compute_dtype": "float32"})
     return with_adapters(load_quantized_base(model_dir, quant), adapter_dirs, names)
 
 

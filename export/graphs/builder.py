@@ -39,12 +39,22 @@ PRESENT_NAMES = "present.{layer}.{kind}"
 def check_supported(model_type: str | None, model_dir: Path) -> None:
     """One line naming the architectures the builder path takes, for any other."""
     if model_type not in MODEL_TYPES:
-        raise UsageError(f"{model_dir}: architecture {model_type!r} cannot be exported with --graph builder — "
-                         f"supported: {', '.join(MODEL_TYPES)}; use --graph optimum for it")
+        raise UsageError(
+            f"{model_dir}: architecture {model_type!r} cannot be exported with --graph builder — "
+            f"supported: {', '.join(MODEL_TYPES)}; use --graph optimum for it"
+        )
 
 
-def build_graph(model, tokenizer_dir: Path, out_dir: Path, precision: str, int4_block_size: int,
-                int4_accuracy_level: int, int4_head: bool, hf_files: tuple[str, ...]) -> Path:
+def build_graph(
+    model,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    precision: str,
+    int4_block_size: int,
+    int4_accuracy_level: int,
+    int4_head: bool,
+    hf_files: tuple[str, ...],
+) -> Path:
     """Write the builder's graph of the in-memory `model` (fp32, merged) into `out_dir`: model.onnx with its weights
     in model.onnx.data, genai_config.json, and `hf_files` as transformers saves them (the model's configs, the
     tokenizer of `tokenizer_dir`), as optimum's exporter leaves them beside its graph. Returns the model path.
@@ -57,8 +67,11 @@ def build_graph(model, tokenizer_dir: Path, out_dir: Path, precision: str, int4_
 
     options = {"hf_token": "false", "hf_remote": False, "filename": PORTABLE_GRAPH}
     if precision == "int4":
-        options |= {"int4_block_size": int4_block_size, "int4_accuracy_level": int4_accuracy_level,
-                    "int4_algo_config": "rtn"}
+        options |= {
+            "int4_block_size": int4_block_size,
+            "int4_accuracy_level": int4_accuracy_level,
+            "int4_algo_config": "rtn",
+        }
         if not int4_head:
             options["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
         if model.config.hidden_size % int4_block_size:
@@ -136,9 +149,13 @@ def head_on_last_position(model_path: Path) -> None:
     graph = proto.graph
     at, head = next((i, n) for i, n in enumerate(graph.node) if "logits" in n.output)
     hidden, sliced = head.input[0], f"{head.input[0]}/{LOGITS_START}"
-    graph.initializer.extend([helper.make_tensor(LOGITS_START, TensorProto.INT64, [1], [-1]),
-                              helper.make_tensor(f"{LOGITS_START}/end", TensorProto.INT64, [1], [2**63 - 1]),
-                              helper.make_tensor(f"{LOGITS_START}/axis", TensorProto.INT64, [1], [1])])
+    graph.initializer.extend(
+        [
+            helper.make_tensor(LOGITS_START, TensorProto.INT64, [1], [-1]),
+            helper.make_tensor(f"{LOGITS_START}/end", TensorProto.INT64, [1], [2**63 - 1]),
+            helper.make_tensor(f"{LOGITS_START}/axis", TensorProto.INT64, [1], [1]),
+        ]
+    )
     graph.input.append(helper.make_tensor_value_info(LOGITS_START, TensorProto.INT64, [1]))
     slice_inputs = [hidden, LOGITS_START, f"{LOGITS_START}/end", f"{LOGITS_START}/axis"]
     graph.node.insert(at, helper.make_node("Slice", slice_inputs, [sliced], name=f"/lm_head/{LOGITS_START}"))
@@ -158,14 +175,19 @@ def check_signature(model_path: Path, num_layers: int) -> None:
     expected_out = {"logits", *(PRESENT_NAMES.format(layer=i, kind=k) for i, k in kinds)}
     got_in, got_out = {v.name for v in graph.input}, {v.name for v in graph.output}
     if got_in != expected_in or got_out != expected_out:
-        raise RuntimeError(f"{model_path}: the builder wrote inputs {sorted(got_in)} and outputs {sorted(got_out)}, "
-                           f"not the {sorted(expected_in)} → {sorted(expected_out)} the runtime binds")
+        raise RuntimeError(
+            f"{model_path}: the builder wrote inputs {sorted(got_in)} and outputs {sorted(got_out)}, "
+            f"not the {sorted(expected_in)} → {sorted(expected_out)} the runtime binds"
+        )
     if not any(n.op_type == "GroupQueryAttention" for n in graph.node):
-        raise RuntimeError(f"{model_path}: the builder wrote no GroupQueryAttention, whose shared KV buffer the "
-                           "runtime relies on")
+        raise RuntimeError(
+            f"{model_path}: the builder wrote no GroupQueryAttention, whose shared KV buffer the runtime relies on"
+        )
 
 
 # What export.json's kv_cache says beside the shape (the rest is as for an optimum graph).
-KV_CACHE = {"layout": "(batch, kv_heads, max_length, head_dim): one buffer per layer and kind, bound as past and "
-                      "present at once; GroupQueryAttention writes each new position in place",
-            "shared_buffer": True}
+KV_CACHE = {
+    "layout": "(batch, kv_heads, max_length, head_dim): one buffer per layer and kind, bound as past and "
+    "present at once; GroupQueryAttention writes each new position in place",
+    "shared_buffer": True,
+}

@@ -31,8 +31,11 @@ def lora_modules(peft_model) -> dict[str, tuple[int, int]]:
 
     from edge_lora.train.qlora import base_param_name
 
-    return {base_param_name(name).removesuffix(".weight"): (layer.in_features, layer.out_features)
-            for name, layer in peft_model.named_modules() if isinstance(layer, LoraLayer)}
+    return {
+        base_param_name(name).removesuffix(".weight"): (layer.in_features, layer.out_features)
+        for name, layer in peft_model.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
 
 
 def scope_name(module: str) -> str:
@@ -55,8 +58,9 @@ def add_optimum_lora_inputs(model_proto, modules: dict[str, tuple[int, int]]):
     for module, (fan_in, fan_out) in sorted(modules.items()):
         node = by_name.get(f"{scope_name(module)}/MatMul")
         if node is None:
-            raise ValueError(f"no MatMul node for {module} (looked for {scope_name(module)}/MatMul) in the exported "
-                             "graph")
+            raise ValueError(
+                f"no MatMul node for {module} (looked for {scope_name(module)}/MatMul) in the exported graph"
+            )
         branch, delta = lora_branch(graph, module, fan_in, fan_out, node.input[0], scope_name(module))
         new_nodes += [*branch, add_to_product(graph, node, delta, scope_name(module))]
     graph.node.extend(new_nodes)
@@ -105,8 +109,10 @@ def _builder_targets(modules: dict[str, tuple[int, int]], products: dict) -> dic
     for module in sorted(modules):
         match = BUILDER_MODULE.fullmatch(module)
         if match is None:
-            raise ValueError(f"{module}: the builder graph has no place for a LoRA branch there (decoder layers' "
-                             "attention and MLP projections only)")
+            raise ValueError(
+                f"{module}: the builder graph has no place for a LoRA branch there (decoder layers' "
+                "attention and MLP projections only)"
+            )
         layer, role, proj = match.groups()
         packed = f"/model/layers.{layer}/attn/qkv_proj"
         if proj in QKV and f"{packed}/MatMul" in products:
@@ -122,8 +128,11 @@ def _builder_branches(graph, node, scope: str, parts: list[str], modules: dict[s
     from onnx import helper
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    qkv_out = {"q_proj": config.num_attention_heads * head_dim, "k_proj": config.num_key_value_heads * head_dim,
-               "v_proj": config.num_key_value_heads * head_dim}
+    qkv_out = {
+        "q_proj": config.num_attention_heads * head_dim,
+        "k_proj": config.num_key_value_heads * head_dim,
+        "v_proj": config.num_key_value_heads * head_dim,
+    }
     new_nodes, deltas = [], []
     for module in parts:
         fan_in, fan_out = modules.get(module) or (config.hidden_size, qkv_out[module.rpartition(".")[2]])
@@ -149,16 +158,22 @@ def lora_branch(graph, module: str, fan_in: int, fan_out: int, x: str, scope: st
     # onnxruntime plans buffers as if equal dimension names meant equal sizes. fp32 here; a later fp16
     # conversion turns these inputs to fp16 with the rest.
     rank = f"{module}.{RANK_DIM}"
-    graph.input.extend([
-        helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [fan_in, rank]),
-        helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, fan_out]),
-    ])
-    graph.initializer.extend([
-        numpy_helper.from_array(np.zeros((fan_in, 0), dtype=np.float32), a_name),
-        numpy_helper.from_array(np.zeros((0, fan_out), dtype=np.float32), b_name),
-    ])
-    return [helper.make_node("MatMul", [x, a_name], [down], name=f"{scope}/lora_A/MatMul"),
-            helper.make_node("MatMul", [down, b_name], [up], name=f"{scope}/lora_B/MatMul")], up
+    graph.input.extend(
+        [
+            helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [fan_in, rank]),
+            helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, fan_out]),
+        ]
+    )
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.zeros((fan_in, 0), dtype=np.float32), a_name),
+            numpy_helper.from_array(np.zeros((0, fan_out), dtype=np.float32), b_name),
+        ]
+    )
+    return [
+        helper.make_node("MatMul", [x, a_name], [down], name=f"{scope}/lora_A/MatMul"),
+        helper.make_node("MatMul", [down, b_name], [up], name=f"{scope}/lora_B/MatMul"),
+    ], up
 
 
 def add_to_product(graph, node, delta: str, scope: str):

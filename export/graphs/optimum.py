@@ -27,8 +27,9 @@ def export_onnx(model, out_dir: Path, opset: int) -> Path:
 
     # optimum's own validation runs the graph against the model; edge-lora's parity gate does that better
     # (against the trained 4-bit model, not the merged copy), so it is skipped here.
-    onnx_export_from_model(model, out_dir, opset=opset, task="text-generation-with-past", do_validation=False,
-                           no_post_process=True)
+    onnx_export_from_model(
+        model, out_dir, opset=opset, task="text-generation-with-past", do_validation=False, no_post_process=True
+    )
     return out_dir / PORTABLE_GRAPH
 
 
@@ -36,8 +37,13 @@ def save_model(model_proto, path: Path) -> None:
     import onnx
 
     big = model_proto.ByteSize() > EXTERNAL_DATA_BYTES if _size_known(model_proto) else True
-    onnx.save_model(model_proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=path.name + ".data" if big else None)
+    onnx.save_model(
+        model_proto,
+        str(path),
+        save_as_external_data=big,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data" if big else None,
+    )
 
 
 def _size_known(model_proto) -> bool:
@@ -57,53 +63,94 @@ def head_node(model_proto) -> str | None:
 def lora_matmuls(model_proto) -> list[str]:
     """The LoRA branches' MatMuls of an `adapters` graph (lora_inputs.add_optimum_lora_inputs): their A/B are graph
     inputs with placeholder initializers, which a weight quantizer would otherwise bake into the graph as constants."""
-    return [n.name for n in model_proto.graph.node
-            if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name)]
+    return [
+        n.name
+        for n in model_proto.graph.node
+        if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name)
+    ]
 
 
-def quantize(src: Path, dst: Path, precision: Precision, int4_block_size: int = 32, int4_accuracy_level: int = 4,
-             int4_head: bool = True) -> None:
+def quantize(
+    src: Path,
+    dst: Path,
+    precision: Precision,
+    int4_block_size: int = 32,
+    int4_accuracy_level: int = 4,
+    int4_head: bool = True,
+) -> None:
     """Write `src` at `precision` to `dst`. fp32 is a copy; the others quantize or cast weights only."""
     import logging
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        copy_fp32(src, dst)
+        return
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (their imports set INFO levels)
+
+    # onnxruntime's quantizers log every node at INFO, on the root logger and their own; keep the terminal readable.
+    for name in ("", "onnxruntime.quantization.matmul_nbits_quantizer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if precision == "int4":
+        quantize_int4(src, dst, int4_block_size, int4_accuracy_level, int4_head)
+    elif precision == "int8":
+        quantize_int8(src, dst)
+    else:
+        cast_fp16(src, dst)
+
+
+def copy_fp32(src: Path, dst: Path) -> None:
     import onnx
 
-    if precision != "fp32":
-        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (their imports set INFO levels)
-
-        # onnxruntime's quantizers log every node at INFO, on the root logger and their own; keep the terminal readable.
-        for name in ("", "onnxruntime.quantization.matmul_nbits_quantizer"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    if precision == "fp32" and src.stat().st_size > EXTERNAL_DATA_BYTES:
+    if src.stat().st_size > EXTERNAL_DATA_BYTES:
         save_model(onnx.load(str(src)), dst)  # one big file: its weights go to external data
-    elif precision == "fp32":
-        # The files as the exporter wrote them (a load and save would re-serialise every weight: seconds at 135M);
-        # an external data file keeps its name, which the graph refers to.
-        for file in src.parent.glob(src.name + "*"):
-            shutil.copy2(file, dst.parent / (dst.name + file.name[len(src.name):]))
-    elif precision == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+        return
+    # The files as the exporter wrote them (a load and save would re-serialise every weight: seconds at 135M);
+    # an external data file keeps its name, which the graph refers to.
+    for file in src.parent.glob(src.name + "*"):
+        shutil.copy2(file, dst.parent / (dst.name + file.name[len(src.name) :]))
 
-        # Symmetric 4-bit blocks of `int4_block_size` along K for every MatMul with a constant weight, the
-        # output head included; accuracy_level 4 lets the CPU kernel quantize activations to int8 on the fly.
-        config = DefaultWeightOnlyQuantConfig(block_size=int4_block_size, is_symmetric=True,
-                                              accuracy_level=int4_accuracy_level)
-        model = onnx.load(str(src))
-        keep = lora_matmuls(model) + ([] if int4_head else [n for n in [head_node(model)] if n])
-        quantizer = MatMulNBitsQuantizer(model, block_size=int4_block_size, is_symmetric=True,
-                                         accuracy_level=int4_accuracy_level, nodes_to_exclude=keep, algo_config=config)
-        quantizer.process()
-        save_model(quantizer.model.model, dst)
-    elif precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=lora_matmuls(onnx.load(str(src), load_external_data=False)),
-                         use_external_data_format=src.with_name(src.name + "_data").exists())
-    elif precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, int4_head: bool) -> None:
+    """Symmetric 4-bit blocks of `block_size` along K for every MatMul with a constant weight, the output head
+    included unless `int4_head` is False; accuracy_level 4 lets the CPU kernel quantize activations to int8 on the
+    fly."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-        # keep_io_types=False: the KV cache inputs and outputs become fp16 too, halving the cache's bytes.
-        save_model(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), dst)
-    else:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
+    model = onnx.load(str(src))
+    keep = lora_matmuls(model) + ([] if int4_head else [n for n in [head_node(model)] if n])
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=keep,
+        algo_config=config,
+    )
+    quantizer.process()
+    save_model(quantizer.model.model, dst)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8: MatMul weights in int8, activations quantized at run time."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_exclude=lora_matmuls(onnx.load(str(src), load_external_data=False)),
+        use_external_data_format=src.with_name(src.name + "_data").exists(),
+    )
+
+
+def cast_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # keep_io_types=False: the KV cache inputs and outputs become fp16 too, halving the cache's bytes.
+    save_model(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False), dst)

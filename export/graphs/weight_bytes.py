@@ -17,12 +17,28 @@ from onnx import TensorProto
 # Bits per element of each TensorProto data type. STRING holds no weights a kernel streams through: it counts the
 # bytes the file stores, as does a type newer than this table.
 _ELEMENT_BITS = {
-    TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.UINT16: 16, TensorProto.INT16: 16,
-    TensorProto.INT32: 32, TensorProto.INT64: 64, TensorProto.BOOL: 8, TensorProto.FLOAT16: 16,
-    TensorProto.DOUBLE: 64, TensorProto.UINT32: 32, TensorProto.UINT64: 64, TensorProto.COMPLEX64: 64,
-    TensorProto.COMPLEX128: 128, TensorProto.BFLOAT16: 16, TensorProto.FLOAT8E4M3FN: 8,
-    TensorProto.FLOAT8E4M3FNUZ: 8, TensorProto.FLOAT8E5M2: 8, TensorProto.FLOAT8E5M2FNUZ: 8, TensorProto.UINT4: 4,
-    TensorProto.INT4: 4, TensorProto.FLOAT4E2M1: 4,
+    TensorProto.FLOAT: 32,
+    TensorProto.UINT8: 8,
+    TensorProto.INT8: 8,
+    TensorProto.UINT16: 16,
+    TensorProto.INT16: 16,
+    TensorProto.INT32: 32,
+    TensorProto.INT64: 64,
+    TensorProto.BOOL: 8,
+    TensorProto.FLOAT16: 16,
+    TensorProto.DOUBLE: 64,
+    TensorProto.UINT32: 32,
+    TensorProto.UINT64: 64,
+    TensorProto.COMPLEX64: 64,
+    TensorProto.COMPLEX128: 128,
+    TensorProto.BFLOAT16: 16,
+    TensorProto.FLOAT8E4M3FN: 8,
+    TensorProto.FLOAT8E4M3FNUZ: 8,
+    TensorProto.FLOAT8E5M2: 8,
+    TensorProto.FLOAT8E5M2FNUZ: 8,
+    TensorProto.UINT4: 4,
+    TensorProto.INT4: 4,
+    TensorProto.FLOAT4E2M1: 4,
 }
 # Ops that read one slice of a table per index (input positions holding the table, attribute naming the axis):
 # an embedding lookup reads one row per token, not the whole table. GatherBlockQuantized (com.microsoft) also
@@ -97,8 +113,11 @@ def read_graph_weights(model_path: str | Path) -> GraphWeights:
     names = {w.name for w in weights}
 
     def row_read(name: str, seen: frozenset = frozenset()) -> bool:  # every use a row read, through shape-only ops
-        return bool(uses.get(name)) and name not in seen and all(
-            row_read(use, seen | {name}) if isinstance(use, str) else use for use in uses[name])
+        return (
+            bool(uses.get(name))
+            and name not in seen
+            and all(row_read(use, seen | {name}) if isinstance(use, str) else use for use in uses[name])
+        )
 
     return GraphWeights(
         weights=tuple(weights),

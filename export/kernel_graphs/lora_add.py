@@ -26,8 +26,13 @@ LORA_OP = "LoraAdd"
 
 def external_data_files(proto) -> set[str]:
     """The files a graph's initializers keep their data in (ONNX external data), by their paths in the export."""
-    return {entry.value for tensor in proto.graph.initializer if tensor.data_location == tensor.EXTERNAL
-            for entry in tensor.external_data if entry.key == "location"}
+    return {
+        entry.value
+        for tensor in proto.graph.initializer
+        if tensor.data_location == tensor.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
 
 def write(export_dir: Path, adapters: dict[str, dict], shared: dict | None = None) -> dict | None:
@@ -51,15 +56,24 @@ def write(export_dir: Path, adapters: dict[str, dict], shared: dict | None = Non
             continue
         dropped |= found.nodes
         name = node.name.rsplit("/", 1)[0] + "/lora/LoraAdd"
-        added.append(helper.make_node(LORA_OP, [node.output[0], node.input[0], LORA_INPUT], [found.output], name=name,
-                                      domain=DOMAIN))
+        added.append(
+            helper.make_node(
+                LORA_OP, [node.output[0], node.input[0], LORA_INPUT], [found.output], name=name, domain=DOMAIN
+            )
+        )
         pairs[name] = found.pairs
     if not added:
         return None
     slots = swap_nodes(proto, dropped, added, pairs)
     onnx.save(proto, str(export_dir / LORA_GRAPH))
-    entry = {"model_file": LORA_GRAPH, "format": FORMATS[LORA_ADD], "nodes": len(added),
-             "data_files": sorted(external_data_files(proto)), "lora_slots": slots, "adapters": {}}
+    entry = {
+        "model_file": LORA_GRAPH,
+        "format": FORMATS[LORA_ADD],
+        "nodes": len(added),
+        "data_files": sorted(external_data_files(proto)),
+        "lora_slots": slots,
+        "adapters": {},
+    }
     for name, adapter in adapters.items():
         if shared and shared.get("lora_slots") == slots and name in shared.get("adapters", {}):
             entry["adapters"][name] = dict(shared["adapters"][name])

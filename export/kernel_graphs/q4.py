@@ -49,11 +49,19 @@ def qualifies(node, initializers: dict) -> bool:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     scales = initializers.get(node.input[2])
     block = attrs.get("block_size")
-    return (node.op_type == "MatMulNBits" and attrs.get("bits", 4) == 4 and block in BLOCKS
-            and attrs.get("accuracy_level", 0) == 4 and not any(node.input[3:]) and attrs["K"] % block == 0
-            and attrs["N"] % TILE == 0 and node.input[1] in initializers and scales is not None
-            and scales.data_type == TensorProto.FLOAT
-            and float(np.abs(numpy_helper.to_array(scales)).max(initial=0)) <= float(np.finfo(np.float16).max))
+    return (
+        node.op_type == "MatMulNBits"
+        and attrs.get("bits", 4) == 4
+        and block in BLOCKS
+        and attrs.get("accuracy_level", 0) == 4
+        and not any(node.input[3:])
+        and attrs["K"] % block == 0
+        and attrs["N"] % TILE == 0
+        and node.input[1] in initializers
+        and scales is not None
+        and scales.data_type == TensorProto.FLOAT
+        and float(np.abs(numpy_helper.to_array(scales)).max(initial=0)) <= float(np.finfo(np.float16).max)
+    )
 
 
 def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
@@ -89,8 +97,14 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     graph.initializer.extend(kept + new_initializers)
     slots = swap_nodes(proto, dropped, added, pairs)
     onnx.save(proto, str(export_dir / Q4_GRAPH), save_as_external_data=True, location=Q4_GRAPH + ".data")
-    entry = {"model_file": Q4_GRAPH, "format": FORMATS[MATMUL_Q4], "nodes": len(added),
-             "matmulnbits_left": len(nbits) - len(added), "lora_slots": slots, "adapters": {}}
+    entry = {
+        "model_file": Q4_GRAPH,
+        "format": FORMATS[MATMUL_Q4],
+        "nodes": len(added),
+        "matmulnbits_left": len(nbits) - len(added),
+        "lora_slots": slots,
+        "adapters": {},
+    }
     for name, adapter in adapters.items():
         entry["adapters"][name] = {"file": write_adapter(export_dir, adapter["file"], slots)}
     return entry
@@ -101,9 +115,13 @@ def _repacked(node, initializers: dict, new_initializers: list) -> tuple[str, st
     from onnx import helper, numpy_helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    packed, scales = repack(numpy_helper.to_array(initializers[node.input[1]]),
-                            numpy_helper.to_array(initializers[node.input[2]]), attrs["K"], attrs["N"],
-                            attrs["block_size"])
+    packed, scales = repack(
+        numpy_helper.to_array(initializers[node.input[1]]),
+        numpy_helper.to_array(initializers[node.input[2]]),
+        attrs["K"],
+        attrs["N"],
+        attrs["block_size"],
+    )
     w_name, s_name = node.input[1] + "/q4", node.input[2] + "/q4"
     new_initializers += [numpy_helper.from_array(packed, w_name), numpy_helper.from_array(scales, s_name)]
     return w_name, s_name

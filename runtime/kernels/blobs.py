@@ -50,9 +50,11 @@ def lora_table(blobs: list[np.ndarray]) -> np.ndarray:
         offsets.append(at)
         at += len(blob) + (-len(blob) % 64)
     out = np.zeros(at, dtype=np.uint8)
-    out[:8 * (len(blobs) + 2)] = np.frombuffer(np.array([len(blobs), *offsets, at], dtype=np.int64).tobytes(), np.uint8)
+    out[: 8 * (len(blobs) + 2)] = np.frombuffer(
+        np.array([len(blobs), *offsets, at], dtype=np.int64).tobytes(), np.uint8
+    )
     for offset, blob in zip(offsets, blobs):
-        out[offset:offset + len(blob)] = blob
+        out[offset : offset + len(blob)] = blob
     return out
 
 
@@ -67,7 +69,10 @@ def lora_blobs(tensors: dict[str, np.ndarray], slots: list[list]) -> dict[str, n
         for a_name, b_name, k, n in node_pairs:
             if (a_name in tensors) != (b_name in tensors):
                 raise ValueError(f"the adapter holds {a_name if a_name in tensors else b_name} without its partner")
-            arrays.append((tensors[a_name], tensors[b_name]) if a_name in tensors else
-                          (np.zeros((k, 0), np.float32), np.zeros((0, n), np.float32)))
+            arrays.append(
+                (tensors[a_name], tensors[b_name])
+                if a_name in tensors
+                else (np.zeros((k, 0), np.float32), np.zeros((0, n), np.float32))
+            )
         blobs.append(lora_blob(arrays))
     return {LORA_INPUT: lora_table(blobs)}

@@ -24,8 +24,10 @@ BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared"]
 # What each op is compiled for. matmul_q4: the instruction sets it needs, named, so that a cached library never
 # holds code for another CPU than the flags that cpu_problem() checks. lora_add: the host's own (its cache key
 # holds the CPU's description: cpu_signature).
-FLAGS = {MATMUL_Q4: BASE_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
-         LORA_ADD: BASE_FLAGS + ["-march=native"]}
+FLAGS = {
+    MATMUL_Q4: BASE_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
+    LORA_ADD: BASE_FLAGS + ["-march=native"],
+}
 CPU_FLAGS = {MATMUL_Q4: ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"), LORA_ADD: ()}
 
 
@@ -48,7 +50,7 @@ def cpu_problem(kernel: str = MATMUL_Q4, cpuinfo: Path = host.CPUINFO) -> str | 
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_signature(cpuinfo: Path = host.CPUINFO) -> str:
     """What -march=native compiles for, as /proc/cpuinfo describes it: its model and feature lines, once each
     (x86-64's "model name" and "flags", Arm's "CPU implementer", "CPU part" and "Features"); "" where the file
@@ -66,7 +68,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-lora" / "kernels"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiler_version(compiler: str) -> str:
     """`compiler --version`, part of a library's cache key: asked once a process, not at every load."""
     return subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
@@ -92,8 +94,13 @@ def _cache_key(name: str, compiler: str) -> str:
     """16 hex digits of a hash of what the library is built from: sources, headers, flags, compiler, CPU."""
     key = hashlib.sha256()
     native = "-march=native" in FLAGS[name]
-    for part in (SOURCES[name].read_bytes(), *(h.read_bytes() for h in HEADERS), " ".join(FLAGS[name]).encode(),
-                 compiler_version(compiler).encode(), (cpu_signature() if native else "").encode()):
+    for part in (
+        SOURCES[name].read_bytes(),
+        *(h.read_bytes() for h in HEADERS),
+        " ".join(FLAGS[name]).encode(),
+        compiler_version(compiler).encode(),
+        (cpu_signature() if native else "").encode(),
+    ):
         key.update(hashlib.sha256(part).digest())
     return key.hexdigest()[:16]
 
@@ -104,8 +111,11 @@ def _compile(name: str, compiler: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        result = subprocess.run([compiler, *FLAGS[name], f"-I{ORT_HEADERS}", str(SOURCES[name]), "-o", str(built)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *FLAGS[name], f"-I{ORT_HEADERS}", str(SOURCES[name]), "-o", str(built)],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])
             raise KernelUnavailable(f"{compiler} could not build {SOURCES[name].name}: {first}")

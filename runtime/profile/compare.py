@@ -31,8 +31,13 @@ def parse_margin(text: str, option: str = "--fail-if-slower") -> float:
 
 
 def _key(config: dict) -> tuple:
-    return (config["export"]["precision"], config["adapter"], config["provider"], config["threads"],
-            config["prompt_len"])
+    return (
+        config["export"]["precision"],
+        config["adapter"],
+        config["provider"],
+        config["threads"],
+        config["prompt_len"],
+    )
 
 
 def _show(key: tuple) -> str:
@@ -46,8 +51,10 @@ def _index(report: ProfileReport, name: str) -> dict[tuple, dict]:
     for config in report.configurations:
         key = _key(config)
         if key in configs:
-            raise ProfileError(f"{name} has two configurations of {_show(key)} — compare reports whose exports "
-                               "differ in precision, or profile them one per report")
+            raise ProfileError(
+                f"{name} has two configurations of {_show(key)} — compare reports whose exports "
+                "differ in precision, or profile them one per report"
+            )
         configs[key] = config
     return configs
 
@@ -55,12 +62,16 @@ def _index(report: ProfileReport, name: str) -> dict[tuple, dict]:
 def _ratios(base: dict, later: dict) -> tuple[float, float, float]:
     """later ÷ base of decode tokens/s, TTFT p50 and e2e p50."""
     b, s = base["summary"], later["summary"]
-    return (s["decode_tokens_s"] / b["decode_tokens_s"], s["ttft_p50_s"] / b["ttft_p50_s"],
-            s["e2e_p50_s"] / b["e2e_p50_s"])
+    return (
+        s["decode_tokens_s"] / b["decode_tokens_s"],
+        s["ttft_p50_s"] / b["ttft_p50_s"],
+        s["e2e_p50_s"] / b["e2e_p50_s"],
+    )
 
 
-def compare(reports: list[ProfileReport], fail_if_slower: float | None = None,
-            names: list[str] | None = None) -> tuple[str, list[str]]:
+def compare(
+    reports: list[ProfileReport], fail_if_slower: float | None = None, names: list[str] | None = None
+) -> tuple[str, list[str]]:
     """A Markdown ratio table of every later report against the first, then for each report with adapters a table
     of adapter on ÷ off; and the regressions beyond the margin.
 
@@ -71,13 +82,24 @@ def compare(reports: list[ProfileReport], fail_if_slower: float | None = None,
     names = names or [f"#{i + 1}" for i in range(len(reports))]
     _check_inputs(reports, names, fail_if_slower)
     base, *later = [_index(report, name) for report, name in zip(reports, names)]
-    adapter_tables = "".join(f"\nAdapters against the base model in {name} (on ÷ off: decode above 1 is faster, TTFT "
-                             f"and e2e below 1 are faster):\n\n{table}"
-                             for report, name in zip(reports, names) if (table := render_adapter_table(report)))
+    adapter_tables = "".join(
+        f"\nAdapters against the base model in {name} (on ÷ off: decode above 1 is faster, TTFT "
+        f"and e2e below 1 are faster):\n\n{table}"
+        for report, name in zip(reports, names)
+        if (table := render_adapter_table(report))
+    )
     if not later:
         return adapter_tables.lstrip("\n"), []
-    header = ["export", "adapter", "provider", "threads", "prompt", f"decode tok/s ({names[0]})",
-              f"TTFT p50 ms ({names[0]})", f"e2e p50 ms ({names[0]})"]
+    header = [
+        "export",
+        "adapter",
+        "provider",
+        "threads",
+        "prompt",
+        f"decode tok/s ({names[0]})",
+        f"TTFT p50 ms ({names[0]})",
+        f"e2e p50 ms ({names[0]})",
+    ]
     for name in names[1:]:
         header += [f"decode × ({name})", f"TTFT × ({name})", f"e2e × ({name})"]
     rows, regressions = [], []
@@ -99,9 +121,11 @@ def compare(reports: list[ProfileReport], fail_if_slower: float | None = None,
 def _check_inputs(reports: list[ProfileReport], names: list[str], fail_if_slower: float | None) -> None:
     """Raise ProfileError unless there is something to compare, one name per report and a margin >= 0."""
     if not reports or (len(reports) == 1 and not adapter_pairs(reports[0])):
-        raise ProfileError(f"compare needs two or more reports, or one with adapter-on and adapter-off "
-                           f"configurations, got {len(reports)} report(s) — pass a baseline and the runs to set "
-                           "against it")
+        raise ProfileError(
+            f"compare needs two or more reports, or one with adapter-on and adapter-off "
+            f"configurations, got {len(reports)} report(s) — pass a baseline and the runs to set "
+            "against it"
+        )
     if len(names) != len(reports):
         raise ProfileError(f"{len(names)} names for {len(reports)} reports — give one name per report")
     if fail_if_slower is not None and not fail_if_slower >= 0:
@@ -118,8 +142,9 @@ def _base_cells(key: tuple, config: dict) -> list[str]:
     return cells + [f"{s['decode_tokens_s']:.1f}", f"{s['ttft_p50_s'] * 1e3:.1f}", f"{s['e2e_p50_s'] * 1e3:.1f}"]
 
 
-def _against(name: str, key: tuple, config: dict, other: dict | None,
-             fail_if_slower: float | None) -> tuple[list[str], list[str]]:
+def _against(
+    name: str, key: tuple, config: dict, other: dict | None, fail_if_slower: float | None
+) -> tuple[list[str], list[str]]:
     """The ratio cells of report `name`'s configuration `other` against the first report's `config`, and its
     regressions beyond the margin."""
     if other is None or config["status"] != "ok" or other["status"] != "ok":
@@ -131,9 +156,13 @@ def _against(name: str, key: tuple, config: dict, other: dict | None,
     b, s, margin = config["summary"], other["summary"], f"(margin {fail_if_slower:.0%})"
     regressions = []
     if decode < 1 - fail_if_slower:
-        regressions.append(f"{name}: {_show(key)}: decode {b['decode_tokens_s']:.1f} → {s['decode_tokens_s']:.1f} "
-                           f"tok/s, {1 - decode:.0%} lower {margin}")
+        regressions.append(
+            f"{name}: {_show(key)}: decode {b['decode_tokens_s']:.1f} → {s['decode_tokens_s']:.1f} "
+            f"tok/s, {1 - decode:.0%} lower {margin}"
+        )
     if e2e > 1 + fail_if_slower:
-        regressions.append(f"{name}: {_show(key)}: e2e p50 {b['e2e_p50_s'] * 1e3:.1f} → {s['e2e_p50_s'] * 1e3:.1f} "
-                           f"ms, {e2e - 1:.0%} higher {margin}")
+        regressions.append(
+            f"{name}: {_show(key)}: e2e p50 {b['e2e_p50_s'] * 1e3:.1f} → {s['e2e_p50_s'] * 1e3:.1f} "
+            f"ms, {e2e - 1:.0%} higher {margin}"
+        )
     return cells, regressions

@@ -29,28 +29,54 @@ def label(config: dict, with_prompt: bool = True) -> str:
 def adapter_pairs(report: ProfileReport) -> list[tuple[dict, dict]]:
     """(adapter off, adapter on) for every measured configuration with an adapter active whose counterpart without
     one (same export, provider, threads and prompt length) was measured too."""
+
     def key(c: dict) -> tuple:
         return c["export"]["path"], c["provider"], c["threads"], c["prompt_len"]
 
     base = {key(c): c for c in report.configurations if c["adapter"] is None and c["status"] == "ok"}
-    return [(base[key(c)], c) for c in report.configurations
-            if c["adapter"] is not None and c["status"] == "ok" and key(c) in base]
+    return [
+        (base[key(c)], c)
+        for c in report.configurations
+        if c["adapter"] is not None and c["status"] == "ok" and key(c) in base
+    ]
 
 
 def render_adapter_table(report: ProfileReport) -> str:
     """A Markdown table of each adapter-on configuration against the same one with no adapter (the base model):
     decode tokens/s, TTFT p50 and e2e p50 as ratios on ÷ off. Empty when the report has no such pairs."""
-    header = ["export", "adapter", "provider", "threads", "prompt", "decode tok/s off", "decode tok/s on", "decode ×",
-              "TTFT ×", "e2e ×", "bytes/token ×"]
+    header = [
+        "export",
+        "adapter",
+        "provider",
+        "threads",
+        "prompt",
+        "decode tok/s off",
+        "decode tok/s on",
+        "decode ×",
+        "TTFT ×",
+        "e2e ×",
+        "bytes/token ×",
+    ]
     rows = []
     for off, on in adapter_pairs(report):
         a, b = off["summary"], on["summary"]
-        rows.append([off["export"]["precision"], on["adapter"], short(on["provider"]), str(on["threads"]),
-                     str(on["prompt_len"]), f"{a['decode_tokens_s']:.1f}", f"{b['decode_tokens_s']:.1f}",
-                     f"{b['decode_tokens_s'] / a['decode_tokens_s']:.2f}", f"{b['ttft_p50_s'] / a['ttft_p50_s']:.2f}",
-                     f"{b['e2e_p50_s'] / a['e2e_p50_s']:.2f}",
-                     "—" if None in (a["bytes_per_token"], b["bytes_per_token"])
-                     else f"{b['bytes_per_token'] / a['bytes_per_token']:.2f}"])
+        rows.append(
+            [
+                off["export"]["precision"],
+                on["adapter"],
+                short(on["provider"]),
+                str(on["threads"]),
+                str(on["prompt_len"]),
+                f"{a['decode_tokens_s']:.1f}",
+                f"{b['decode_tokens_s']:.1f}",
+                f"{b['decode_tokens_s'] / a['decode_tokens_s']:.2f}",
+                f"{b['ttft_p50_s'] / a['ttft_p50_s']:.2f}",
+                f"{b['e2e_p50_s'] / a['e2e_p50_s']:.2f}",
+                "—"
+                if None in (a["bytes_per_token"], b["bytes_per_token"])
+                else f"{b['bytes_per_token'] / a['bytes_per_token']:.2f}",
+            ]
+        )
     return markdown_table(header, rows) if rows else ""
 
 
@@ -72,12 +98,19 @@ KEY_COLUMNS = (
 FIGURE_COLUMNS = (
     ("TTFT p50 (ms)", lambda s: f"{s['ttft_p50_s'] * 1e3:.1f}"),
     ("decode tok/s", lambda s: f"{s['decode_tokens_s']:.1f}"),
-    ("e2e p50 (ms) [95% CI]", lambda s: f"{s['e2e_p50_s'] * 1e3:.1f}" + (
-        " [{:.1f}, {:.1f}]".format(*(t * 1e3 for t in s["e2e_p50_ci95_s"])) if s["e2e_p50_ci95_s"] else "")),
+    (
+        "e2e p50 (ms) [95% CI]",
+        lambda s: (
+            f"{s['e2e_p50_s'] * 1e3:.1f}"
+            + (" [{:.1f}, {:.1f}]".format(*(t * 1e3 for t in s["e2e_p50_ci95_s"])) if s["e2e_p50_ci95_s"] else "")
+        ),
+    ),
     ("e2e p99 (ms)", lambda s: f"{s['e2e_p99_s'] * 1e3:.1f}"),
     ("peak RSS (MB)", lambda s: f"{s['peak_rss_mb']:.0f}"),
-    ("of bandwidth bound", lambda s: "—" if s["decode_fraction_of_bound"] is None
-     else f"{s['decode_fraction_of_bound']:.1%}"),
+    (
+        "of bandwidth bound",
+        lambda s: "—" if s["decode_fraction_of_bound"] is None else f"{s['decode_fraction_of_bound']:.1%}",
+    ),
 )
 
 
@@ -94,24 +127,64 @@ def render_table(report: ProfileReport) -> str:
 
 
 # Flat columns of profile.csv: the configuration's keys, then every scalar of its summary (empty when unavailable).
-CSV_KEYS = ("status", "reason", "export_path", "precision", "export_digest", "adapter", "provider",
-            "session_providers", "threads", "prompt_len", "new_tokens")
-CSV_FIGURES = ("runs", "load_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "prefill_tokens_s",
-               "decode_tokens_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
-               *(f"e2e_p{p}_ci95_{end}_s" for p in (50, 90, 99) for end in ("low", "high")), "e2e_mean_s",
-               "e2e_mean_ci95_low_s", "e2e_mean_ci95_high_s", "rss_before_load_mb", "peak_rss_mb", "model_bytes",
-               "weight_bytes_per_token", "adapter_bytes_per_token", "kv_cache_bytes_per_token", "bytes_per_token",
-               "bandwidth_gbs", "bandwidth_source", "bound_tokens_s", "decode_fraction_of_bound", "trace_file")
+CSV_KEYS = (
+    "status",
+    "reason",
+    "export_path",
+    "precision",
+    "export_digest",
+    "adapter",
+    "provider",
+    "session_providers",
+    "threads",
+    "prompt_len",
+    "new_tokens",
+)
+CSV_FIGURES = (
+    "runs",
+    "load_s",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "prefill_tokens_s",
+    "decode_tokens_s",
+    "e2e_p50_s",
+    "e2e_p90_s",
+    "e2e_p99_s",
+    *(f"e2e_p{p}_ci95_{end}_s" for p in (50, 90, 99) for end in ("low", "high")),
+    "e2e_mean_s",
+    "e2e_mean_ci95_low_s",
+    "e2e_mean_ci95_high_s",
+    "rss_before_load_mb",
+    "peak_rss_mb",
+    "model_bytes",
+    "weight_bytes_per_token",
+    "adapter_bytes_per_token",
+    "kv_cache_bytes_per_token",
+    "bytes_per_token",
+    "bandwidth_gbs",
+    "bandwidth_source",
+    "bound_tokens_s",
+    "decode_fraction_of_bound",
+    "trace_file",
+)
 CSV_COLUMNS = CSV_KEYS + CSV_FIGURES
 
 
 def csv_row(config: dict) -> dict:
     row = {
-        "status": config["status"], "reason": config["reason"] or "", "export_path": config["export"]["path"],
-        "precision": config["export"]["precision"], "export_digest": config["export"]["digest"],
-        "adapter": config["adapter"] or "", "provider": config["provider"],
+        "status": config["status"],
+        "reason": config["reason"] or "",
+        "export_path": config["export"]["path"],
+        "precision": config["export"]["precision"],
+        "export_digest": config["export"]["digest"],
+        "adapter": config["adapter"] or "",
+        "provider": config["provider"],
         "session_providers": ";".join(config["session_providers"]),
-        "threads": config["threads"], "prompt_len": config["prompt_len"], "new_tokens": config["new_tokens"],
+        "threads": config["threads"],
+        "prompt_len": config["prompt_len"],
+        "new_tokens": config["new_tokens"],
     }
     summary = config["summary"]
     if summary is None:
@@ -145,14 +218,19 @@ def write_report(report: ProfileReport, out_dir: str | Path) -> dict[str, Path]:
 
 def render_markdown(report: ProfileReport, plots: dict[str, Path]) -> str:
     host, settings = report.host, report.settings
+
     def graph(g: dict) -> str:
         per_token = "unknown" if g["weight_bytes_per_token"] is None else f"{g['weight_bytes_per_token']:,}"
-        return (f"{g['model_file']} {g['model_bytes']:,} model bytes, {per_token} weight bytes "
-                f"read per token{''.join(f', adapter {n} {b:,} bytes' for n, b in g['adapter_bytes'].items())}")
+        return (
+            f"{g['model_file']} {g['model_bytes']:,} model bytes, {per_token} weight bytes "
+            f"read per token{''.join(f', adapter {n} {b:,} bytes' for n, b in g['adapter_bytes'].items())}"
+        )
 
-    exports = "".join(f"- {e['precision']} {e['flavor']} export {e['digest'][:12]}: {graph(e)}"
-                      f"{''.join(f'; for {k}: {graph(g)}' for k, g in e['kernel_graphs'].items())} ({e['path']})\n"
-                      for e in report.exports)
+    exports = "".join(
+        f"- {e['precision']} {e['flavor']} export {e['digest'][:12]}: {graph(e)}"
+        f"{''.join(f'; for {k}: {graph(g)}' for k, g in e['kernel_graphs'].items())} ({e['path']})\n"
+        for e in report.exports
+    )
     parts = [
         f"# Profile of {len(report.exports)} export(s)\n\n{exports}\n"
         f"{settings['new_tokens']} new tokens per run, device profile {report.device_profile['name']}, "
@@ -162,13 +240,17 @@ def render_markdown(report: ProfileReport, plots: dict[str, Path]) -> str:
     ]
     adapters = render_adapter_table(report)
     if adapters:
-        parts.append("## Adapters against the base model\n\nEach adapter-on configuration ÷ the same one with no "
-                     "adapter: decode above 1 is faster, TTFT and e2e below 1 are faster.\n\n" + adapters)
+        parts.append(
+            "## Adapters against the base model\n\nEach adapter-on configuration ÷ the same one with no "
+            "adapter: decode above 1 is faster, TTFT and e2e below 1 are faster.\n\n" + adapters
+        )
     measured = [c for c in report.configurations if c["status"] == "ok"]
     if measured:
-        parts.append("Peak RSS is each configuration's own: it is measured in a fresh process per configuration "
-                     "(Python and onnxruntime included; their share before the model loads is rss_before_load_mb "
-                     "in profile.json).\n")
+        parts.append(
+            "Peak RSS is each configuration's own: it is measured in a fresh process per configuration "
+            "(Python and onnxruntime included; their share before the model loads is rss_before_load_mb "
+            "in profile.json).\n"
+        )
         sources = dict.fromkeys((c["summary"]["bandwidth_gbs"], c["summary"]["bandwidth_source"]) for c in measured)
         parts += [f"Bandwidth bound from {gbs:.1f} GB/s ({source}).\n" for gbs, source in sources]
     reasons = dict.fromkeys(c["reason"] for c in report.configurations if c["status"] != "ok")
@@ -207,8 +289,12 @@ def write_plots(report: ProfileReport, out_dir: Path) -> dict[str, Path]:
     axes = figure.add_subplot()
     for configs in lines.values():
         configs.sort(key=lambda c: c["prompt_len"])
-        axes.plot([c["prompt_len"] for c in configs], [c["summary"]["decode_tokens_s"] for c in configs],
-                  marker="o", label=label(configs[0], with_prompt=False))
+        axes.plot(
+            [c["prompt_len"] for c in configs],
+            [c["summary"]["decode_tokens_s"] for c in configs],
+            marker="o",
+            label=label(configs[0], with_prompt=False),
+        )
     axes.set(xlabel="prompt length (tokens)", ylabel="decode tokens/s", title="Decode speed against prompt length")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)

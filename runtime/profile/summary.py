@@ -88,8 +88,14 @@ def percentile_ci95(values: np.ndarray, percentile: float) -> list[float] | None
     Unlike the mean's interval, it assumes nothing of the latency distribution's shape."""
     n, q = len(values), percentile / 100
     # cdf[k] = P(B <= k) for B ~ Binomial(n, q): the chance that at most k samples fall below the percentile.
-    log_pmf = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-               + (k * math.log(q) if k else 0.0) + ((n - k) * math.log1p(-q) if n - k else 0.0) for k in range(n + 1)]
+    log_pmf = [
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + (k * math.log(q) if k else 0.0)
+        + ((n - k) * math.log1p(-q) if n - k else 0.0)
+        for k in range(n + 1)
+    ]
     cdf = np.cumsum(np.exp(log_pmf))
     # [x_(lo), x_(hi)] (1-based order statistics) covers the percentile with probability P(lo <= B < hi).
     lo = int(np.searchsorted(cdf, 0.025, side="right"))  # the largest lo with P(B < lo) <= 0.025

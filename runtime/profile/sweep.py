@@ -77,8 +77,10 @@ class ProfileSettings:
         if not self.prompt_lens or any(n < 1 for n in self.prompt_lens):
             problems.append(f"prompt_lens={list(self.prompt_lens)} must be one or more lengths >= 1")
         if self.new_tokens < 2:
-            problems.append(f"new_tokens={self.new_tokens} must be >= 2: the first token comes with prefill, "
-                            "decode speed needs at least one more")
+            problems.append(
+                f"new_tokens={self.new_tokens} must be >= 2: the first token comes with prefill, "
+                "decode speed needs at least one more"
+            )
         if self.warmup_runs < 0:
             problems.append(f"warmup_runs={self.warmup_runs} must be >= 0")
         if self.min_runs < 1:
@@ -90,13 +92,17 @@ class ProfileSettings:
             if not self.providers:
                 problems.append("providers=() is empty — name at least one, or pass None for the device profile's")
             elif unknown:
-                problems.append(f"providers {', '.join(map(repr, unknown))} do not exist in onnxruntime — "
-                                f"available here: {', '.join(ort.get_available_providers())}")
+                problems.append(
+                    f"providers {', '.join(map(repr, unknown))} do not exist in onnxruntime — "
+                    f"available here: {', '.join(ort.get_available_providers())}"
+                )
             elif len(set(self.providers)) < len(self.providers):
                 problems.append(f"providers={list(self.providers)} names one twice — list each once")
         if self.adapters is not None and (not self.adapters or len(set(self.adapters)) < len(self.adapters)):
-            problems.append(f"adapters={list(self.adapters)} must name one or more adapters, each once — or pass "
-                            "None for every adapter of the export")
+            problems.append(
+                f"adapters={list(self.adapters)} must name one or more adapters, each once — or pass "
+                "None for every adapter of the export"
+            )
         if problems:
             raise ProfileError("; ".join(problems))
 
@@ -113,8 +119,9 @@ class _Sweep:
     trace_dir: Path | None
 
 
-def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSettings,
-            trace_dir: str | Path | None = None) -> ProfileReport:
+def profile(
+    export_dirs: str | Path | Sequence[str | Path], settings: ProfileSettings, trace_dir: str | Path | None = None
+) -> ProfileReport:
     """Measure every configuration of the sweep over one export dir or several.
 
     With settings.trace, raw traces are written to trace_dir (None: a new temporary dir) and kept there.
@@ -122,9 +129,11 @@ def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSet
     exports = _open_exports(export_dirs, settings)
     adapters = [_adapters(export, settings.adapters) for export in exports]
     if settings.adapters is not None and not any(adapters):
-        raise ProfileError(f"adapters={list(settings.adapters)} were asked for, but no export given is of flavor "
-                           "adapters — profile an export made with edge-lora export --flavor adapters, or drop "
-                           "--adapters")
+        raise ProfileError(
+            f"adapters={list(settings.adapters)} were asked for, but no export given is of flavor "
+            "adapters — profile an export made with edge-lora export --flavor adapters, or drop "
+            "--adapters"
+        )
     device_profile = runtime.device_profile(exports[0], settings.device)
     host = dataclasses.asdict(devices.detect(ort.get_available_providers())) | {"onnxruntime": ort.__version__}
     bandwidth = _bandwidth(settings, device_profile, host)
@@ -143,8 +152,18 @@ def profile(export_dirs: str | Path | Sequence[str | Path], settings: ProfileSet
             for provider in settings.providers or (None,):
                 for threads in thread_counts:
                     for prompt_len in settings.prompt_lens:
-                        configurations.append(_configuration(sweep, export, description, adapter, provider, threads,
-                                                             prompt_len, index=len(configurations)))
+                        configurations.append(
+                            _configuration(
+                                sweep,
+                                export,
+                                description,
+                                adapter,
+                                provider,
+                                threads,
+                                prompt_len,
+                                index=len(configurations),
+                            )
+                        )
     return ProfileReport(
         schema=PROFILE_SCHEMA,
         schema_version=PROFILE_SCHEMA_VERSION,
@@ -196,8 +215,9 @@ def _adapters(export: ExportDir, asked: tuple[str, ...] | None) -> list[str]:
     known = sorted(export.manifest.adapters)
     missing = [name for name in asked or () if name not in known]
     if missing:
-        raise ProfileError(f"{export.path} has no adapter {', '.join(map(repr, missing))} — its adapters: "
-                           f"{', '.join(known) or 'none'}")
+        raise ProfileError(
+            f"{export.path} has no adapter {', '.join(map(repr, missing))} — its adapters: {', '.join(known) or 'none'}"
+        )
     return list(asked) if asked is not None else known
 
 
@@ -226,8 +246,11 @@ def _graph_bytes(export: ExportDir, kernel: str | None, adapters: list[str]) -> 
         adapter_bytes[name] = sum(value.tensor_size_in_bytes() for value in parameters.get_parameters().values())
     return {
         "model_file": model_file,
-        "model_bytes": sum((export.path / name).stat().st_size for name in export.manifest.files
-                           if (name.startswith(model_file) and name.endswith(MODEL_FILE_SUFFIXES)) or name in data_files),
+        "model_bytes": sum(
+            (export.path / name).stat().st_size
+            for name in export.manifest.files
+            if (name.startswith(model_file) and name.endswith(MODEL_FILE_SUFFIXES)) or name in data_files
+        ),
         "weight_bytes": entry.weight_bytes,
         "weight_bytes_per_token": entry.weight_bytes_per_token,
         "adapter_bytes": adapter_bytes,
@@ -244,49 +267,99 @@ def kv_cache_bytes_per_token(export: ExportDir, prompt_len: int, new_tokens: int
     return round(per_position * mean_past)
 
 
-def _configuration(sweep: _Sweep, export: ExportDir, description: dict, adapter: str | None, provider: str | None,
-                   threads: int, prompt_len: int, index: int) -> dict:
+def _configuration(
+    sweep: _Sweep,
+    export: ExportDir,
+    description: dict,
+    adapter: str | None,
+    provider: str | None,
+    threads: int,
+    prompt_len: int,
+    index: int,
+) -> dict:
     """One row of the report: measured ("ok"), or "unavailable" when this host lacks the provider."""
     settings = sweep.settings
     available = ort.get_available_providers()
     # Without a provider asked for, the row names the first of the device profile's list this host has, the one
     # the session puts first (choose_providers; the CPU provider where none is).
-    shown = provider or next((p.name for p in sweep.device_profile.providers if p.name in available),
-                             "CPUExecutionProvider")
-    row = {"status": "ok", "reason": None, "export": _describe(export), "model_file": None, "adapter": adapter,
-           "provider": shown, "session_providers": [], "threads": threads, "prompt_len": prompt_len,
-           "new_tokens": settings.new_tokens, "samples": [], "summary": None, "trace": None}
+    shown = provider or next(
+        (p.name for p in sweep.device_profile.providers if p.name in available), "CPUExecutionProvider"
+    )
+    row = _empty_row(export, adapter, shown, threads, prompt_len, settings.new_tokens)
     if provider is not None and provider not in available:
-        return row | {"status": "unavailable",
-                      "reason": f"{provider} is not in this onnxruntime {ort.__version__} build; "
-                                f"available here: {', '.join(available)}"}
+        return row | {
+            "status": "unavailable",
+            "reason": f"{provider} is not in this onnxruntime {ort.__version__} build; "
+            f"available here: {', '.join(available)}",
+        }
     trace_prefix = None
     if sweep.trace_dir is not None:
         name = f"trace-{index:02d}-{export.manifest.precision}-{short(shown)}-t{threads}-p{prompt_len}"
         trace_prefix = str(sweep.trace_dir / (name + (f"-{adapter}" if adapter else "")))
-    result = _run_worker({
-        "export": str(export.path), "provider": provider, "device": str(sweep.device_profile.path),
-        "threads": threads, "prompt_len": prompt_len, "adapter": adapter, "new_tokens": settings.new_tokens,
-        "warmup_runs": settings.warmup_runs, "min_runs": settings.min_runs, "min_seconds": settings.min_seconds,
+    job = {
+        "export": str(export.path),
+        "provider": provider,
+        "device": str(sweep.device_profile.path),
+        "threads": threads,
+        "prompt_len": prompt_len,
+        "adapter": adapter,
+        "new_tokens": settings.new_tokens,
+        "warmup_runs": settings.warmup_runs,
+        "min_runs": settings.min_runs,
+        "min_seconds": settings.min_seconds,
         "trace_prefix": trace_prefix,
-    })
-    graph = next((g for g in description["kernel_graphs"].values() if g["model_file"] == result["model_file"]),
-                 description)  # the graph the worker's session ran
-    facts = Facts(
+    }
+    result = _run_worker(job)
+    facts = _facts(sweep, export, description, adapter, prompt_len, result)
+    return row | {
+        "model_file": result["model_file"],
+        "session_providers": result["session_providers"],
+        "samples": result["samples"],
+        "summary": summarize(result["samples"], prompt_len, settings.new_tokens, facts),
+        "trace": result["trace"],
+    }
+
+
+def _empty_row(
+    export: ExportDir, adapter: str | None, provider: str, threads: int, prompt_len: int, new_tokens: int
+) -> dict:
+    """A report row before it is measured: its configuration, and "ok" with no figures yet."""
+    return {
+        "status": "ok",
+        "reason": None,
+        "export": _describe(export),
+        "model_file": None,
+        "adapter": adapter,
+        "provider": provider,
+        "session_providers": [],
+        "threads": threads,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "samples": [],
+        "summary": None,
+        "trace": None,
+    }
+
+
+def _facts(
+    sweep: _Sweep, export: ExportDir, description: dict, adapter: str | None, prompt_len: int, result: dict
+) -> Facts:
+    """What a configuration's summary records beside its timings: the worker's measurements and the bytes of the
+    graph its session ran."""
+    graph = next(
+        (g for g in description["kernel_graphs"].values() if g["model_file"] == result["model_file"]), description
+    )
+    return Facts(
         load_s=result["load_s"],
         rss_before_load_mb=result["rss_before_load_bytes"] / 2**20,
         peak_rss_mb=result["peak_rss_bytes"] / 2**20,
         model_bytes=graph["model_bytes"],
         weight_bytes_per_token=graph["weight_bytes_per_token"],
         adapter_bytes_per_token=graph["adapter_bytes"].get(adapter, 0),
-        kv_cache_bytes_per_token=kv_cache_bytes_per_token(export, prompt_len, settings.new_tokens),
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(export, prompt_len, sweep.settings.new_tokens),
         bandwidth_gbs=sweep.bandwidth_gbs,
         bandwidth_source=sweep.bandwidth_source,
     )
-    return row | {"model_file": result["model_file"], "session_providers": result["session_providers"],
-                  "samples": result["samples"],
-                  "summary": summarize(result["samples"], prompt_len, settings.new_tokens, facts),
-                  "trace": result["trace"]}
 
 
 def _run_worker(job: dict) -> dict:
@@ -294,8 +367,10 @@ def _run_worker(job: dict) -> dict:
     done = subprocess.run([sys.executable, "-m", WORKER], input=json.dumps(job), capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"the profile worker for {job['export']} ({job}) exited with status {done.returncode}: "
-                           f"{done.stderr.strip()[-2000:]}")
+        raise RuntimeError(
+            f"the profile worker for {job['export']} ({job}) exited with status {done.returncode}: "
+            f"{done.stderr.strip()[-2000:]}"
+        )
     result = json.loads(lines[-1])
     if "error" in result:
         raise WORKER_ERRORS[result["error"]["type"]](result["error"]["message"])

@@ -36,8 +36,9 @@ def measure(job: dict) -> dict:
     providers = None if job["provider"] is None else [job["provider"]]
     rss_before_load = psutil.Process().memory_info().rss
     start = time.perf_counter_ns()
-    generator = runtime.load(job["export"], providers=providers, device=job["device"], threads=job["threads"],
-                             verify=False).with_adapter(job["adapter"])
+    generator = runtime.load(
+        job["export"], providers=providers, device=job["device"], threads=job["threads"], verify=False
+    ).with_adapter(job["adapter"])
     load_s = (time.perf_counter_ns() - start) / 1e9
     session_providers = generator.session.get_providers()
     model_file = generator.export.graph_file(generator.kernel)
@@ -47,8 +48,15 @@ def measure(job: dict) -> dict:
     if job["trace_prefix"] is not None:
         del generator  # freed before the traced session is built: one model in memory at a time
         trace = traced_run(job, providers, Path(job["trace_prefix"]))
-    return {"load_s": load_s, "model_file": model_file, "session_providers": session_providers, "samples": samples,
-            "rss_before_load_bytes": rss_before_load, "peak_rss_bytes": peak_rss, "trace": trace}
+    return {
+        "load_s": load_s,
+        "model_file": model_file,
+        "session_providers": session_providers,
+        "samples": samples,
+        "rss_before_load_bytes": rss_before_load,
+        "peak_rss_bytes": peak_rss,
+        "trace": trace,
+    }
 
 
 def prompt_ids(vocab_size: int, prompt_len: int) -> list[int]:
@@ -75,20 +83,28 @@ def timed_runs(generator: runtime.Generator, job: dict) -> list[dict]:
         generation = generator.generate(prompt, sampling)
         # End to end as the caller sees it: ttft + decode plus tokenizing and detokenizing.
         e2e_s = (time.perf_counter_ns() - start) / 1e9
-        samples.append({
-            "ttft_s": generation.ttft_s,
-            "decode_s": sum(generation.token_times_s),
-            "e2e_s": e2e_s,
-            "token_times_s": generation.token_times_s,
-        })
+        samples.append(
+            {
+                "ttft_s": generation.ttft_s,
+                "decode_s": sum(generation.token_times_s),
+                "e2e_s": e2e_s,
+                "token_times_s": generation.token_times_s,
+            }
+        )
         measured_s += e2e_s
     return samples
 
 
 def traced_run(job: dict, providers: list[str] | None, prefix: Path) -> dict:
     """Warm up a profiling session, trace one generation, and summarise the trace kept at prefix + ".json"."""
-    generator = runtime.load(job["export"], providers=providers, device=job["device"], threads=job["threads"],
-                             verify=False, profile_file_prefix=str(prefix)).with_adapter(job["adapter"])
+    generator = runtime.load(
+        job["export"],
+        providers=providers,
+        device=job["device"],
+        threads=job["threads"],
+        verify=False,
+        profile_file_prefix=str(prefix),
+    ).with_adapter(job["adapter"])
     prompt, sampling = workload(generator, job)
     for _ in range(job["warmup_runs"] + 1):
         generator.generate(prompt, sampling)

@@ -55,15 +55,20 @@ class AdminGate(Gate):
     """The gate for /admin/: the same key check, and a body limit that names its own setting."""
 
     def too_large(self, size: str) -> APIError:
-        return APIError(413, f"adapter upload of {size} bytes is over the limit of {self.max_body_bytes} — start the "
-                             "server with a larger --admin-max-body-bytes", "body_too_large")
+        return APIError(
+            413,
+            f"adapter upload of {size} bytes is over the limit of {self.max_body_bytes} — start the "
+            "server with a larger --admin-max-body-bytes",
+            "body_too_large",
+        )
 
 
 class Gates:
     """The outermost middleware: the admin gate for /admin/ paths, the public gate for the rest."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, api_key: str | None, max_body_bytes: int,
-                 admin_max_body_bytes: int):
+    def __init__(
+        self, app: ASGIApp, metrics: ServerMetrics, api_key: str | None, max_body_bytes: int, admin_max_body_bytes: int
+    ):
         self.public = Gate(app, metrics, api_key, max_body_bytes)
         self.admin = AdminGate(app, metrics, api_key, admin_max_body_bytes)
 
@@ -97,8 +102,12 @@ class AdapterStore:
             raise
         if size == 0:
             part.unlink()
-            raise APIError(422, "the body is empty — send the bytes of an .onnx_adapter file (for example curl "
-                                "--data-binary @adapters/NAME.onnx_adapter)", "empty_adapter")
+            raise APIError(
+                422,
+                "the body is empty — send the bytes of an .onnx_adapter file (for example curl "
+                "--data-binary @adapters/NAME.onnx_adapter)",
+                "empty_adapter",
+            )
         version = digest.hexdigest()[:VERSION_CHARS]
         return part.rename(part.with_name(f"{part.stem}-{version}{ADAPTER_SUFFIX}")), version
 
@@ -129,11 +138,17 @@ def lora_inputs(generator) -> dict:
     initializers, which get_inputs() leaves out — or, where the session runs a kernel's graph, the portable
     graph's from export.json (uploads come in that form and are converted: lora.Adapter.tensors_for)."""
     if generator.kernel is None:
-        return {i.name: i for i in generator.session.get_overridable_initializers()
-                if i.name.rpartition(".")[2] in LORA_SIDES}
+        return {
+            i.name: i
+            for i in generator.session.get_overridable_initializers()
+            if i.name.rpartition(".")[2] in LORA_SIDES
+        }
     types = {"float32": "tensor(float)", "float16": "tensor(float16)"}
-    return {i["name"]: PortableInput(i["name"], types.get(i["dtype"], i["dtype"]), i["shape"])
-            for i in generator.export.manifest.inputs if i["name"].rpartition(".")[2] in LORA_SIDES}
+    return {
+        i["name"]: PortableInput(i["name"], types.get(i["dtype"], i["dtype"]), i["shape"])
+        for i in generator.export.manifest.inputs
+        if i["name"].rpartition(".")[2] in LORA_SIDES
+    }
 
 
 def fit_problems(tensors: dict, inputs: dict) -> list[str]:
@@ -168,9 +183,13 @@ def validated(registry: ModelRegistry, name: str, version: str, path: Path) -> M
 
     def refused(reason: str) -> APIError:
         live = registry.adapter(name).version
-        return APIError(422, f"version {version} of adapter {name!r} was refused and {live} stays live: {reason} — "
-                             "send the .onnx_adapter that 'edge-lora export --flavor adapters' wrote for an adapter "
-                             "trained on this base", "invalid_adapter")
+        return APIError(
+            422,
+            f"version {version} of adapter {name!r} was refused and {live} stays live: {reason} — "
+            "send the .onnx_adapter that 'edge-lora export --flavor adapters' wrote for an adapter "
+            "trained on this base",
+            "invalid_adapter",
+        )
 
     try:
         tensors = map_tensors(path)
@@ -191,19 +210,28 @@ def validated(registry: ModelRegistry, name: str, version: str, path: Path) -> M
     return entry
 
 
-def install_admin(app: FastAPI, registry: ModelRegistry, metrics: ServerMetrics, store: AdapterStore,
-                  api_key: str | None) -> None:
+def install_admin(
+    app: FastAPI, registry: ModelRegistry, metrics: ServerMetrics, store: AdapterStore, api_key: str | None
+) -> None:
     def require_key() -> None:
         if api_key is None:  # with a key, the gate has already checked it
-            raise APIError(404, "admin endpoints are off: this server runs without an API key — restart it with "
-                                "--api-key (or EDGE_LORA_API_KEY) to load and roll back adapter versions",
-                           "admin_disabled")
+            raise APIError(
+                404,
+                "admin endpoints are off: this server runs without an API key — restart it with "
+                "--api-key (or EDGE_LORA_API_KEY) to load and roll back adapter versions",
+                "admin_disabled",
+            )
 
     def described(name: str) -> dict:
         live = registry.adapter(name)
-        return {"id": name, "object": "adapter", "version": live.version, "model": live.model_id,
-                "source": "export" if live.file is None else "upload",
-                "rollback_versions": [e.version for e in reversed(registry.earlier(name))]}
+        return {
+            "id": name,
+            "object": "adapter",
+            "version": live.version,
+            "model": live.model_id,
+            "source": "export" if live.file is None else "upload",
+            "rollback_versions": [e.version for e in reversed(registry.earlier(name))],
+        }
 
     @app.get("/admin/adapters")
     async def adapters():

@@ -27,8 +27,7 @@ def version_header(entry: ModelEntry) -> dict[str, str]:
 
 
 def stopped() -> APIError:
-    return APIError(503, "the server stopped this generation as it shut down — send the request again",
-                    "shutting_down")
+    return APIError(503, "the server stopped this generation as it shut down — send the request again", "shutting_down")
 
 
 class TextShape:
@@ -36,8 +35,13 @@ class TextShape:
 
     def __init__(self, entry: ModelEntry):
         # every object, each chunk too, names the version: in `model`, and alone in system_fingerprint
-        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                     "model": entry.model_id, "system_fingerprint": entry.version}
+        self.head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": entry.model_id,
+            "system_fingerprint": entry.version,
+        }
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -67,22 +71,39 @@ class ChatShape(TextShape):
         self.head |= {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk"}
 
     def choice(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
-                "finish_reason": finish_reason}
+        return {
+            "index": 0,
+            "delta": {"content": text} if text else {},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
 
     def whole(self, text: str, finish_reason: str, usage: dict) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
         return {**self.head, "object": "chat.completion", "choices": [choice], "usage": usage}
 
     def opening(self) -> list[dict]:
-        return [{**self.head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}]}]
+        return [
+            {
+                **self.head,
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+            }
+        ]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 async def whole(job: Job, shape: TextShape, prompt_tokens: int) -> dict:
@@ -111,8 +132,13 @@ async def sse(job: Job, shape: TextShape, prompt_tokens: int, include_usage: boo
                 yield event(shape.piece(item.text))
             else:  # an error after the 200 went out: OpenAI's clients raise an error event's message
                 log.error("generation failed mid-stream", exc_info=item)
-                yield event(APIError(500, f"internal error ({type(item).__name__}) during generation — the server "
-                                          "logged it", "internal_error").body())
+                yield event(
+                    APIError(
+                        500,
+                        f"internal error ({type(item).__name__}) during generation — the server logged it",
+                        "internal_error",
+                    ).body()
+                )
                 return
         if item.reason == "cancelled":
             yield event(stopped().body())

@@ -94,8 +94,13 @@ def create_app(generator: Generator, config: ServeConfig, base_name: str, worker
     app.state.pool, app.state.metrics = server.pool, server.metrics
     app.state.registry, app.state.store = server.registry, server.store
     install_error_handlers(app)
-    app.add_middleware(Gates, metrics=server.metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       admin_max_body_bytes=config.admin_max_body_bytes)
+    app.add_middleware(
+        Gates,
+        metrics=server.metrics,
+        api_key=config.api_key,
+        max_body_bytes=config.max_body_bytes,
+        admin_max_body_bytes=config.admin_max_body_bytes,
+    )
     install_admin(app, server.registry, server.metrics, server.store, config.api_key)
     install_status_routes(app, server)
     install_model_routes(app, server)
@@ -134,8 +139,16 @@ class ServerState:
         await run_in_threadpool(self.pool.close)
         self.store.close()
 
-    async def answer(self, request: Request, body: SamplingFields, entry: ModelEntry, view: Generator,
-                     ids: list[int], sampling: SamplingConfig, chat: bool) -> Response:
+    async def answer(
+        self,
+        request: Request,
+        body: SamplingFields,
+        entry: ModelEntry,
+        view: Generator,
+        ids: list[int],
+        sampling: SamplingConfig,
+        chat: bool,
+    ) -> Response:
         """Run the prompt `ids` on a worker; the whole answer, or its stream when the body asks for one."""
         try:
             view.fit_prompt(ids, sampling)  # a prompt too long for the context is refused here, not in a worker
@@ -147,13 +160,16 @@ class ServerState:
         shape = ChatShape(entry) if chat else TextShape(entry)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(sse(job, shape, len(ids), include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                              **version_header(entry)})
+            return StreamingResponse(
+                sse(job, shape, len(ids), include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **version_header(entry)},
+            )
         return JSONResponse(await whole(job, shape, len(ids)), headers=version_header(entry))
 
-    async def start_job(self, request: Request, entry: ModelEntry, view: Generator, ids: list[int],
-                        sampling: SamplingConfig) -> Job | None:
+    async def start_job(
+        self, request: Request, entry: ModelEntry, view: Generator, ids: list[int], sampling: SamplingConfig
+    ) -> Job | None:
         """Wait for a worker and start the generation on it; None when the client left while it waited."""
         arrived = time.perf_counter()
         await self.pool.acquire()
@@ -177,8 +193,12 @@ def install_status_routes(app: FastAPI, server: ServerState) -> None:
 
     @app.get("/health")
     async def health():
-        body = {"status": "stopping" if pool.closed else "ok", "workers": workers, "busy": workers - pool.free,
-                "queued": pool.queue_depth}
+        body = {
+            "status": "stopping" if pool.closed else "ok",
+            "workers": workers,
+            "busy": workers - pool.free,
+            "queued": pool.queue_depth,
+        }
         return JSONResponse(body, status_code=503 if pool.closed else 200)
 
     @app.get("/metrics")
@@ -194,9 +214,20 @@ def install_model_routes(app: FastAPI, server: ServerState) -> None:
     @app.get("/v1/models")
     async def models():
         created = int(generator.export.model_path.stat().st_mtime)
-        return {"object": "list", "data": [
-            {"id": e.name, "object": "model", "created": created, "owned_by": "edge-lora", "version": e.version,
-             "parent": None if e.adapter is None else registry.base_name} for e in registry.entries]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": e.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "edge-lora",
+                    "version": e.version,
+                    "parent": None if e.adapter is None else registry.base_name,
+                }
+                for e in registry.entries
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -210,8 +241,13 @@ def install_model_routes(app: FastAPI, server: ServerState) -> None:
     async def chat_completions(body: ChatRequest, request: Request):
         entry, view = registry.resolve(body.model)
         if view.chat_template is None:
-            raise APIError(400, f"model {entry.name!r} has no chat template (its tokenizer_config.json has none) — "
-                                "use /v1/completions with a prompt", "no_chat_template", param="messages")
+            raise APIError(
+                400,
+                f"model {entry.name!r} has no chat template (its tokenizer_config.json has none) — "
+                "use /v1/completions with a prompt",
+                "no_chat_template",
+                param="messages",
+            )
         messages = [m.as_template_input() for m in body.messages]
         for i, m in enumerate(messages):
             checked_text(m["content"], f"messages[{i}].content")
@@ -226,8 +262,13 @@ def checked_text(text: str, param: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise APIError(400, f"{param} holds a lone surrogate ({text[e.start:e.end]!r} at character {e.start}) — send "
-                            "valid Unicode text", "invalid_text", param=param.partition("[")[0]) from None
+        raise APIError(
+            400,
+            f"{param} holds a lone surrogate ({text[e.start : e.end]!r} at character {e.start}) — send "
+            "valid Unicode text",
+            "invalid_text",
+            param=param.partition("[")[0],
+        ) from None
     return text
 
 
@@ -243,15 +284,23 @@ def prompt_ids(render: Callable[[], list[int]]) -> list[int]:
 
 def sampling_config(body: SamplingFields, max_tokens: int) -> SamplingConfig:
     try:
-        return SamplingConfig(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
-                              top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
-                              repetition_penalty=body.repetition_penalty, stop=body.stop_strings())
+        return SamplingConfig(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+            repetition_penalty=body.repetition_penalty,
+            stop=body.stop_strings(),
+        )
     except PromptError as e:
         raise APIError(400, str(e), "invalid_sampling") from None
 
 
-def serve(export_dir: str | Path, config: ServeConfig = ServeConfig(), device: str | None = None,
-          threads: int | None = None) -> None:
+def serve(
+    export_dir: str | Path, config: ServeConfig = ServeConfig(), device: str | None = None, threads: int | None = None
+) -> None:
     """Load the export and serve it until SIGTERM or Ctrl-C; returns once in-flight work is done or cancelled.
 
     The base model is served under the export directory's name. Threads per worker come from `threads`, else the
@@ -274,8 +323,16 @@ def serve(export_dir: str | Path, config: ServeConfig = ServeConfig(), device: s
             app.state.pool.closed = True  # new requests get 503 while in-flight ones finish
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, host=config.host, port=config.port, timeout_graceful_shutdown=config.grace_s,
-                                   access_log=False, log_level="info"))
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            timeout_graceful_shutdown=config.grace_s,
+            access_log=False,
+            log_level="info",
+        )
+    )
     # uvicorn raises a SIGTERM it caught again once it has shut down, to the handler installed before it ran,
     # so that the default one would end the process "killed by SIGTERM". A graceful stop is this command's
     # normal end (exit status 0): the handler in place while it runs ignores that second delivery.

@@ -22,8 +22,10 @@ def push(url: str, name: str, adapter_file: str | Path, api_key: str | None) -> 
     """Upload `adapter_file` as the next version of adapter `name`; the server's description of it once live."""
     path = Path(adapter_file)
     if not path.is_file():
-        raise AdminClientError(f"{path} is not a file — pass the .onnx_adapter file that 'edge-lora export --flavor "
-                               "adapters' wrote (in the export's adapters/ dir)")
+        raise AdminClientError(
+            f"{path} is not a file — pass the .onnx_adapter file that 'edge-lora export --flavor "
+            "adapters' wrote (in the export's adapters/ dir)"
+        )
     return call(url, f"/admin/adapters/{quoted(name)}", api_key, body=path.read_bytes())
 
 
@@ -43,13 +45,15 @@ def quoted(name: str) -> str:
 
 def call(url: str, path: str, api_key: str | None, body: bytes | None = None) -> dict:
     if not url.startswith(("http://", "https://")):
-        raise AdminClientError(f"server URL {url!r} does not start with http:// or https:// — for example "
-                               "http://127.0.0.1:8000")
+        raise AdminClientError(
+            f"server URL {url!r} does not start with http:// or https:// — for example http://127.0.0.1:8000"
+        )
     headers = {"Content-Type": "application/octet-stream"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url.rstrip("/") + path, data=body, headers=headers,
-                                     method="GET" if body is None else "POST")
+    request = urllib.request.Request(
+        url.rstrip("/") + path, data=body, headers=headers, method="GET" if body is None else "POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             return json.loads(response.read())

@@ -56,17 +56,25 @@ class Gate:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             # compare_digest takes as long for a wrong key as for a right one: no timing oracle on the key
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
-                return APIError(401, "missing or wrong API key — send the header 'Authorization: Bearer KEY' with "
-                                     "the server's --api-key", "invalid_api_key",
-                                headers={"WWW-Authenticate": "Bearer"})
+                return APIError(
+                    401,
+                    "missing or wrong API key — send the header 'Authorization: Bearer KEY' with "
+                    "the server's --api-key",
+                    "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body_bytes:
             return self.too_large(length.decode("latin-1")[:20])
         return None
 
     def too_large(self, size: str) -> APIError:
-        return APIError(413, f"request body of {size} bytes is over the limit of {self.max_body_bytes} — send a "
-                             "shorter prompt, or start the server with a larger --max-body-bytes", "body_too_large")
+        return APIError(
+            413,
+            f"request body of {size} bytes is over the limit of {self.max_body_bytes} — send a "
+            "shorter prompt, or start the server with a larger --max-body-bytes",
+            "body_too_large",
+        )
 
     def limited(self, receive: Receive) -> Receive:
         """`receive` that refuses a body (chunked, or longer than it said) once it passes the limit."""
@@ -97,9 +105,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error)
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        fix = {404: " — the endpoints are /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics",
-               405: " — see the OpenAI API reference for the method of this endpoint",
-               400: " — send a JSON object in UTF-8"}.get(error.status_code, "")
+        fix = {
+            404: " — the endpoints are /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics",
+            405: " — see the OpenAI API reference for the method of this endpoint",
+            400: " — send a JSON object in UTF-8",
+        }.get(error.status_code, "")
         code = HTTP_CODES.get(error.status_code, f"http_{error.status_code}")
         return error_response(APIError(error.status_code, f"{error.detail}{fix}", code, headers=error.headers))
 
@@ -108,8 +118,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def internal(request: Request, error: Exception) -> JSONResponse:
         # Starlette raises the error again once this answer is sent, and uvicorn logs it with its traceback
-        return error_response(APIError(500, f"internal error ({type(error).__name__}) — the server logged it; "
-                                            "report it with the request", "internal_error"))
+        return error_response(
+            APIError(
+                500,
+                f"internal error ({type(error).__name__}) — the server logged it; report it with the request",
+                "internal_error",
+            )
+        )
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
@@ -122,11 +137,17 @@ def validation_error(errors: list[dict]) -> APIError:
     first = errors[0]
     if first["type"] == "json_invalid":
         reason = first.get("ctx", {}).get("error", "invalid JSON")
-        return APIError(400, f"the body is not valid JSON ({reason} at character {first['loc'][-1]}) — send one "
-                             "JSON object", "invalid_json")
+        return APIError(
+            400,
+            f"the body is not valid JSON ({reason} at character {first['loc'][-1]}) — send one JSON object",
+            "invalid_json",
+        )
     if isinstance(first.get("input"), bytes):  # FastAPI reads JSON only when the request says it is JSON
-        return APIError(422, "the body was not read as JSON — send it with the header Content-Type: application/json",
-                        "invalid_content_type")
+        return APIError(
+            422,
+            "the body was not read as JSON — send it with the header Content-Type: application/json",
+            "invalid_content_type",
+        )
     # A union field (prompt: str | list[str]) fails once per branch; a branch of the input's own type says most
     # ("at most 4 items"), the others only that it is not of their type.
     first = next((e for e in errors if not e["type"].endswith("_type")), first)
@@ -137,5 +158,9 @@ def validation_error(errors: list[dict]) -> APIError:
     more = f" (and problems in {others} more fields)" if others else ""
     given = repr(first.get("input"))
     given = given if len(given) <= 60 else given[:57] + "..."
-    return APIError(422, f"{where}: {first['msg']}, got {given}{more} — see the OpenAI API reference "
-                         "for this field", "invalid_value", param=param)
+    return APIError(
+        422,
+        f"{where}: {first['msg']}, got {given}{more} — see the OpenAI API reference for this field",
+        "invalid_value",
+        param=param,
+    )

@@ -24,30 +24,61 @@ class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("edge_lora_requests", "HTTP requests answered, by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.request_seconds = Histogram("edge_lora_request_duration_seconds",
-                                         "Request arrival to the last byte of the response.", ["endpoint"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("edge_lora_time_to_first_token_seconds",
-                              "Request arrival (queue wait included) to the first new token.", ["model"],
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("edge_lora_time_per_output_token_seconds", "Time of each new token after the first.",
-                              ["model"], buckets=TOKEN_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("edge_lora_prompt_tokens", "Prompt tokens of the requests that were run.",
-                                     ["model"], registry=r)
+        self.requests = Counter(
+            "edge_lora_requests",
+            "HTTP requests answered, by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "edge_lora_request_duration_seconds",
+            "Request arrival to the last byte of the response.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "edge_lora_time_to_first_token_seconds",
+            "Request arrival (queue wait included) to the first new token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "edge_lora_time_per_output_token_seconds",
+            "Time of each new token after the first.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "edge_lora_prompt_tokens", "Prompt tokens of the requests that were run.", ["model"], registry=r
+        )
         self.generated_tokens = Counter("edge_lora_generated_tokens", "New tokens generated.", ["model"], registry=r)
         self.queue_depth = Gauge("edge_lora_queue_depth", "Requests waiting for a worker.", registry=r)
         self.busy_workers = Gauge("edge_lora_busy_workers", "Workers holding a request.", registry=r)
         self.workers = Gauge("edge_lora_workers", "Generation workers.", registry=r)
-        self.active_generations = Gauge("edge_lora_active_generations", "Generations running, by model or adapter.",
-                                        ["model"], registry=r)
-        self.models = Gauge("edge_lora_model_info", "1 for each model (base and adapters) served, with its live "
-                            "version.", ["model", "version"], registry=r)
-        self.model_requests = Counter("edge_lora_model_requests", "Requests run, by model and the version that "
-                                      "answered them.", ["model", "version"], registry=r)
-        self.adapter_changes = Counter("edge_lora_adapter_changes", "Adapter versions loaded, rolled back, or "
-                                       "refused by validation.", ["model", "action"], registry=r)
+        self.active_generations = Gauge(
+            "edge_lora_active_generations", "Generations running, by model or adapter.", ["model"], registry=r
+        )
+        self.models = Gauge(
+            "edge_lora_model_info",
+            "1 for each model (base and adapters) served, with its live version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_requests = Counter(
+            "edge_lora_model_requests",
+            "Requests run, by model and the version that answered them.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.adapter_changes = Counter(
+            "edge_lora_adapter_changes",
+            "Adapter versions loaded, rolled back, or refused by validation.",
+            ["model", "action"],
+            registry=r,
+        )
 
     def observe_request(self, path: str, status: int, started: float) -> None:
         endpoint = path if path in ENDPOINTS else admin_route(path)

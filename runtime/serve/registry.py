@@ -51,10 +51,13 @@ class ModelRegistry:
         entries = {base_name: ModelEntry(base_name, export.digest()[:VERSION_CHARS])}
         for name, adapter in export.manifest.adapters.items():
             if name in entries:
-                raise ServeError(f"adapter {name!r} has the name of the base model — serve the export under "
-                                 "another name (rename its directory)")
-            entries[name] = ModelEntry(name, export.manifest.files[adapter.file][:VERSION_CHARS],
-                                       generator.adapters[name])
+                raise ServeError(
+                    f"adapter {name!r} has the name of the base model — serve the export under "
+                    "another name (rename its directory)"
+                )
+            entries[name] = ModelEntry(
+                name, export.manifest.files[adapter.file][:VERSION_CHARS], generator.adapters[name]
+            )
         self.base_name = base_name
         self.generator = generator
         self._entries = entries
@@ -78,11 +81,20 @@ class ModelRegistry:
             name, _, version = name.rpartition("@")
         entry = self._entries.get(name)
         if entry is None:
-            raise APIError(404, f"model {model!r} does not exist — use one of: {', '.join(self._entries)} "
-                                "(GET /v1/models lists them)", "model_not_found", param="model")
+            raise APIError(
+                404,
+                f"model {model!r} does not exist — use one of: {', '.join(self._entries)} (GET /v1/models lists them)",
+                "model_not_found",
+                param="model",
+            )
         if version is not None and version != entry.version:
-            raise APIError(404, f"model {model!r} is not served: {name} is at version {entry.version} now — ask "
-                                f"for {name!r} or {entry.model_id!r}", "model_version_not_found", param="model")
+            raise APIError(
+                404,
+                f"model {model!r} is not served: {name} is at version {entry.version} now — ask "
+                f"for {name!r} or {entry.model_id!r}",
+                "model_version_not_found",
+                param="model",
+            )
         return entry, self.view(entry)
 
     def view(self, entry: ModelEntry) -> Generator:
@@ -98,8 +110,12 @@ class ModelRegistry:
         if entry is None or name == self.base_name:
             adapters = [n for n in self._entries if n != self.base_name]
             what = "is the base model, which has no versions to load" if entry else "is not an adapter of this server"
-            raise APIError(404, f"{name!r} {what} — adapters: {', '.join(adapters) or 'none'} (an export made with "
-                                "--flavor adapters has them)", "adapter_not_found")
+            raise APIError(
+                404,
+                f"{name!r} {what} — adapters: {', '.join(adapters) or 'none'} (an export made with "
+                "--flavor adapters has them)",
+                "adapter_not_found",
+            )
         return entry
 
     def promote(self, entry: ModelEntry) -> tuple[ModelEntry, list[ModelEntry]]:
@@ -115,9 +131,13 @@ class ModelRegistry:
         """Put back the version adapter `name` had before its live one; returns (restored, retired)."""
         live = self.adapter(name)
         if not self.earlier(name):
-            raise APIError(409, f"adapter {name!r} has no earlier version to roll back to: it is at {live.version}, "
-                                f"the version it started with (the server keeps {ROLLBACK_DEPTH} earlier versions "
-                                "of those it loads)", "nothing_to_roll_back")
+            raise APIError(
+                409,
+                f"adapter {name!r} has no earlier version to roll back to: it is at {live.version}, "
+                f"the version it started with (the server keeps {ROLLBACK_DEPTH} earlier versions "
+                "of those it loads)",
+                "nothing_to_roll_back",
+            )
         *kept, restored = self.earlier(name)
         self._entries = {**self._entries, name: restored}
         self._earlier = {**self._earlier, name: tuple(kept)}

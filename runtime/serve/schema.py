@@ -24,8 +24,9 @@ class APIError(HTTPException):
     body size limit) rather than turning it into a 400.
     """
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(status, message, headers)
         self.status, self.message, self.code, self.param = status, message, code, param
 
@@ -38,10 +39,17 @@ class APIError(HTTPException):
 
 
 # OpenAI's error types by status; 409, 413, 422 are request errors like 400.
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-               422: "invalid_request_error",
-               429: "rate_limit_error", 503: "service_unavailable_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
 
 
 class _Strict(BaseModel):

@@ -44,15 +44,20 @@ class WorkerPool:
     async def acquire(self) -> None:
         """Take a worker slot, waiting in the queue for one; raises APIError 429 or 503."""
         if self.closed:
-            raise APIError(503, "the server is shutting down — retry against another instance or later",
-                           "shutting_down")
+            raise APIError(
+                503, "the server is shutting down — retry against another instance or later", "shutting_down"
+            )
         if self.free > 0 and not self._waiting:
             self.free -= 1
             return
         if self.queue_depth >= self.queue_size:
-            raise APIError(429, f"all {self.workers} workers are busy and {self.queue_size} requests are queued — "
-                                f"retry after {self.retry_after_s} s", "queue_full",
-                           headers={"Retry-After": str(self.retry_after_s)})
+            raise APIError(
+                429,
+                f"all {self.workers} workers are busy and {self.queue_size} requests are queued — "
+                f"retry after {self.retry_after_s} s",
+                "queue_full",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
         slot = asyncio.get_running_loop().create_future()
         self._waiting.append(slot)
         try:
@@ -64,9 +69,13 @@ class WorkerPool:
             else:
                 slot.cancel()
             if isinstance(e, TimeoutError):
-                raise APIError(503, f"no worker was free within {self.queue_timeout_s:g} s — retry later, or start "
-                                    "the server with more --workers or a longer --queue-timeout", "queue_timeout",
-                               headers={"Retry-After": str(self.retry_after_s)}) from None
+                raise APIError(
+                    503,
+                    f"no worker was free within {self.queue_timeout_s:g} s — retry later, or start "
+                    "the server with more --workers or a longer --queue-timeout",
+                    "queue_timeout",
+                    headers={"Retry-After": str(self.retry_after_s)},
+                ) from None
             raise
         finally:
             if slot in self._waiting and slot.done():
@@ -153,8 +162,11 @@ class Job:
         try:
             for step in self.generator.steps(self.prompt_ids, self.sampling):
                 count += 1
-                self.metrics.observe_token(self.model, first=count == 1,
-                                           seconds=time.perf_counter() - self.arrived if count == 1 else step.seconds)
+                self.metrics.observe_token(
+                    self.model,
+                    first=count == 1,
+                    seconds=time.perf_counter() - self.arrived if count == 1 else step.seconds,
+                )
                 if self._cancelled.is_set():
                     reason = "cancelled"
                     break

@@ -101,7 +101,8 @@ def test_all_problems_of_a_file_come_in_one_line(tmp_path):
         f"{path}: runtime.intra_op_threads is missing",  # a missing key has no line
         "; memory.budget_mb is missing: add it, an integer > 0 (MiB)",
         f"line {_line(path, 'intra_op_thread =')}: unknown key runtime.intra_op_thread: remove it or fix its spelling",
-        f"line {_line(path, 'int4_accuracy_level =')}: export.int4_accuracy_level = true: expected one of 0, 1, 2, 3, 4",
+        f"line {_line(path, 'int4_accuracy_level =')}: "
+        "export.int4_accuracy_level = true: expected one of 0, 1, 2, 3, 4",
     ]:
         assert part in message
     assert message.count("; ") == 4
@@ -122,8 +123,8 @@ def test_bad_provider_is_named_with_its_index(tmp_path):
     )
     with pytest.raises(
         devices.DeviceProfileError,
-        match=rf'line {_line(path, "providers =")}: '
-              r'runtime\.providers\[0\]\.name = "CpuExecutionProvider": expected one of .*CPUExecutionProvider',
+        match=rf"line {_line(path, 'providers =')}: "
+        r'runtime\.providers\[0\]\.name = "CpuExecutionProvider": expected one of .*CPUExecutionProvider',
     ):
         devices.load(path)
 

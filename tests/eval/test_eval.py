@@ -56,7 +56,9 @@ def test_bootstrap_interval_of_a_mean_matches_the_normal_one():
     values = np.random.default_rng(3).normal(5.0, 2.0, 400)
     low, high = stats.bootstrap((values,), lambda s, n: s / n)
     half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
-    assert low == pytest.approx(values.mean() - half, abs=0.03) and high == pytest.approx(values.mean() + half, abs=0.03)
+    assert low == pytest.approx(values.mean() - half, abs=0.03) and high == pytest.approx(
+        values.mean() + half, abs=0.03
+    )
 
 
 def test_scorers():
@@ -78,8 +80,14 @@ def weak_adapter(workdir, base_dir, task_files) -> Path:
     from edge_lora.train.loop import train
 
     train_path, _ = task_files
-    config = TrainConfig(model=str(base_dir), data=str(train_path), output=str(workdir / "adapter-weak"), max_steps=5,
-                         batch_size=16, learning_rate=2e-3)
+    config = TrainConfig(
+        model=str(base_dir),
+        data=str(train_path),
+        output=str(workdir / "adapter-weak"),
+        max_steps=5,
+        batch_size=16,
+        learning_rate=2e-3,
+    )
     return train(config, show_progress=False)
 
 
@@ -111,8 +119,20 @@ def test_cli_several_files_one_row_each(capsys, export_int4, task_files, tmp_pat
     subset = tmp_path / "first4.jsonl"
     subset.write_text("".join(task_files[1].read_text().splitlines(keepends=True)[:4]))
     out = tmp_path / "samples.jsonl"
-    code, stdout, err = edge_lora(capsys, "eval", export_int4, "--data", task_files[1], "--data", subset,
-                                  "--metric", "token-f1", "--out", out, "--quiet")
+    code, stdout, err = edge_lora(
+        capsys,
+        "eval",
+        export_int4,
+        "--data",
+        task_files[1],
+        "--data",
+        subset,
+        "--metric",
+        "token-f1",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0, err
     rows = [line for line in stdout.splitlines() if line.startswith((str(task_files[1]), str(subset)))]
     assert len(rows) == 2 and "percentile bootstrap" in rows[0]
@@ -128,9 +148,20 @@ def test_messages_records_use_the_chat_template(export_fp32, task_files, tmp_pat
     shutil.copytree(export_fp32, target)
     (target / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": s["prompt"]},
-                                                      {"role": "assistant", "content": s["completion"]}]}) + "\n"
-                             for s in eval_samples))
+    chats.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": s["prompt"]},
+                        {"role": "assistant", "content": s["completion"]},
+                    ]
+                }
+            )
+            + "\n"
+            for s in eval_samples
+        )
+    )
     settings = EvalSettings(metric="exact")
     as_chat = evaluate(target, [chats], settings, show_progress=False).files[0]
     as_prompts = evaluate(target, [task_files[1]], settings, show_progress=False).files[0]
@@ -140,21 +171,60 @@ def test_messages_records_use_the_chat_template(export_fp32, task_files, tmp_pat
 # ---- the regression gate
 
 
-def test_gate_passes_the_same_target_twice_and_int4_against_fp32(capsys, export_fp32, export_int4, task_files, tmp_path):
-    code, stdout, err = edge_lora(capsys, "eval", "compare", export_fp32, export_fp32, "--data", task_files[1],
-                                  "--fail-if-worse", "0", "--out", tmp_path / "same.jsonl", "--quiet")
+def test_gate_passes_the_same_target_twice_and_int4_against_fp32(
+    capsys, export_fp32, export_int4, task_files, tmp_path
+):
+    code, stdout, err = edge_lora(
+        capsys,
+        "eval",
+        "compare",
+        export_fp32,
+        export_fp32,
+        "--data",
+        task_files[1],
+        "--fail-if-worse",
+        "0",
+        "--out",
+        tmp_path / "same.jsonl",
+        "--quiet",
+    )
     assert code == 0, err
     assert "0/0/16" in stdout and "1 (McNemar exact)" in stdout and "pass" in stdout
-    code, stdout, err = edge_lora(capsys, "eval", "compare", export_fp32, export_int4, "--data", task_files[1],
-                                  "--fail-if-worse", "2", "--out", tmp_path / "int4.jsonl", "--quiet")
+    code, stdout, err = edge_lora(
+        capsys,
+        "eval",
+        "compare",
+        export_fp32,
+        export_int4,
+        "--data",
+        task_files[1],
+        "--fail-if-worse",
+        "2",
+        "--out",
+        tmp_path / "int4.jsonl",
+        "--quiet",
+    )
     assert code == 0, stdout + err
 
 
 def test_gate_fails_an_adapter_known_to_be_worse(capsys, adapter_dir, weak_adapter, task_files, tmp_path):
     """Two adapter versions in PyTorch; perplexity, because the session's short training run is not yet exact."""
-    code, stdout, err = edge_lora(capsys, "eval", "compare", adapter_dir, weak_adapter, "--data", task_files[1],
-                                  "--metric", "perplexity", "--fail-if-worse", "0.5", "--out", tmp_path / "gate.jsonl",
-                                  "--quiet")
+    code, stdout, err = edge_lora(
+        capsys,
+        "eval",
+        "compare",
+        adapter_dir,
+        weak_adapter,
+        "--data",
+        task_files[1],
+        "--metric",
+        "perplexity",
+        "--fail-if-worse",
+        "0.5",
+        "--out",
+        tmp_path / "gate.jsonl",
+        "--quiet",
+    )
     assert code == 1, stdout + err
     assert "0/16/0" in stdout and "(sign test)" in stdout and "WORSE" in stdout
     assert "NEW is worse than OLD beyond the margin of 0.5" in stdout
@@ -190,8 +260,11 @@ def test_eval_file_with_wrong_fields(capsys, export_fp32, tmp_path):
 def test_text_records_fit_perplexity_only(capsys, export_fp32, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text('{"text": "2024-03-17 -> 17.03.2024"}\n')
-    one_line_error(*edge_lora(capsys, "eval", export_fp32, "--data", data, "--metric", "exact")[::2],
-                   f"{data}:1", "use --metric perplexity")
+    one_line_error(
+        *edge_lora(capsys, "eval", export_fp32, "--data", data, "--metric", "exact")[::2],
+        f"{data}:1",
+        "use --metric perplexity",
+    )
 
 
 def test_perplexity_of_an_export_without_logits(capsys, export_fp32, task_files, tmp_path):
@@ -200,8 +273,11 @@ def test_perplexity_of_an_export_without_logits(capsys, export_fp32, task_files,
     manifest = json.loads((target / "export.json").read_text())
     manifest["outputs"] = [o for o in manifest["outputs"] if o["name"] != "logits"]
     (target / "export.json").write_text(json.dumps(manifest))
-    one_line_error(*edge_lora(capsys, "eval", target, "--data", task_files[1], "--metric", "perplexity")[::2],
-                   "has no 'logits' output", "use a generation metric")
+    one_line_error(
+        *edge_lora(capsys, "eval", target, "--data", task_files[1], "--metric", "perplexity")[::2],
+        "has no 'logits' output",
+        "use a generation metric",
+    )
 
 
 def test_compare_targets_with_different_tokenizers(capsys, export_fp32, task_files, tmp_path):
@@ -216,25 +292,38 @@ def test_compare_targets_with_different_tokenizers(capsys, export_fp32, task_fil
     manifest = json.loads((other / "export.json").read_text())
     manifest["files"]["tokenizer.json"] = sha256_file(other / "tokenizer.json")  # a valid export, another tokenizer
     (other / "export.json").write_text(json.dumps(manifest))
-    one_line_error(*edge_lora(capsys, "eval", "compare", export_fp32, other, "--data", task_files[1])[::2],
-                   "have different tokenizers", "compare targets built on the same base model")
+    one_line_error(
+        *edge_lora(capsys, "eval", "compare", export_fp32, other, "--data", task_files[1])[::2],
+        "have different tokenizers",
+        "compare targets built on the same base model",
+    )
 
 
 def test_target_that_is_neither(capsys, tmp_path, task_files):
-    one_line_error(*edge_lora(capsys, "eval", tmp_path, "--data", task_files[1])[::2],
-                   "neither an export dir (export.json) nor an adapter dir (edge_lora.json)")
+    one_line_error(
+        *edge_lora(capsys, "eval", tmp_path, "--data", task_files[1])[::2],
+        "neither an export dir (export.json) nor an adapter dir (edge_lora.json)",
+    )
 
 
 def test_adapter_option_on_an_adapter_dir(capsys, adapter_dir, task_files):
-    one_line_error(*edge_lora(capsys, "eval", adapter_dir, "--adapter", "x", "--data", task_files[1])[::2],
-                   "--adapter x applies to an export of flavor adapters")
+    one_line_error(
+        *edge_lora(capsys, "eval", adapter_dir, "--adapter", "x", "--data", task_files[1])[::2],
+        "--adapter x applies to an export of flavor adapters",
+    )
 
 
 def test_unknown_metric_and_bad_margin(capsys, export_fp32, task_files):
-    one_line_error(*edge_lora(capsys, "eval", export_fp32, "--data", task_files[1], "--metric", "bleu")[::2],
-                   "'bleu' is not one of")
-    one_line_error(*edge_lora(capsys, "eval", "compare", export_fp32, export_fp32, "--data", task_files[1],
-                              "--fail-if-worse", "-1")[::2], "--fail-if-worse -1.0 must be a number of points >= 0")
+    one_line_error(
+        *edge_lora(capsys, "eval", export_fp32, "--data", task_files[1], "--metric", "bleu")[::2],
+        "'bleu' is not one of",
+    )
+    one_line_error(
+        *edge_lora(
+            capsys, "eval", "compare", export_fp32, export_fp32, "--data", task_files[1], "--fail-if-worse", "-1"
+        )[::2],
+        "--fail-if-worse -1.0 must be a number of points >= 0",
+    )
 
 
 def test_every_new_command_has_help_with_an_example():

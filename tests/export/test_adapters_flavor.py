@@ -17,8 +17,9 @@ def shared_export(adapter_dir, second_adapter, tmp_path_factory, request):
     from edge_lora.export import ExportOptions, export
 
     out = tmp_path_factory.mktemp("shared") / request.param
-    return export([adapter_dir, second_adapter], out, ExportOptions(flavor="adapters", graph=request.param),
-                  show_progress=False)
+    return export(
+        [adapter_dir, second_adapter], out, ExportOptions(flavor="adapters", graph=request.param), show_progress=False
+    )
 
 
 def test_every_adapter_and_the_base_pass_parity(shared_export, adapter_dir, second_adapter):
@@ -41,7 +42,9 @@ def test_switching_adapters_matches_the_merged_export(shared_export, export_fp32
     # same weights in another order of operations: x@W + (x@A)@B against x@(W + BA)
     np.testing.assert_allclose(with_adapter.logits(ids), merged.logits(ids), rtol=0, atol=1e-4)
     assert np.abs(base.logits(ids) - merged.logits(ids)).max() > 1e-2
-    np.testing.assert_allclose(shared.with_adapter(adapter_dir.name).logits(ids), with_adapter.logits(ids), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        shared.with_adapter(adapter_dir.name).logits(ids), with_adapter.logits(ids), rtol=0, atol=0
+    )
     assert with_adapter.session is shared.session  # no reload
 
 
@@ -62,8 +65,11 @@ def test_unknown_adapter_and_mixed_bases(shared_export, adapter_dir, make_base, 
 
     with pytest.raises(runtime.PromptError, match=r"unknown adapter 'nope' — known adapters: "):
         runtime.load(shared_export).with_adapter("nope")
-    done = subprocess.run([sys.executable, "-m", "edge_lora", "run", str(shared_export), "--prompt", "x",
-                           "--adapter", "nope"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_lora", "run", str(shared_export), "--prompt", "x", "--adapter", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "unknown adapter 'nope'" in done.stderr
     from edge_lora.export import ExportOptions, export
 

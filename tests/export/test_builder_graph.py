@@ -8,10 +8,10 @@ import json
 
 import numpy as np
 import pytest
-
-from edge_lora.export.parity import FALLBACK_PROMPTS
 from test_cli import assert_one_line_error, edge_lora
 from test_import_rules import heavy_modules_after
+
+from edge_lora.export.parity import FALLBACK_PROMPTS
 
 # fp32 builder graph against fp32 optimum graph of the same merged weights: the same fp32 sums, fused in another order.
 FP32_LOGIT_ATOL = 1e-4
@@ -31,8 +31,9 @@ def builder_int4(workdir, adapter_dir):
     profile's 64: this model's rows are 64 wide, one block each, and on prompts it was not trained on (near-tied
     logits) blocks of 64 agree with the fp32 model's greedy tokens 87% of the time, under the 90% gate."""
     out = workdir / "export-builder-int4"
-    done = edge_lora("export", adapter_dir, "--output", out, "--device", "cpu-x86-64", "--int4-block-size", "32",
-                     "--quiet")
+    done = edge_lora(
+        "export", adapter_dir, "--output", out, "--device", "cpu-x86-64", "--int4-block-size", "32", "--quiet"
+    )
     assert done.returncode == 0, done.stderr
     return out
 
@@ -58,7 +59,9 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
     parity = manifest["parity"]["merged"]
     assert parity["passed"] and parity["greedy_agreement"] >= 0.9
     nodes = onnx.load(str(builder_int4 / "model.onnx"), load_external_data=False).graph.node
-    assert {n.op_type for n in nodes} >= {"MatMulNBits", "GroupQueryAttention"} and "MatMul" not in {n.op_type for n in nodes}
+    assert {n.op_type for n in nodes} >= {"MatMulNBits", "GroupQueryAttention"} and "MatMul" not in {
+        n.op_type for n in nodes
+    }
     assert {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"} == {32}
     # the profile lists edge-lora's int4 kernel: its graph is written beside model.onnx and gated the same way
     # where the exporting host runs it (runtime/kernels: AVX-512 VNNI and a C++ compiler)
@@ -70,8 +73,9 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
     from edge_lora.export.graphs.weight_bytes import weight_bytes
 
     for entry in (manifest, kernel):
-        assert {key: entry[key] for key in ("weight_bytes", "weight_bytes_per_token")} == \
-            weight_bytes(builder_int4 / entry["model_file"])
+        assert {key: entry[key] for key in ("weight_bytes", "weight_bytes_per_token")} == weight_bytes(
+            builder_int4 / entry["model_file"]
+        )
     assert kernel["weight_bytes_per_token"] < kernel["weight_bytes"]
     if kernels.cpu_problem() is None:
         report = kernel["parity"]["merged"]
@@ -80,11 +84,18 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
         assert "not checked on the exporting host" in kernel["parity"]["skipped"]
 
 
-@pytest.mark.parametrize(("model_type", "options", "graph"), [
-    ("llama", {}, "builder"), ("qwen2", {"precision": "int4"}, "builder"), ("gpt2", {}, "optimum"),
-    ("phi3", {"precision": "int4"}, "optimum"), ("llama", {"flavor": "adapters"}, "builder"),
-    ("llama", {"precision": "int8"}, "optimum"), ("mistral", {"precision": "fp16"}, "optimum"),
-])
+@pytest.mark.parametrize(
+    ("model_type", "options", "graph"),
+    [
+        ("llama", {}, "builder"),
+        ("qwen2", {"precision": "int4"}, "builder"),
+        ("gpt2", {}, "optimum"),
+        ("phi3", {"precision": "int4"}, "optimum"),
+        ("llama", {"flavor": "adapters"}, "builder"),
+        ("llama", {"precision": "int8"}, "optimum"),
+        ("mistral", {"precision": "fp16"}, "optimum"),
+    ],
+)
 def test_auto_graph_is_the_builder_where_it_applies(model_type, options, graph):
     from edge_lora.export import ExportOptions
     from edge_lora.export.options import auto_graph
@@ -118,7 +129,7 @@ def test_batch_stream_tokens_stop_and_sampling(builder_fp32):
     assert [t for t, _ in g.tokens(PROMPTS[0], greedy)] == alone[0].token_ids
     stop = alone[0].text[3:5]
     stopped = g.generate(PROMPTS[0], runtime.SamplingConfig(max_new_tokens=16, ignore_eos=True, stop=(stop,)))
-    assert stopped.finish_reason == "stop" and stopped.text == alone[0].text[:alone[0].text.index(stop)]
+    assert stopped.finish_reason == "stop" and stopped.text == alone[0].text[: alone[0].text.index(stop)]
     sampled = runtime.SamplingConfig(max_new_tokens=16, ignore_eos=True, temperature=1.5, seed=3)
     assert g.generate(PROMPTS[0], sampled).token_ids == g.generate(PROMPTS[0], sampled).token_ids
 
@@ -136,15 +147,20 @@ def test_unsupported_architecture_is_one_line(tmp_path, adapter_dir):
     from edge_lora.tiny import build_base_model, tiny_gpt2
 
     gpt2 = build_base_model(tmp_path / "gpt2", tiny_gpt2())
-    done = edge_lora("export", adapter_dir, "--output", tmp_path / "out", "--graph", "builder", "--base", gpt2, "--force")
+    done = edge_lora(
+        "export", adapter_dir, "--output", tmp_path / "out", "--graph", "builder", "--base", gpt2, "--force"
+    )
     assert_one_line_error(done, "'gpt2'", "--graph builder", "supported: llama, mistral, qwen2", "--graph optimum")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(precision="int8"), "graph builder writes precision fp32 or int4, got 'int8'"),
-    (dict(precision="fp16", flavor="adapters"), "graph builder writes precision fp32 or int4, got 'fp16'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(precision="int8"), "graph builder writes precision fp32 or int4, got 'int8'"),
+        (dict(precision="fp16", flavor="adapters"), "graph builder writes precision fp32 or int4, got 'fp16'"),
+    ],
+)
 def test_builder_refuses_what_it_cannot_write(options, message):
     from edge_lora.errors import UsageError
     from edge_lora.export import ExportOptions
@@ -170,7 +186,8 @@ def test_other_families_compute_what_transformers_computes(tmp_path, family):
     empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
     ids = np.array([[1, 20, 21, 22, 23, 24, 30, 40]])
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
-        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")}
+        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")
+    }
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     every = session.run(["logits"], feeds | {"logits_start": np.array([0])})[0]
     last = session.run(["logits"], feeds)[0]  # logits_start's default: the head on the last position alone
@@ -204,7 +221,8 @@ def test_int4_blocks_that_do_not_divide_the_rows_keep_the_embedding_apart(tmp_pa
     empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
     ids = np.array([[1, 20, 21, 22]])
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
-        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")}
+        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")
+    }
     logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     with torch.no_grad():
         expected = model(torch.tensor(ids)).logits[:, -1:].numpy()

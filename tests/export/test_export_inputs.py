@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from edge_lora.errors import UsageError
+from edge_lora.formats import AdapterManifest
 
 
 def copy_adapter(adapter_dir, tmp_path):
@@ -56,7 +57,7 @@ def test_merge_is_the_same_after_evaluation_and_generation(adapter_dir, base_dir
     from edge_lora.export.merge import merged_weights
     from edge_lora.train.reference import qlora_model
 
-    model = qlora_model(adapter_dir, base_dir, json.loads((adapter_dir / "edge_lora.json").read_text()))
+    model = qlora_model(adapter_dir, base_dir, AdapterManifest.load(adapter_dir))
     before = merged_weights(model)
     with torch.no_grad():
         model(torch.tensor([[1, 20, 21]]))
@@ -69,7 +70,9 @@ def test_another_base_is_refused_unless_forced(adapter_dir, make_base, tmp_path)
     from edge_lora.export import export
 
     other = make_base(tmp_path / "other", seed=3)
-    with pytest.raises(UsageError, match=r"--base .*other has fingerprint .* but .* was trained on .* pass that base, or --force"):
+    with pytest.raises(
+        UsageError, match=r"--base .*other has fingerprint .* but .* was trained on .* pass that base, or --force"
+    ):
         export(adapter_dir, tmp_path / "x", base=str(other), show_progress=False)
 
 
@@ -79,16 +82,25 @@ def test_unsupported_architecture_names_the_supported(adapter_dir, base_dir, tmp
     fake = shutil.copytree(base_dir, tmp_path / "fake")
     config = json.loads((fake / "config.json").read_text())
     (fake / "config.json").write_text(json.dumps(config | {"model_type": "toaster"}))
-    with pytest.raises(UsageError, match=r"architecture 'toaster' cannot be exported with a KV cache — supported: .*llama"):
+    with pytest.raises(
+        UsageError, match=r"architecture 'toaster' cannot be exported with a KV cache — supported: .*llama"
+    ):
         export(adapter_dir, tmp_path / "x", base=str(fake), force=True, show_progress=False)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), r"adapter_model.safetensors cannot be read"),
-    (lambda p: __import__("safetensors.torch").torch.save_file(
-        {k: v * float("nan") for k, v in __import__("safetensors.torch").torch.load_file(p).items()}, p),
-     r"holds NaN or inf — the adapter is broken"),
-], ids=["truncated", "nan"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), r"adapter_model.safetensors cannot be read"),
+        (
+            lambda p: __import__("safetensors.torch").torch.save_file(
+                {k: v * float("nan") for k, v in __import__("safetensors.torch").torch.load_file(p).items()}, p
+            ),
+            r"holds NaN or inf — the adapter is broken",
+        ),
+    ],
+    ids=["truncated", "nan"],
+)
 def test_broken_adapter_files(adapter_dir, tmp_path, damage, message):
     from edge_lora.export import export
 
@@ -103,8 +115,11 @@ def test_killed_export_leaves_nothing_the_runtime_accepts(adapter_dir, tmp_path)
     from edge_lora import runtime
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "edge_lora", "export", str(adapter_dir), "--output", str(out),
-                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_lora", "export", str(adapter_dir), "--output", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_lora.formats import AdapterManifest
 from edge_lora.tiny import FAMILIES
 
 # One completion for every prompt, with no character twice: 20 steps at a high learning rate teach it to every
@@ -63,23 +64,32 @@ def task_files(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory, task_files) -> Family:
     """Base, adapter and fp32 export of one family, built once; the export's parity gate has run inside."""
-    from edge_lora.train.config import TrainConfig
     from edge_lora.export import ExportOptions, export
-    from edge_lora.train.reference import qlora_model
     from edge_lora.tiny import build_base_model
+    from edge_lora.train.config import TrainConfig
     from edge_lora.train.loop import train
+    from edge_lora.train.reference import qlora_model
 
     name = request.param
     work = tmp_path_factory.mktemp(name)
     base_dir = build_base_model(work / "base", FAMILIES[name]())
     train_path, eval_path = task_files
-    adapter_dir = train(TrainConfig(model=str(base_dir), data=str(train_path), eval_data=str(eval_path),
-                                    output=str(work / "adapter"), max_steps=TRAIN_STEPS, batch_size=8,
-                                    learning_rate=LEARNING_RATE), show_progress=False)
+    adapter_dir = train(
+        TrainConfig(
+            model=str(base_dir),
+            data=str(train_path),
+            eval_data=str(eval_path),
+            output=str(work / "adapter"),
+            max_steps=TRAIN_STEPS,
+            batch_size=8,
+            learning_rate=LEARNING_RATE,
+        ),
+        show_progress=False,
+    )
     export_dir = export(adapter_dir, work / "export-fp32", ExportOptions(precision="fp32"), show_progress=False)
-    manifest = json.loads((adapter_dir / "edge_lora.json").read_text())
     prompts = [json.loads(line)["prompt"] for line in eval_path.read_text().splitlines()[:2]]
-    return Family(name, base_dir, adapter_dir, export_dir, qlora_model(adapter_dir, base_dir, manifest), prompts)
+    reference = qlora_model(adapter_dir, base_dir, AdapterManifest.load(adapter_dir))
+    return Family(name, base_dir, adapter_dir, export_dir, reference, prompts)
 
 
 def test_adapter_loads_in_peft_and_changed_the_model(family):
@@ -141,8 +151,9 @@ def test_runtime_greedy_equals_transformers_generate(family):
     for prompt in family.prompts:
         ids = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
         with torch.no_grad():
-            expected = family.reference.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                                 pad_token_id=0)[0, ids["input_ids"].shape[1]:]
+            expected = family.reference.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0)[
+                0, ids["input_ids"].shape[1] :
+            ]
         ours = generator.generate(prompt, runtime.SamplingConfig(max_new_tokens=MAX_NEW_TOKENS))
         assert ours.token_ids == expected.tolist()
 
@@ -162,7 +173,7 @@ def test_runtime_decode_steps_match_pytorch_logits(family):
     past = {f"past_key_values.{i}.{kind}": empty for i in range(kv["num_layers"]) for kind in ("key", "value")}
     logits, past = generator.forward(np.array([prompt]), past, 0)
     steps = [logits[0, -1]]
-    for position, token in enumerate(ids[len(prompt):-1], start=len(prompt)):
+    for position, token in enumerate(ids[len(prompt) : -1], start=len(prompt)):
         logits, past = generator.forward(np.array([[token]]), past, position)
         steps.append(logits[0, -1])
     np.testing.assert_allclose(np.stack(steps), expected[len(prompt) - 1 : -1], rtol=0, atol=FP32_LOGIT_ATOL)

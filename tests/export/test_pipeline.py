@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edge_lora.errors import UsageError
+from edge_lora.formats import AdapterManifest
 
 # fp32 ONNX against the 4-bit + LoRA PyTorch model: the same fp32 arithmetic in another order of operations.
 FP32_LOGIT_ATOL = 1e-4
@@ -17,7 +18,7 @@ FP32_LOGIT_ATOL = 1e-4
 def reference(adapter_dir, base_dir):
     from edge_lora.train.reference import qlora_model
 
-    return qlora_model(adapter_dir, base_dir, json.loads((adapter_dir / "edge_lora.json").read_text()))
+    return qlora_model(adapter_dir, base_dir, AdapterManifest.load(adapter_dir))
 
 
 def test_adapter_dir_is_peft_loadable_and_matches_training_model(adapter_dir, base_dir, reference):
@@ -74,7 +75,9 @@ def test_runtime_greedy_equals_transformers_generate(export_fp32, reference, eva
     for sample in eval_samples[:4]:
         ids = tokenizer(sample["prompt"], return_tensors="pt", return_token_type_ids=False)
         with torch.no_grad():
-            expected = reference.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids["input_ids"].shape[1]:]
+            expected = reference.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[
+                0, ids["input_ids"].shape[1] :
+            ]
         ours = generator.generate(sample["prompt"], runtime.SamplingConfig(max_new_tokens=12))
         assert ours.token_ids == expected.tolist()[: len(ours.token_ids)]
         assert "".join(generator.stream(sample["prompt"], runtime.SamplingConfig(max_new_tokens=12))) == ours.text
@@ -132,9 +135,13 @@ def test_prompt_over_context_and_unknown_provider(export_fp32):
     from edge_lora import runtime
 
     generator = runtime.load(export_fp32)
-    with pytest.raises(runtime.PromptError, match=r"prompt of 300 tokens \+ max_new_tokens 8 exceeds the context of 256"):
+    with pytest.raises(
+        runtime.PromptError, match=r"prompt of 300 tokens \+ max_new_tokens 8 exceeds the context of 256"
+    ):
         generator.generate([5] * 300, runtime.SamplingConfig(max_new_tokens=8))
-    with pytest.raises(runtime.ProviderError, match=r"'NopeExecutionProvider' does not exist — available here: .*CPUExecutionProvider"):
+    with pytest.raises(
+        runtime.ProviderError, match=r"'NopeExecutionProvider' does not exist — available here: .*CPUExecutionProvider"
+    ):
         runtime.load(export_fp32, providers=["NopeExecutionProvider"])
 
 

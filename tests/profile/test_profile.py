@@ -1,8 +1,8 @@
 """The profiler on tiny real exports: a sweep over two precisions × providers (one this host lacks) × threads ×
 prompt lengths, and over adapters on and off, gives sane figures and "unavailable" rows; bytes per token come from
-the weight bytes export.json records (None where it records none); reports round-trip through JSON, CSV, Markdown and PNG; `compare` finds a
-known ratio (across reports, and adapter on against off) and gates on it; traces name their top operators; bad
-input gets one line."""
+the weight bytes export.json records (None where it records none); reports round-trip through JSON, CSV, Markdown
+and PNG; `compare` finds a known ratio (across reports, and adapter on against off) and gates on it; traces name
+their top operators; bad input gets one line."""
 
 import csv
 import dataclasses
@@ -15,30 +15,44 @@ import textwrap
 import numpy as np
 import pytest
 
+from edge_lora.export.graphs.weight_bytes import weight_bytes
 from edge_lora.formats import ProfileReport
 from edge_lora.runtime import ExportError
-from edge_lora.runtime.profile.compare import compare, load_report, parse_margin
 from edge_lora.runtime.package import open_export, sha256_file
+from edge_lora.runtime.profile.compare import compare, load_report, parse_margin
+from edge_lora.runtime.profile.report import CSV_COLUMNS, CSV_FIGURES, PLOTS_SKIPPED, render_table, write_report
 from edge_lora.runtime.profile.summary import Facts, percentile_ci95, summarize
 from edge_lora.runtime.profile.sweep import MEASURED_BANDWIDTH_SOURCE, ProfileError, ProfileSettings, profile
-from edge_lora.runtime.profile.report import CSV_COLUMNS, CSV_FIGURES, PLOTS_SKIPPED, render_table, write_report
-from edge_lora.export.graphs.weight_bytes import weight_bytes
 
 CONTEXT = 256
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"  # this CPU-only onnxruntime build lacks CUDA
-SETTINGS = ProfileSettings(threads=(1, 2), prompt_lens=(8, 16), new_tokens=8, warmup_runs=1, min_runs=3,
-                           min_seconds=0.1, providers=(CPU, CUDA))
+SETTINGS = ProfileSettings(
+    threads=(1, 2), prompt_lens=(8, 16), new_tokens=8, warmup_runs=1, min_runs=3, min_seconds=0.1, providers=(CPU, CUDA)
+)
 # What the runtime must never bring into a process: the training and export stack.
-HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "optimum", "accelerate",
-                 "edge_lora.export", "edge_lora.train.loop", "edge_lora.train.qlora", "edge_lora.tiny")
+HEAVY_MODULES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "optimum",
+    "accelerate",
+    "edge_lora.export",
+    "edge_lora.train.loop",
+    "edge_lora.train.qlora",
+    "edge_lora.tiny",
+)
 
 
 def write_manifest(out, precision, vocab_size, eos_token_id, adapters=(), count_weights=True):
     manifest = {
         "model_file": "model.onnx",
         **(weight_bytes(out / "model.onnx") if count_weights else {}),
-        "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
-                  if p.is_file() and p.name != "export.json"},
+        "files": {
+            p.relative_to(out).as_posix(): sha256_file(p)
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "export.json"
+        },
         "kv_cache": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "context_length": CONTEXT},
         "eos_token_ids": [eos_token_id],
         "precision": precision,
@@ -64,12 +78,19 @@ def export_dir(tmp_path_factory):
     from edge_lora.tiny import char_tokenizer, llama_config
 
     out = tmp_path_factory.mktemp("export")
-    config = llama_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=CONTEXT)
+    config = llama_config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    onnx_export_from_model(model, out, task="text-generation-with-past", opset=18, do_validation=False,
-                           no_post_process=True)
+    onnx_export_from_model(
+        model, out, task="text-generation-with-past", opset=18, do_validation=False, no_post_process=True
+    )
     char_tokenizer().save_pretrained(out)
     write_manifest(out, "fp32", config.vocab_size, config.eos_token_id)
     return out
@@ -90,8 +111,9 @@ def int8_export_dir(export_dir, tmp_path_factory):
 
 # LoRA branches of the adapters export: {module: (in_features, out_features)} of the tiny Llama (hidden 64, 2 KV
 # heads of 16), and the rank of each adapter.
-LORA_MODULES = {f"model.layers.{i}.self_attn.{name}": (64, out) for i in range(2)
-                for name, out in (("q_proj", 64), ("v_proj", 32))}
+LORA_MODULES = {
+    f"model.layers.{i}.self_attn.{name}": (64, out) for i in range(2) for name, out in (("q_proj", 64), ("v_proj", 32))
+}
 ADAPTER_RANKS = {"big": 32, "small": 4}
 
 
@@ -127,8 +149,9 @@ def adapter_bytes(rank):
 
 @pytest.fixture(scope="module")
 def adapters_report(adapters_export_dir):
-    settings = ProfileSettings(threads=(1,), prompt_lens=(8,), new_tokens=8, warmup_runs=1, min_runs=3,
-                               min_seconds=0.1, providers=(CPU, CUDA))
+    settings = ProfileSettings(
+        threads=(1,), prompt_lens=(8,), new_tokens=8, warmup_runs=1, min_runs=3, min_seconds=0.1, providers=(CPU, CUDA)
+    )
     return profile(adapters_export_dir, settings)
 
 
@@ -139,8 +162,16 @@ def report(export_dir, int8_export_dir):
 
 @pytest.fixture(scope="module")
 def traced(export_dir, tmp_path_factory):
-    settings = ProfileSettings(threads=(1,), prompt_lens=(8,), new_tokens=8, warmup_runs=1, min_runs=3,
-                               min_seconds=0.1, trace=True, measure_bandwidth=True)
+    settings = ProfileSettings(
+        threads=(1,),
+        prompt_lens=(8,),
+        new_tokens=8,
+        warmup_runs=1,
+        min_runs=3,
+        min_seconds=0.1,
+        trace=True,
+        measure_bandwidth=True,
+    )
     return profile(export_dir, settings, trace_dir=tmp_path_factory.mktemp("traces"))
 
 
@@ -173,8 +204,16 @@ def resummarize(config):
 
 
 def test_report_describes_host_device_exports_and_settings(report, export_dir, int8_export_dir):
-    assert set(report.to_dict()) == {"schema", "schema_version", "created", "host", "device_profile", "exports", "settings",
-                           "configurations"}
+    assert set(report.to_dict()) == {
+        "schema",
+        "schema_version",
+        "created",
+        "host",
+        "device_profile",
+        "exports",
+        "settings",
+        "configurations",
+    }
     assert (report.schema, report.schema_version) == ("edge-lora/profile", 3)
     assert report.created.endswith("+00:00")
     host = report.host
@@ -183,9 +222,17 @@ def test_report_describes_host_device_exports_and_settings(report, export_dir, i
     assert host["measured_bandwidth_gbs"] > 0
     assert report.device_profile["name"] == "cpu-x86-64"
     assert report.exports == [
-        {"path": str(path.resolve()), "precision": precision, "digest": open_export(path).digest(), "flavor": "merged",
-         "model_file": "model.onnx", "model_bytes": (path / "model.onnx").stat().st_size,
-         **weight_bytes(path / "model.onnx"), "adapter_bytes": {}, "kernel_graphs": {}}
+        {
+            "path": str(path.resolve()),
+            "precision": precision,
+            "digest": open_export(path).digest(),
+            "flavor": "merged",
+            "model_file": "model.onnx",
+            "model_bytes": (path / "model.onnx").stat().st_size,
+            **weight_bytes(path / "model.onnx"),
+            "adapter_bytes": {},
+            "kernel_graphs": {},
+        }
         for path, precision in ((export_dir, "fp32"), (int8_export_dir, "int8"))
     ]
     assert report.settings["prompt_lens"] == (8, 16) and report.settings["providers"] == (CPU, CUDA)
@@ -193,18 +240,32 @@ def test_report_describes_host_device_exports_and_settings(report, export_dir, i
 
 def test_sweep_covers_exports_providers_threads_and_prompt_lengths(report):
     configs = report.configurations
-    assert [(c["export"]["precision"], c["adapter"], c["provider"], c["threads"], c["prompt_len"]) for c in configs] == [
-        (precision, None, provider, threads, prompt_len) for precision in ("fp32", "int8") for provider in (CPU, CUDA)
-        for threads in (1, 2) for prompt_len in (8, 16)
+    assert [
+        (c["export"]["precision"], c["adapter"], c["provider"], c["threads"], c["prompt_len"]) for c in configs
+    ] == [
+        (precision, None, provider, threads, prompt_len)
+        for precision in ("fp32", "int8")
+        for provider in (CPU, CUDA)
+        for threads in (1, 2)
+        for prompt_len in (8, 16)
     ]
     exports = {e["precision"]: e for e in report.exports}
     for c in configs:
         assert c["export"] == {k: exports[c["export"]["precision"]][k] for k in ("path", "precision", "digest")}
         assert c["new_tokens"] == SETTINGS.new_tokens and c["trace"] is None
         if c["provider"] == CPU:
-            assert (c["status"], c["reason"], c["session_providers"], c["model_file"]) == ("ok", None, [CPU], "model.onnx")
+            assert (c["status"], c["reason"], c["session_providers"], c["model_file"]) == (
+                "ok",
+                None,
+                [CPU],
+                "model.onnx",
+            )
         else:
-            assert c["status"] == "unavailable" and (c["samples"], c["summary"], c["session_providers"]) == ([], None, [])
+            assert c["status"] == "unavailable" and (c["samples"], c["summary"], c["session_providers"]) == (
+                [],
+                None,
+                [],
+            )
             assert c["model_file"] is None
             assert c["reason"].startswith(f"{CUDA} is not in this onnxruntime") and CPU in c["reason"]
 
@@ -239,7 +300,10 @@ def test_every_measured_configuration_keeps_raw_samples_and_a_sane_summary(repor
         assert s["tpot_p50_s"] > 0 and s["decode_tokens_s"] > 0
         export = exports[config["export"]["precision"]]
         assert (s["model_bytes"], s["weight_bytes_per_token"], s["adapter_bytes_per_token"]) == (
-            export["model_bytes"], export["weight_bytes_per_token"], 0)
+            export["model_bytes"],
+            export["weight_bytes_per_token"],
+            0,
+        )
         # 2 layers × keys and values × 2 KV heads × 16 × fp32 = 512 bytes a position; a mean past of prompt + 3
         assert s["kv_cache_bytes_per_token"] == 512 * (config["prompt_len"] + 3)
         assert s["bytes_per_token"] == s["weight_bytes_per_token"] + s["kv_cache_bytes_per_token"]
@@ -268,14 +332,16 @@ def test_an_export_without_weight_bytes_reports_none_for_them(export_dir, tmp_pa
     manifest = json.loads((out / "export.json").read_text())
     del manifest["weight_bytes"], manifest["weight_bytes_per_token"]
     (out / "export.json").write_text(json.dumps(manifest))
-    report = profile(out, ProfileSettings(threads=(1,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
-                                          min_seconds=0.0))
+    report = profile(
+        out, ProfileSettings(threads=(1,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1, min_seconds=0.0)
+    )
     (export,) = report.exports
     assert export["weight_bytes"] is None and export["weight_bytes_per_token"] is None
     (config,) = measured(report)
     s = config["summary"]
-    assert [s[k] for k in ("weight_bytes_per_token", "bytes_per_token", "bound_tokens_s",
-                           "decode_fraction_of_bound")] == [None] * 4
+    assert [
+        s[k] for k in ("weight_bytes_per_token", "bytes_per_token", "bound_tokens_s", "decode_fraction_of_bound")
+    ] == [None] * 4
     assert s["decode_tokens_s"] > 0 and s["kv_cache_bytes_per_token"] > 0
     assert "unknown weight bytes read per token" in write_report(report, tmp_path / "report")["markdown"].read_text()
 
@@ -290,7 +356,12 @@ def test_report_round_trips_through_json_csv_markdown_and_plots(report, tmp_path
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == len(report.configurations) == 16
     for row, config in zip(rows, report.configurations):
         assert (row["status"], row["precision"], row["provider"], int(row["threads"]), int(row["prompt_len"])) == (
-            config["status"], config["export"]["precision"], config["provider"], config["threads"], config["prompt_len"])
+            config["status"],
+            config["export"]["precision"],
+            config["provider"],
+            config["threads"],
+            config["prompt_len"],
+        )
         if config["status"] == "ok":
             assert float(row["decode_tokens_s"]) == config["summary"]["decode_tokens_s"]
             assert float(row["e2e_mean_ci95_low_s"]) == config["summary"]["e2e_mean_ci95_s"][0]
@@ -329,13 +400,17 @@ def test_trace_summarises_top_operators_and_keeps_the_raw_trace(traced, tmp_path
     assert "### Top operators: fp32 CPU t1 p8" in markdown and "| MatMul |" in markdown
     # measure_bandwidth: the bound comes from this host's measured bandwidth, and says so.
     s = config["summary"]
-    assert (s["bandwidth_gbs"], s["bandwidth_source"]) == (traced.host["measured_bandwidth_gbs"],
-                                                           MEASURED_BANDWIDTH_SOURCE)
+    assert (s["bandwidth_gbs"], s["bandwidth_source"]) == (
+        traced.host["measured_bandwidth_gbs"],
+        MEASURED_BANDWIDTH_SOURCE,
+    )
 
 
 def test_compare_finds_a_known_ratio_and_gates_on_the_margin(report):
     table, regressions = compare([report, slower(report)], None, names=["base", "new"])
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")
+    ]
     assert rows[0][-3:] == ["decode × (new)", "TTFT × (new)", "e2e × (new)"]
     body = rows[2:]
     assert len(body) == 16 and regressions == []
@@ -356,7 +431,9 @@ def test_adapters_sweep_each_adapter_against_none(adapters_report, export_dir):
     configs = adapters_report.configurations
     assert [(c["adapter"], c["provider"], c["status"]) for c in configs] == [
         (adapter, provider, "ok" if provider == CPU else "unavailable")
-        for adapter in (None, "big", "small") for provider in (CPU, CUDA)]
+        for adapter in (None, "big", "small")
+        for provider in (CPU, CUDA)
+    ]
     (export,) = adapters_report.exports
     assert export["flavor"] == "adapters"
     assert export["adapter_bytes"] == {name: adapter_bytes(rank) for name, rank in ADAPTER_RANKS.items()}
@@ -365,8 +442,9 @@ def test_adapters_sweep_each_adapter_against_none(adapters_report, export_dir):
     for c in measured(adapters_report):
         s = c["summary"]
         assert s["adapter_bytes_per_token"] == (adapter_bytes(ADAPTER_RANKS[c["adapter"]]) if c["adapter"] else 0)
-        assert s["bytes_per_token"] == (s["weight_bytes_per_token"] + s["adapter_bytes_per_token"]
-                                        + s["kv_cache_bytes_per_token"])
+        assert s["bytes_per_token"] == (
+            s["weight_bytes_per_token"] + s["adapter_bytes_per_token"] + s["kv_cache_bytes_per_token"]
+        )
         assert s["runs"] >= 3 and 0 < s["e2e_p50_s"] <= s["e2e_p90_s"] <= s["e2e_p99_s"]
 
 
@@ -384,13 +462,21 @@ def test_compare_ratios_adapter_on_against_off_with_a_known_ratio(adapters_repor
     report = copied(adapters_report)
     off, on = (next(c for c in measured(report) if c["adapter"] == name) for name in (None, "small"))
     # "small" made 2× slower to decode than the base model, everything else as the base model measured it.
-    on["samples"] = [s | {"decode_s": s["decode_s"] * 2, "token_times_s": [t * 2 for t in s["token_times_s"]]}
-                     for s in off["samples"]]
+    on["samples"] = [
+        s | {"decode_s": s["decode_s"] * 2, "token_times_s": [t * 2 for t in s["token_times_s"]]}
+        for s in off["samples"]
+    ]
     on["summary"] = resummarize(on)
     table, regressions = compare([report], 0.1, names=["one"])  # one report: adapter on ÷ off only
     assert regressions == []
-    rows = {row[1]: row for row in ([cell.strip() for cell in line.strip("|").split("|")]
-                                    for line in table.splitlines() if line.startswith("| fp32"))}
+    rows = {
+        row[1]: row
+        for row in (
+            [cell.strip() for cell in line.strip("|").split("|")]
+            for line in table.splitlines()
+            if line.startswith("| fp32")
+        )
+    }
     assert set(rows) == {"big", "small"}
     bytes_ratio = on["summary"]["bytes_per_token"] / off["summary"]["bytes_per_token"]
     assert rows["small"][-4:] == ["0.50", "1.00", "1.00", f"{bytes_ratio:.2f}"] and bytes_ratio > 1
@@ -408,8 +494,11 @@ def test_compare_ratios_adapter_on_against_off_with_a_known_ratio(adapters_repor
 
 
 def test_compare_and_margin_reject_bad_input(report, tmp_path):
-    with pytest.raises(ProfileError, match=r"compare needs two or more reports, or one with adapter-on and "
-                                           r"adapter-off configurations, got 1 report\(s\)"):
+    with pytest.raises(
+        ProfileError,
+        match=r"compare needs two or more reports, or one with adapter-on and "
+        r"adapter-off configurations, got 1 report\(s\)",
+    ):
         compare([report], 0.1)
     with pytest.raises(ProfileError, match=r"#2 has schema_version 1, expected 3 — profile again"):
         ProfileReport.from_dict(report.to_dict() | {"schema_version": 1}, "#2")
@@ -432,8 +521,9 @@ def test_compare_and_margin_reject_bad_input(report, tmp_path):
 
 
 def edge_lora(*args):
-    return subprocess.run([sys.executable, "-m", "edge_lora", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_lora", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_compare_exits_0_on_pass_1_on_regression_2_on_bad_input(report, tmp_path):
@@ -446,11 +536,15 @@ def test_cli_compare_exits_0_on_pass_1_on_regression_2_on_bad_input(report, tmp_
     assert "| fp32 | — | CPU | 1 | 8 |" in done.stdout and "| 0.50 | 1.00 | 1.25 |" in done.stdout
     done = edge_lora("profile", "compare", base, new, "--fail-if-slower", "10%")
     assert done.returncode == 1, done.stderr
-    assert "16 regression(s) beyond 10%:" in done.stdout and f"{new}: fp32 CPU threads 1 prompt 8: decode" in done.stdout
-    for args, message in [((base, tmp_path / "missing.json"), "missing.json does not exist"),
-                          ((base, new, "--fail-if-slower", "10"), "'10' is not a percentage"),
-                          ((base, new, "--fail-if-slower", "ten%"), "'ten%' is not a percentage"),
-                          ((base, v1), "v1.json has schema_version 1, expected 3")]:
+    assert (
+        "16 regression(s) beyond 10%:" in done.stdout and f"{new}: fp32 CPU threads 1 prompt 8: decode" in done.stdout
+    )
+    for args, message in [
+        ((base, tmp_path / "missing.json"), "missing.json does not exist"),
+        ((base, new, "--fail-if-slower", "10"), "'10' is not a percentage"),
+        ((base, new, "--fail-if-slower", "ten%"), "'ten%' is not a percentage"),
+        ((base, v1), "v1.json has schema_version 1, expected 3"),
+    ]:
         done = edge_lora("profile", "compare", *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
@@ -458,28 +552,71 @@ def test_cli_compare_exits_0_on_pass_1_on_regression_2_on_bad_input(report, tmp_
 
 def test_cli_profiles_several_exports_with_trace_and_measured_bandwidth(export_dir, int8_export_dir, tmp_path):
     out = tmp_path / "prof"
-    done = edge_lora("profile", export_dir, int8_export_dir, "--providers", f"{CPU},{CUDA}", "--threads", "1",
-                     "--prompt-lens", "8", "--new-tokens", "4", "--warmup-runs", "0", "--min-runs", "1",
-                     "--min-seconds", "0", "--trace", "--measure-bandwidth", "--out", out)
+    done = edge_lora(
+        "profile",
+        export_dir,
+        int8_export_dir,
+        "--providers",
+        f"{CPU},{CUDA}",
+        "--threads",
+        "1",
+        "--prompt-lens",
+        "8",
+        "--new-tokens",
+        "4",
+        "--warmup-runs",
+        "0",
+        "--min-runs",
+        "1",
+        "--min-seconds",
+        "0",
+        "--trace",
+        "--measure-bandwidth",
+        "--out",
+        out,
+    )
     assert done.returncode == 0, done.stderr
     assert "| int8 | — | CUDA | 1 | 8 | unavailable |" in done.stdout and f"{out / 'profile.csv'}" in done.stdout
     report = load_report(out / "profile.json")
     assert [c["status"] for c in report.configurations] == ["ok", "unavailable", "ok", "unavailable"]
-    assert sorted(p.name for p in out.glob("trace-*.json")) == ["trace-00-fp32-CPU-t1-p8.json",
-                                                                "trace-02-int8-CPU-t1-p8.json"]
+    assert sorted(p.name for p in out.glob("trace-*.json")) == [
+        "trace-00-fp32-CPU-t1-p8.json",
+        "trace-02-int8-CPU-t1-p8.json",
+    ]
     assert report.settings["trace"] and report.settings["measure_bandwidth"]
     assert all((out / name).stat().st_size > 0 for name in ("latency_cdf.png", "decode_vs_prompt.png", "profile.md"))
     done = edge_lora("profile", export_dir, "--providers", "NoSuchExecutionProvider", "--out", out)
     assert done.returncode == 2 and done.stderr.startswith(
-        "error: providers 'NoSuchExecutionProvider' do not exist in onnxruntime — available here: "), done.stderr
+        "error: providers 'NoSuchExecutionProvider' do not exist in onnxruntime — available here: "
+    ), done.stderr
 
 
 def test_cli_profiles_chosen_adapters_and_compares_one_report(adapters_export_dir, tmp_path):
     out = tmp_path / "prof"
-    done = edge_lora("profile", adapters_export_dir, "--adapters", "small", "--threads", "1", "--prompt-lens", "8",
-                     "--new-tokens", "4", "--warmup-runs", "0", "--min-runs", "1", "--min-seconds", "0", "--out", out)
+    done = edge_lora(
+        "profile",
+        adapters_export_dir,
+        "--adapters",
+        "small",
+        "--threads",
+        "1",
+        "--prompt-lens",
+        "8",
+        "--new-tokens",
+        "4",
+        "--warmup-runs",
+        "0",
+        "--min-runs",
+        "1",
+        "--min-seconds",
+        "0",
+        "--out",
+        out,
+    )
     assert done.returncode == 0, done.stderr
-    assert "Adapters against the base model (on ÷ off)" in done.stdout and "| fp32 | small | CPU | 1 | 8 |" in done.stdout
+    assert (
+        "Adapters against the base model (on ÷ off)" in done.stdout and "| fp32 | small | CPU | 1 | 8 |" in done.stdout
+    )
     assert [c["adapter"] for c in load_report(out / "profile.json").configurations] == [None, "small"]
     done = edge_lora("profile", "compare", out / "profile.json")
     assert done.returncode == 0 and "| fp32 | small | CPU | 1 | 8 |" in done.stdout, done.stderr
@@ -511,17 +648,23 @@ def test_a_graph_onnxruntime_cannot_read_is_an_export_error(export_dir, tmp_path
         profile(broken, ProfileSettings(prompt_lens=(8,), new_tokens=4))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"new_tokens": 1}, r"new_tokens=1 must be >= 2: the first token comes with prefill"),
-    ({"threads": (2, -1)}, r"threads=\[2, -1\] must be one or more counts >= 0"),
-    ({"prompt_lens": ()}, r"prompt_lens=\[\] must be one or more lengths >= 1"),
-    ({"min_runs": 0, "min_seconds": -1.0}, r"min_runs=0 must be >= 1; min_seconds=-1.0 must be >= 0"),
-    ({"providers": ()}, r"providers=\(\) is empty — name at least one"),
-    ({"providers": (CPU, "CPUProvider")}, r"providers 'CPUProvider' do not exist in onnxruntime — available here: .*CPU"),
-    ({"providers": (CPU, CPU)}, r"providers=\['CPUExecutionProvider', 'CPUExecutionProvider'\] names one twice"),
-    ({"adapters": ()}, r"adapters=\[\] must name one or more adapters, each once"),
-    ({"adapters": ("a", "a")}, r"adapters=\['a', 'a'\] must name one or more adapters, each once"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"new_tokens": 1}, r"new_tokens=1 must be >= 2: the first token comes with prefill"),
+        ({"threads": (2, -1)}, r"threads=\[2, -1\] must be one or more counts >= 0"),
+        ({"prompt_lens": ()}, r"prompt_lens=\[\] must be one or more lengths >= 1"),
+        ({"min_runs": 0, "min_seconds": -1.0}, r"min_runs=0 must be >= 1; min_seconds=-1.0 must be >= 0"),
+        ({"providers": ()}, r"providers=\(\) is empty — name at least one"),
+        (
+            {"providers": (CPU, "CPUProvider")},
+            r"providers 'CPUProvider' do not exist in onnxruntime — available here: .*CPU",
+        ),
+        ({"providers": (CPU, CPU)}, r"providers=\['CPUExecutionProvider', 'CPUExecutionProvider'\] names one twice"),
+        ({"adapters": ()}, r"adapters=\[\] must name one or more adapters, each once"),
+        ({"adapters": ("a", "a")}, r"adapters=\['a', 'a'\] must name one or more adapters, each once"),
+    ],
+)
 def test_bad_settings_raise_one_line_naming_the_value(kwargs, message):
     with pytest.raises(ProfileError, match=message):
         ProfileSettings(**kwargs)

@@ -14,8 +14,11 @@ TEMPLATE = (
     "<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-MESSAGES = [{"role": "user", "content": " 2024-03-17 -> "}, {"role": "assistant", "content": "17.03.2024"},
-            {"role": "user", "content": "1999-12-31 ->"}]
+MESSAGES = [
+    {"role": "user", "content": " 2024-03-17 -> "},
+    {"role": "assistant", "content": "17.03.2024"},
+    {"role": "user", "content": "1999-12-31 ->"},
+]
 
 
 @pytest.fixture()
@@ -48,12 +51,15 @@ def test_a_tokenizer_without_template_has_none(tmp_path):
     assert ChatTemplate.load(tmp_path) is None
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([], "non-empty list"),
-    ([{"role": "robot", "content": "hi"}], r"messages\[0\]\.role is 'robot'"),
-    ([{"role": "user", "content": 3}], r"messages\[0\]\.content must be a string, got int"),
-    ([{"role": "tool", "content": "x"}], "refused these messages: tools are not supported"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "non-empty list"),
+        ([{"role": "robot", "content": "hi"}], r"messages\[0\]\.role is 'robot'"),
+        ([{"role": "user", "content": 3}], r"messages\[0\]\.content must be a string, got int"),
+        ([{"role": "tool", "content": "x"}], "refused these messages: tools are not supported"),
+    ],
+)
 def test_bad_messages_are_named(saved_tokenizer, messages, match):
     with pytest.raises(ChatError, match=match):
         ChatTemplate.load(saved_tokenizer[1]).render(messages)

@@ -10,7 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_lora.runtime import kernels
 
-pytestmark = pytest.mark.skipif(kernels.cpu_problem() is not None, reason=f"MatMulQ4 cannot run here: {kernels.cpu_problem()}")
+pytestmark = pytest.mark.skipif(
+    kernels.cpu_problem() is not None, reason=f"MatMulQ4 cannot run here: {kernels.cpu_problem()}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,8 @@ def library(tmp_path_factory):
 
 
 def int4_weights(rng, k: int, n: int, block: int = 64):
-    """MatMulNBits' (N, K/block, block/2) nibbles and (N · K/block) scales, and the fp32 matrix (K, N) they stand for."""
+    """MatMulNBits' (N, K/block, block/2) nibbles and (N · K/block) scales, and the fp32 matrix (K, N) they stand
+    for."""
     q = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
     # scales float16 holds exactly: MatMulQ4 keeps them as float16, MatMulNBits as fp32
     scales = (rng.random(n * (k // block), dtype=np.float32) * 0.02 + 0.001).astype(np.float16).astype(np.float32)
@@ -32,10 +35,17 @@ def session(library, node, initializers, k: int, lora: bool = False):
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])]
     if lora:
         inputs.append(helper.make_tensor_value_info("lora", TensorProto.UINT8, ["bytes"]))
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                                    helper.make_opsetid(kernels.DOMAIN, 1)])
+    graph = helper.make_graph(
+        [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 17),
+            helper.make_opsetid("com.microsoft", 1),
+            helper.make_opsetid(kernels.DOMAIN, 1),
+        ],
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.register_custom_ops_library(str(library))
@@ -47,13 +57,36 @@ def pair_of_sessions(library, rng, k: int, n: int, lora: bool = False, block: in
     from edge_lora.export.kernel_graphs.q4 import repack
 
     q, scales, w = int4_weights(rng, k, n, block)
-    mlas = session(library, helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n,
-                                             bits=4, block_size=block, accuracy_level=4),
-                   [numpy_helper.from_array(q, "w"), numpy_helper.from_array(scales, "s")], k)
+    mlas = session(
+        library,
+        helper.make_node(
+            "MatMulNBits",
+            ["x", "w", "s"],
+            ["y"],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=4,
+            block_size=block,
+            accuracy_level=4,
+        ),
+        [numpy_helper.from_array(q, "w"), numpy_helper.from_array(scales, "s")],
+        k,
+    )
     packed, tiled = repack(q, scales, k, n, block)
-    own = session(library, helper.make_node("MatMulQ4", ["x", "w", "s"] + (["lora"] if lora else []), ["y"],
-                                            domain=kernels.DOMAIN, **({"lora_slot": 0} if lora else {})),
-                  [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(tiled, "s")], k, lora)
+    own = session(
+        library,
+        helper.make_node(
+            "MatMulQ4",
+            ["x", "w", "s"] + (["lora"] if lora else []),
+            ["y"],
+            domain=kernels.DOMAIN,
+            **({"lora_slot": 0} if lora else {}),
+        ),
+        [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(tiled, "s")],
+        k,
+        lora,
+    )
     return mlas, own, w
 
 
@@ -82,17 +115,27 @@ def test_weights_fed_as_inputs_are_checked_at_every_run(library):
     packed, tiled = repack(q, scales, k, n, 64)
     node = helper.make_node("MatMulQ4", ["x", "w", "s"], ["y"], domain=kernels.DOMAIN)
     constant = session(library, node, [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(tiled, "s")], k)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k]),
-                                            helper.make_tensor_value_info("w", TensorProto.UINT8, None),
-                                            helper.make_tensor_value_info("s", TensorProto.FLOAT16, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k]),
+            helper.make_tensor_value_info("w", TensorProto.UINT8, None),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT16, None),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)]
+    )
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
     fed = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     for rows in (1, 3):
         x = rng.standard_normal((rows, k), dtype=np.float32)
-        np.testing.assert_array_equal(fed.run(None, {"x": x, "w": packed, "s": tiled})[0], constant.run(None, {"x": x})[0])
+        np.testing.assert_array_equal(
+            fed.run(None, {"x": x, "w": packed, "s": tiled})[0], constant.run(None, {"x": x})[0]
+        )
     with pytest.raises(Exception, match=r"MatMulQ4: s must be \(N/16, K/block, 16\), as w"):
         fed.run(None, {"x": x, "w": packed, "s": tiled[:, :1]})
 
@@ -112,8 +155,17 @@ def test_scales_beyond_float16_keep_the_node_on_matmulnbits():
     from edge_lora.export.kernel_graphs.q4 import qualifies
 
     q, scales, _ = int4_weights(np.random.default_rng(0), 64, 16)
-    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=64, N=16, bits=4,
-                            block_size=64, accuracy_level=4)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "w", "s"],
+        ["y"],
+        domain="com.microsoft",
+        K=64,
+        N=16,
+        bits=4,
+        block_size=64,
+        accuracy_level=4,
+    )
     for top, fits in ((60000.0, True), (70000.0, False)):
         big = scales.copy()
         big[3] = top
@@ -130,11 +182,18 @@ def test_lora_branches_inside_the_node(library, rows, ranks):
     rng = np.random.default_rng(rows + sum(ranks))
     k, widths = 128, (64, 32, 48)
     mlas, own, _ = pair_of_sessions(library, rng, k, sum(widths), lora=True)
-    pairs = [(rng.standard_normal((k, r), dtype=np.float32), rng.standard_normal((r, n), dtype=np.float32) * 0.1)
-             for r, n in zip(ranks, widths)]
+    pairs = [
+        (rng.standard_normal((k, r), dtype=np.float32), rng.standard_normal((r, n), dtype=np.float32) * 0.1)
+        for r, n in zip(ranks, widths)
+    ]
     x = rng.standard_normal((rows, k), dtype=np.float32)
-    delta = np.concatenate([x @ a @ b if a.shape[1] else np.zeros((rows, b.shape[1]), np.float32)
-                            for a, b in (dequantize_pair(a, b) if a.shape[1] else (a, b) for a, b in pairs)], axis=1)
+    delta = np.concatenate(
+        [
+            x @ a @ b if a.shape[1] else np.zeros((rows, b.shape[1]), np.float32)
+            for a, b in (dequantize_pair(a, b) if a.shape[1] else (a, b) for a, b in pairs)
+        ],
+        axis=1,
+    )
     base = mlas.run(None, {"x": x})[0]
     got = own.run(None, {"x": x, "lora": lora_table([lora_blob(pairs)])})[0]
     np.testing.assert_allclose(got, base + delta, rtol=0, atol=1e-4 * np.abs(base + delta).max())
@@ -142,8 +201,9 @@ def test_lora_branches_inside_the_node(library, rows, ranks):
     # int8 A and B: within 1% of the branch's largest value (0.4% a pair measured on the reference shape)
     assert np.abs(delta - exact).max() <= 0.01 * np.abs(exact).max()
     # the header alone is no adapter
-    np.testing.assert_allclose(own.run(None, {"x": x, "lora": lora_table([lora_blob([])])})[0], base, rtol=0,
-                               atol=1e-5 * np.abs(base).max())
+    np.testing.assert_allclose(
+        own.run(None, {"x": x, "lora": lora_table([lora_blob([])])})[0], base, rtol=0, atol=1e-5 * np.abs(base).max()
+    )
 
 
 def test_decode_with_lora_gives_the_same_bits_run_after_run(library):
@@ -154,8 +214,10 @@ def test_decode_with_lora_gives_the_same_bits_run_after_run(library):
     rng = np.random.default_rng(7)
     k, widths = 1536, (1536, 768, 768)  # u long enough to compute that the second thread often starts without it
     mlas, own, _ = pair_of_sessions(library, rng, k, sum(widths), lora=True)
-    pairs = [(rng.standard_normal((k, 16), dtype=np.float32), rng.standard_normal((16, n), dtype=np.float32) * 0.1)
-             for n in widths]
+    pairs = [
+        (rng.standard_normal((k, 16), dtype=np.float32), rng.standard_normal((16, n), dtype=np.float32) * 0.1)
+        for n in widths
+    ]
     x = rng.standard_normal((1, k), dtype=np.float32)
     feed = {"x": x, "lora": lora_table([lora_blob(pairs)])}
     first = own.run(None, feed)[0]
@@ -198,6 +260,7 @@ def test_cpu_without_vnni_is_named(tmp_path):
 
 # ------------------------------------------------------------------------------------ the export and the runtime
 
+
 @pytest.fixture(scope="module")
 def q4_export(adapter_dir, second_adapter, tmp_path_factory, library):
     """Both adapters beside one builder int4 graph in blocks of 64, for the x86 profile (which lists matmul_q4).
@@ -207,9 +270,19 @@ def q4_export(adapter_dir, second_adapter, tmp_path_factory, library):
     (tests/export/test_builder_graph.py); here, that the kernel's graph computes what the portable graph does."""
     from edge_lora.export import ExportOptions, export
 
-    return export([adapter_dir, second_adapter], tmp_path_factory.mktemp("q4") / "export",
-                  ExportOptions(precision="int4", flavor="adapters", graph="builder", int4_block_size=64,
-                                device="cpu-x86-64", validate=False), show_progress=False)
+    return export(
+        [adapter_dir, second_adapter],
+        tmp_path_factory.mktemp("q4") / "export",
+        ExportOptions(
+            precision="int4",
+            flavor="adapters",
+            graph="builder",
+            int4_block_size=64,
+            device="cpu-x86-64",
+            validate=False,
+        ),
+        show_progress=False,
+    )
 
 
 def test_export_writes_the_kernel_graph(q4_export, adapter_dir, second_adapter):
@@ -218,7 +291,9 @@ def test_export_writes_the_kernel_graph(q4_export, adapter_dir, second_adapter):
     assert entry["model_file"] == "model.q4.onnx" and entry["matmulnbits_left"] == 0
     assert entry["nodes"] == 2 * 5 + 1  # q/k/v, o, gate, up, down per layer, and the head
     assert set(entry["adapters"]) == {adapter_dir.name, second_adapter.name}
-    assert {"model.q4.onnx", "model.q4.onnx.data", f"adapters/{adapter_dir.name}.q4.onnx_adapter"} <= set(manifest["files"])
+    assert {"model.q4.onnx", "model.q4.onnx.data", f"adapters/{adapter_dir.name}.q4.onnx_adapter"} <= set(
+        manifest["files"]
+    )
     assert len(entry["lora_slots"]) == 2 * 5  # one per adapted product: q/k/v packed, o, gate, up, down
 
 
@@ -258,20 +333,31 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(q4_export, tm
         generator = runtime.load(q4_export)
     assert generator.kernel is None
     assert [str(w.message).split(" kernel is not available")[0] for w in caught] == [
-        "edge-lora's matmul_q4", "edge-lora's lora_add"]
-    assert all("no C++ compiler 'no-such-compiler'" in str(w.message) and
-               str(w.message).endswith("running model.onnx instead") for w in caught)
+        "edge-lora's matmul_q4",
+        "edge-lora's lora_add",
+    ]
+    assert all(
+        "no C++ compiler 'no-such-compiler'" in str(w.message) and str(w.message).endswith("running model.onnx instead")
+        for w in caught
+    )
 
 
 def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
     """`edge-lora profile` on a kernel export: each row names model.q4.onnx and counts its files and reads (float16
     scales, the head's original int4 weight read one row a token by the embedding), and the kernel form of the
     adapter; the export lists both graphs."""
-    from edge_lora.runtime.profile.sweep import ProfileSettings, profile
     from edge_lora.export.graphs.weight_bytes import weight_bytes
+    from edge_lora.runtime.profile.sweep import ProfileSettings, profile
 
-    settings = ProfileSettings(threads=(2,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
-                               min_seconds=0.0, adapters=(adapter_dir.name,))
+    settings = ProfileSettings(
+        threads=(2,),
+        prompt_lens=(8,),
+        new_tokens=4,
+        warmup_runs=0,
+        min_runs=1,
+        min_seconds=0.0,
+        adapters=(adapter_dir.name,),
+    )
     report = profile(q4_export, settings)
     export = report.exports[0]
     kernel = export["kernel_graphs"]["matmul_q4"]
@@ -285,8 +371,10 @@ def test_profile_describes_the_graph_that_ran(q4_export, adapter_dir):
     for row in report.configurations:
         assert row["status"] == "ok" and row["model_file"] == "model.q4.onnx"
         summary = row["summary"]
-        assert (summary["model_bytes"], summary["weight_bytes_per_token"]) == (kernel["model_bytes"],
-                                                                                kernel["weight_bytes_per_token"])
+        assert (summary["model_bytes"], summary["weight_bytes_per_token"]) == (
+            kernel["model_bytes"],
+            kernel["weight_bytes_per_token"],
+        )
         assert summary["adapter_bytes_per_token"] == kernel["adapter_bytes"].get(row["adapter"], 0)
     from edge_lora.runtime.profile.report import render_markdown
 
@@ -305,8 +393,11 @@ def test_a_kernel_graph_in_an_older_format_runs_as_the_next_graph(q4_export, tmp
     manifest = json.loads((old / "export.json").read_text())
     assert manifest["kernels"]["matmul_q4"].pop("format") == 2
     (old / "export.json").write_text(json.dumps(manifest))
-    with pytest.warns(UserWarning, match="model.q4.onnx is in matmul_q4 format 1, this runtime's kernel takes format 2: "
-                                         "running model.lora.onnx instead — re-run edge-lora export"):
+    with pytest.warns(
+        UserWarning,
+        match="model.q4.onnx is in matmul_q4 format 1, this runtime's kernel takes format 2: "
+        "running model.lora.onnx instead — re-run edge-lora export",
+    ):
         assert runtime.load(old).kernel == "lora_add"
     with pytest.warns(UserWarning, match="format 2: running model.onnx instead — re-run edge-lora export"):
         generator = runtime.load(old, kernels=("matmul_q4",))
@@ -329,11 +420,18 @@ def test_uploads_in_the_portable_form_fit_a_kernel_graph(q4_export, second_adapt
 def test_a_profile_names_only_known_kernels(tmp_path):
     from edge_lora import devices
 
-    text = devices.load("cpu-x86-64").path.read_text().replace('kernels = ["matmul_q4", "lora_add"]',
-                                                               'kernels = ["matmul_q8"]')
+    text = (
+        devices.load("cpu-x86-64")
+        .path.read_text()
+        .replace('kernels = ["matmul_q4", "lora_add"]', 'kernels = ["matmul_q8"]')
+    )
     path = tmp_path / "cpu-x86-64.toml"
     path.write_text(text)
-    with pytest.raises(devices.DeviceProfileError, match=r"runtime.kernels = \[\"matmul_q8\"\]: expected a list of edge-lora kernels, each one of matmul_q4, lora_add"):
+    with pytest.raises(
+        devices.DeviceProfileError,
+        match=r"runtime.kernels = \[\"matmul_q8\"\]: expected a list of edge-lora kernels, "
+        r"each one of matmul_q4, lora_add",
+    ):
         devices.load(path)
     assert devices.load("arm64-a76").kernels == ("lora_add",)
     assert devices.load("apple-silicon").kernels == ()  # optional: a profile that leaves it out runs no kernel
@@ -348,8 +446,17 @@ def test_no_kernels_flags(q4_export, adapter_dir, tmp_path):
     fast, portable = edge_lora(*args), edge_lora(*args, "--no-kernels")
     assert fast.returncode == portable.returncode == 0, portable.stderr
     assert fast.stdout == portable.stdout and fast.stdout.strip()
-    done = edge_lora("export", adapter_dir, "--output", tmp_path / "plain", "--device", "cpu-x86-64",
-                     "--no-kernels", "--no-validate", "--quiet")
+    done = edge_lora(
+        "export",
+        adapter_dir,
+        "--output",
+        tmp_path / "plain",
+        "--device",
+        "cpu-x86-64",
+        "--no-kernels",
+        "--no-validate",
+        "--quiet",
+    )
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "plain" / "export.json").read_text())
     assert "kernels" not in manifest and "model.q4.onnx" not in manifest["files"]

@@ -17,8 +17,9 @@ from edge_lora.runtime.kernels import LORA_ADD, build, lora_blob, lora_table
 
 CHECK = Path(__file__).parent / "lora_add_check.cc"
 
-pytestmark = pytest.mark.skipif(kernels.cpu_problem(LORA_ADD) is not None,
-                                reason=f"LoraAdd cannot run here: {kernels.cpu_problem(LORA_ADD)}")
+pytestmark = pytest.mark.skipif(
+    kernels.cpu_problem(LORA_ADD) is not None, reason=f"LoraAdd cannot run here: {kernels.cpu_problem(LORA_ADD)}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,19 @@ def library(tmp_path_factory):
 def lora_session(library, k: int, n: int, slot: int = 0):
     """One LoraAdd node: z = y + the branches of x, every input fed."""
     node = helper.make_node("LoraAdd", ["y", "x", "lora"], ["z"], domain=kernels.DOMAIN, lora_slot=slot)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-                                            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
-                                            helper.make_tensor_value_info("lora", TensorProto.UINT8, ["bytes"])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid(kernels.DOMAIN, 1)])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("lora", TensorProto.UINT8, ["bytes"]),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)]
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.register_custom_ops_library(str(library))
@@ -59,13 +67,16 @@ def test_lora_add_adds_the_branches(library, shape, ranks):
     ending with a part of a group of A's columns."""
     rng = np.random.default_rng(sum(shape) + sum(ranks))
     k, widths = 96, (64, 32, 48)
-    pairs = [(rng.standard_normal((k, r), dtype=np.float32), rng.standard_normal((r, n), dtype=np.float32) * 0.1)
-             for r, n in zip(ranks, widths)]
+    pairs = [
+        (rng.standard_normal((k, r), dtype=np.float32), rng.standard_normal((r, n), dtype=np.float32) * 0.1)
+        for r, n in zip(ranks, widths)
+    ]
     x = rng.standard_normal((*shape, k), dtype=np.float32)
     y = rng.standard_normal((*shape, sum(widths)), dtype=np.float32)
     z = lora_session(library, k, sum(widths)).run(None, {"y": y, "x": x, "lora": lora_table([lora_blob(pairs)])})[0]
-    delta = np.concatenate([x @ a @ b for a, b in (dequantized(a, b) if a.shape[1] else (a, b) for a, b in pairs)],
-                           axis=-1)
+    delta = np.concatenate(
+        [x @ a @ b for a, b in (dequantized(a, b) if a.shape[1] else (a, b) for a, b in pairs)], axis=-1
+    )
     assert z.shape == y.shape
     # (what int8 A and B lose against fp32 is MatMulQ4's too, bounded in tests/runtime/test_kernels.py)
     np.testing.assert_allclose(z, y + delta, rtol=0, atol=1e-5 * np.abs(y + delta).max())
@@ -105,24 +116,44 @@ def test_cpu_signature_reads_x86_and_arm_lines(tmp_path):
     kernels.cpu_signature.cache_clear()
     try:
         x86, arm = tmp_path / "x86", tmp_path / "arm"
-        x86.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: sse2 avx2\ncpu MHz\t\t: 2600.1\n"
-                       "processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: sse2 avx2\ncpu MHz\t\t: 2400.7\n")
-        arm.write_text("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n"
-                       "CPU part\t: 0xd0b\n")
+        x86.write_text(
+            "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: sse2 avx2\ncpu MHz\t\t: 2600.1\n"
+            "processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: sse2 avx2\ncpu MHz\t\t: 2400.7\n"
+        )
+        arm.write_text(
+            "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n"
+            "CPU part\t: 0xd0b\n"
+        )
         assert kernels.cpu_signature(x86) == "flags\t\t: sse2 avx2\nmodel name\t: Some CPU"  # not the clock
         assert kernels.cpu_signature(arm) == "CPU implementer\t: 0x41\nCPU part\t: 0xd0b\nFeatures\t: fp asimd asimddp"
     finally:
         kernels.cpu_signature.cache_clear()
 
 
-@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-                    reason="needs aarch64-linux-gnu-g++ and qemu-aarch64 (.ci/run installs them where apt-get can)")
+@pytest.mark.skipif(
+    not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+    reason="needs aarch64-linux-gnu-g++ and qemu-aarch64 (.ci/run installs them where apt-get can)",
+)
 def test_the_arm_build_adds_the_branches(tmp_path):
     """The op's NEON code, built for a Cortex-A76 (a Raspberry Pi 5) and run under qemu: its arithmetic against a
     double-precision sum (tests/runtime/lora_add_check.cc)."""
     binary = tmp_path / "check"
-    subprocess.run(["aarch64-linux-gnu-g++", "-O3", "-std=c++17", "-mcpu=cortex-a76", "-static",
-                    f"-I{kernels.SRC}", f"-I{kernels.ORT_HEADERS}", str(CHECK), "-o", str(binary)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "aarch64-linux-gnu-g++",
+            "-O3",
+            "-std=c++17",
+            "-mcpu=cortex-a76",
+            "-static",
+            f"-I{kernels.SRC}",
+            f"-I{kernels.ORT_HEADERS}",
+            str(CHECK),
+            "-o",
+            str(binary),
+        ],
+        check=True,
+        capture_output=True,
+    )
     done = subprocess.run(["qemu-aarch64", str(binary)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout
     assert done.stdout.count(" ok\n") == 9 and "lanes 4" in done.stdout
@@ -131,8 +162,21 @@ def test_the_arm_build_adds_the_branches(tmp_path):
 def test_the_native_check_agrees(tmp_path):
     """The same check built for this host: the reference the Arm run is held to passes here too."""
     binary = tmp_path / "check"
-    subprocess.run(["c++", "-O3", "-std=c++17", "-march=native", f"-I{kernels.SRC}", f"-I{kernels.ORT_HEADERS}", str(CHECK), "-o", str(binary)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "c++",
+            "-O3",
+            "-std=c++17",
+            "-march=native",
+            f"-I{kernels.SRC}",
+            f"-I{kernels.ORT_HEADERS}",
+            str(CHECK),
+            "-o",
+            str(binary),
+        ],
+        check=True,
+        capture_output=True,
+    )
     done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.count(" ok\n") == 9, done.stdout
 
@@ -146,9 +190,14 @@ def lora_export(adapter_dir, second_adapter, tmp_path_factory, library):
     Not gated, as tests/runtime/test_kernels.py's q4_export: blocks of 64 flip this tiny model's greedy near-ties."""
     from edge_lora.export import ExportOptions, export
 
-    return export([adapter_dir, second_adapter], tmp_path_factory.mktemp("lora") / "export",
-                  ExportOptions(precision="int4", flavor="adapters", graph="builder", int4_block_size=64,
-                                device="arm64-a76", validate=False), show_progress=False)
+    return export(
+        [adapter_dir, second_adapter],
+        tmp_path_factory.mktemp("lora") / "export",
+        ExportOptions(
+            precision="int4", flavor="adapters", graph="builder", int4_block_size=64, device="arm64-a76", validate=False
+        ),
+        show_progress=False,
+    )
 
 
 def test_export_writes_the_lora_graph_over_the_portable_weights(lora_export, adapter_dir, second_adapter):
@@ -188,18 +237,21 @@ def test_runtime_takes_the_lora_graph_and_decodes_as_the_portable_one(lora_expor
         effect = np.abs(b.logits(ids) - base).max()
         assert np.abs(a.logits(ids) - b.logits(ids)).max() <= (0.05 * effect if name else 1e-5 * np.ptp(base)), name
         batch = ["hi", "hello there, friend:"]  # prefill's rows for a batch, left-padded
-        assert ([r.token_ids for r in a.generate_batch(batch, config)] ==
-                [r.token_ids for r in b.generate_batch(batch, config)]), name
+        assert [r.token_ids for r in a.generate_batch(batch, config)] == [
+            r.token_ids for r in b.generate_batch(batch, config)
+        ], name
     # an adapter in the portable form (as serve's uploads come) is converted for this graph as for MatMulQ4's
     from edge_lora.runtime.lora import Adapter
 
     upload = Adapter(lora_export / "adapters" / f"{second_adapter.name}.onnx_adapter")
-    np.testing.assert_array_equal(fast.with_adapter("upload", adapter=upload).logits(ids),
-                                  fast.with_adapter(second_adapter.name).logits(ids))
+    np.testing.assert_array_equal(
+        fast.with_adapter("upload", adapter=upload).logits(ids), fast.with_adapter(second_adapter.name).logits(ids)
+    )
 
 
-def test_the_runtime_prefers_matmul_q4_then_the_lora_op(lora_export, adapter_dir, second_adapter, tmp_path,
-                                                        monkeypatch):
+def test_the_runtime_prefers_matmul_q4_then_the_lora_op(
+    lora_export, adapter_dir, second_adapter, tmp_path, monkeypatch
+):
     """The x86 profile lists both; an export carrying both graphs runs MatMulQ4's where it runs, else the LoRA op's,
     and a host whose CPU lacks MatMulQ4's instructions says nothing about it."""
     import warnings
@@ -207,9 +259,19 @@ def test_the_runtime_prefers_matmul_q4_then_the_lora_op(lora_export, adapter_dir
     from edge_lora import runtime
     from edge_lora.export import ExportOptions, export
 
-    both = export([adapter_dir, second_adapter], tmp_path / "both",
-                  ExportOptions(precision="int4", flavor="adapters", graph="builder", int4_block_size=64,
-                                device="cpu-x86-64", validate=False), show_progress=False)
+    both = export(
+        [adapter_dir, second_adapter],
+        tmp_path / "both",
+        ExportOptions(
+            precision="int4",
+            flavor="adapters",
+            graph="builder",
+            int4_block_size=64,
+            device="cpu-x86-64",
+            validate=False,
+        ),
+        show_progress=False,
+    )
     manifest = json.loads((both / "export.json").read_text())
     assert list(manifest["kernels"]) == ["matmul_q4", LORA_ADD]
     # the two graphs take one LoRA input in one order: the adapter files are written once
@@ -230,8 +292,15 @@ def test_profile_counts_the_shared_weights_file(lora_export, adapter_dir):
     shares with model.onnx; its adapter is the int8 form."""
     from edge_lora.runtime.profile.sweep import ProfileSettings, profile
 
-    settings = ProfileSettings(threads=(2,), prompt_lens=(8,), new_tokens=4, warmup_runs=0, min_runs=1,
-                               min_seconds=0.0, adapters=(adapter_dir.name,))
+    settings = ProfileSettings(
+        threads=(2,),
+        prompt_lens=(8,),
+        new_tokens=4,
+        warmup_runs=0,
+        min_runs=1,
+        min_seconds=0.0,
+        adapters=(adapter_dir.name,),
+    )
     report = profile(lora_export, settings)
     graph = report.exports[0]["kernel_graphs"][LORA_ADD]
     sizes = {name: (lora_export / name).stat().st_size for name in ("model.lora.onnx", "model.onnx.data")}

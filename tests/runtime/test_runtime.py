@@ -21,8 +21,10 @@ from edge_lora.runtime.sampling import penalize_repetition, pick
 from edge_lora.runtime.tokenizer import StopStrings, StreamDecoder, TextTokenizer
 
 # A template made of characters the tiny character tokenizer has (no newline), with the BOS it adds itself.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
 GREEDY = runtime.SamplingConfig(max_new_tokens=16)
 
 
@@ -46,8 +48,9 @@ def chat_export(export_fp32, tmp_path_factory):
 
 
 def edge_lora(*args, stdin: str | None = None):
-    return subprocess.run([sys.executable, "-m", "edge_lora", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_lora", *map(str, args)], capture_output=True, text=True, input=stdin, timeout=120
+    )
 
 
 def assert_one_line_error(done, *fragments):
@@ -60,6 +63,7 @@ def assert_one_line_error(done, *fragments):
 
 # -- one generation -------------------------------------------------------------------------------------------
 
+
 def test_generate_tokens_and_stream_agree(generator, prompts):
     generation = generator.generate(prompts[0], GREEDY)
     assert generation.finish_reason == "stop" and generation.token_ids[-1] in generator.eos_ids
@@ -69,7 +73,7 @@ def test_generate_tokens_and_stream_agree(generator, prompts):
     assert len(generation.token_times_s) == len(generation.token_ids) - 1 and generation.ttft_s > 0
     forced = generator.generate(prompts[0], runtime.SamplingConfig(max_new_tokens=24, ignore_eos=True))
     assert len(forced.token_ids) == 24 and forced.finish_reason == "length"
-    assert forced.token_ids[:len(generation.token_ids)] == generation.token_ids
+    assert forced.token_ids[: len(generation.token_ids)] == generation.token_ids
 
 
 def test_generation_steps_equal_single_passes(generator, prompts):
@@ -81,6 +85,7 @@ def test_generation_steps_equal_single_passes(generator, prompts):
 
 
 # -- batches --------------------------------------------------------------------------------------------------
+
 
 def test_batched_greedy_equals_one_by_one(generator, prompts):
     sampling = runtime.SamplingConfig(max_new_tokens=20)
@@ -122,6 +127,7 @@ def test_empty_batch_and_empty_prompt(generator):
 
 
 # -- sampling -------------------------------------------------------------------------------------------------
+
 
 def test_repetition_penalty_is_transformers(generator, prompts):
     import torch
@@ -165,25 +171,28 @@ def test_seed_repeats_a_sample(generator):
     sampling = runtime.SamplingConfig(max_new_tokens=12, temperature=2.0, top_k=40, top_p=0.95, seed=3)
     first = generator.generate("x", sampling).token_ids
     assert generator.generate("x", sampling).token_ids == first
-    others = {tuple(generator.generate("x", dataclasses.replace(sampling, seed=s)).token_ids)
-              for s in range(4, 8)}
+    others = {tuple(generator.generate("x", dataclasses.replace(sampling, seed=s)).token_ids) for s in range(4, 8)}
     assert others - {tuple(first)}
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"repetition_penalty": 0}, r"repetition_penalty=0 must be > 0"),
-    ({"stop": "\n"}, r"stop='\\n' must be a tuple of non-empty strings"),
-    ({"stop": ("",)}, r"must be a tuple of non-empty strings"),
-    ({"stop_token_ids": 2}, r"stop_token_ids=2 must be a tuple of token ids"),
-    ({"truncate": "right"}, r"truncate='right' must be one of none, left"),
-    ({"max_new_tokens": 0, "top_p": 0}, r"max_new_tokens=0 must be >= 1; top_p=0 must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"repetition_penalty": 0}, r"repetition_penalty=0 must be > 0"),
+        ({"stop": "\n"}, r"stop='\\n' must be a tuple of non-empty strings"),
+        ({"stop": ("",)}, r"must be a tuple of non-empty strings"),
+        ({"stop_token_ids": 2}, r"stop_token_ids=2 must be a tuple of token ids"),
+        ({"truncate": "right"}, r"truncate='right' must be one of none, left"),
+        ({"max_new_tokens": 0, "top_p": 0}, r"max_new_tokens=0 must be >= 1; top_p=0 must be in \(0, 1\]"),
+    ],
+)
 def test_bad_sampling_settings_are_named(options, message):
     with pytest.raises(runtime.PromptError, match=message):
         runtime.SamplingConfig(**options)
 
 
 # -- stops ----------------------------------------------------------------------------------------------------
+
 
 def test_stop_strings_hold_back_what_may_become_one():
     stops = StopStrings(["||", "xyz"])
@@ -202,13 +211,20 @@ def test_stop_string_ends_the_text_and_the_stream(generator, prompts):
     sampling = runtime.SamplingConfig(max_new_tokens=16, stop=(stop, "never"))
     stopped = generator.generate(prompts[0], sampling)
     assert stopped.text == cut and stopped.finish_reason == "stop"
-    assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)] and len(stopped.token_ids) < len(full.token_ids)
+    assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)] and len(stopped.token_ids) < len(
+        full.token_ids
+    )
     # a stream cannot take text back: had it shown the stop string's first character, the join would hold it
     assert "".join(generator.stream(prompts[0], sampling)) == cut
     # the start of a stop string that never completes is held, then let out when generation ends
     unfinished = full.text[-2:] + "~"
-    assert generator.generate(prompts[0], runtime.SamplingConfig(max_new_tokens=16, stop=(unfinished,))).text == full.text
-    assert "".join(generator.stream(prompts[0], runtime.SamplingConfig(max_new_tokens=16, stop=(unfinished,)))) == full.text
+    assert (
+        generator.generate(prompts[0], runtime.SamplingConfig(max_new_tokens=16, stop=(unfinished,))).text == full.text
+    )
+    assert (
+        "".join(generator.stream(prompts[0], runtime.SamplingConfig(max_new_tokens=16, stop=(unfinished,))))
+        == full.text
+    )
 
 
 def test_stop_token_ids_end_a_row(generator, prompts):
@@ -240,8 +256,10 @@ def byte_level_tokenizer(tmp_path) -> TextTokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["hello world, the runtime streams text"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        ["hello world, the runtime streams text"] * 10,
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
     return TextTokenizer(tmp_path / "tokenizer.json")
 
@@ -265,20 +283,29 @@ def test_stream_never_splits_a_character(tmp_path):
 
 # -- context --------------------------------------------------------------------------------------------------
 
+
 def test_a_long_prompt_is_refused_or_truncated(generator):
     prompt = "1999-12-31 ->" * 30  # 390 characters, one token each, and <s>
-    with pytest.raises(runtime.PromptError, match=r"prompt of 391 tokens \+ max_new_tokens 8 exceeds the context of "
-                                                  r"256 tokens — shorten the prompt to 248 tokens, .* --truncate left"):
+    with pytest.raises(
+        runtime.PromptError,
+        match=r"prompt of 391 tokens \+ max_new_tokens 8 exceeds the context of "
+        r"256 tokens — shorten the prompt to 248 tokens, .* --truncate left",
+    ):
         generator.generate(prompt, runtime.SamplingConfig(max_new_tokens=8))
     kept = generator.generate(prompt, runtime.SamplingConfig(max_new_tokens=8, truncate="left"))
     assert kept.prompt_tokens == 248
-    assert kept.token_ids == generator.generate(generator.encode_prompt(prompt)[-248:],
-                                                runtime.SamplingConfig(max_new_tokens=8)).token_ids
+    assert (
+        kept.token_ids
+        == generator.generate(
+            generator.encode_prompt(prompt)[-248:], runtime.SamplingConfig(max_new_tokens=8)
+        ).token_ids
+    )
     with pytest.raises(runtime.PromptError, match=r"max_new_tokens 256 leaves no room for a prompt in the context"):
         generator.generate("x", runtime.SamplingConfig(max_new_tokens=256, truncate="left"))
 
 
 # -- chat -----------------------------------------------------------------------------------------------------
+
 
 def test_chat_prompts_are_the_templates(chat_export, prompts):
     from transformers import AutoTokenizer
@@ -298,8 +325,17 @@ def test_chat_on_the_command_line_keeps_the_history(chat_export):
         messages.append({"role": "user", "content": line})
         replies.append(generator.chat(messages, sampling).text)
         messages.append({"role": "assistant", "content": replies[-1]})
-    done = edge_lora("run", chat_export, "--chat", "--system", "dates", "--max-new-tokens", 12, "--stream",
-                     stdin="2024-03-17 ->\n\n1999-12-31 ->\n")
+    done = edge_lora(
+        "run",
+        chat_export,
+        "--chat",
+        "--system",
+        "dates",
+        "--max-new-tokens",
+        12,
+        "--stream",
+        stdin="2024-03-17 ->\n\n1999-12-31 ->\n",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == replies
 
@@ -312,15 +348,31 @@ def test_chat_without_a_template_is_refused(generator, export_fp32):
 
 # -- the command line and bad input ---------------------------------------------------------------------------
 
+
 def test_run_with_stops_penalty_and_truncation(export_fp32, generator, prompts):
     sampling = runtime.SamplingConfig(max_new_tokens=8, repetition_penalty=1.2, stop=(".",), truncate="left")
     long = prompts[0] * 30
-    done = edge_lora("run", export_fp32, "--prompt", long, "--max-new-tokens", 8, "--repetition-penalty", 1.2,
-                     "--stop", ".", "--truncate", "left")
+    done = edge_lora(
+        "run",
+        export_fp32,
+        "--prompt",
+        long,
+        "--max-new-tokens",
+        8,
+        "--repetition-penalty",
+        1.2,
+        "--stop",
+        ".",
+        "--truncate",
+        "left",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == generator.generate(long, sampling).text + "\n"
-    assert_one_line_error(edge_lora("run", export_fp32, "--prompt", long, "--max-new-tokens", 8),
-                          "exceeds the context of 256 tokens", "--truncate left")
+    assert_one_line_error(
+        edge_lora("run", export_fp32, "--prompt", long, "--max-new-tokens", 8),
+        "exceeds the context of 256 tokens",
+        "--truncate left",
+    )
 
 
 def test_damaged_exports_are_named(export_fp32, tmp_path):
@@ -340,8 +392,10 @@ def test_damaged_exports_are_named(export_fp32, tmp_path):
 
 
 def test_providers_and_adapters_are_checked(export_fp32, generator):
-    assert_one_line_error(edge_lora("run", export_fp32, "--prompt", "x", "--providers", "TurboExecutionProvider"),
-                          "execution provider 'TurboExecutionProvider' does not exist — available here:")
+    assert_one_line_error(
+        edge_lora("run", export_fp32, "--prompt", "x", "--providers", "TurboExecutionProvider"),
+        "execution provider 'TurboExecutionProvider' does not exist — available here:",
+    )
     import onnxruntime as ort
 
     missing = next(p for p in ort.get_all_providers() if p not in ort.get_available_providers())
@@ -355,9 +409,13 @@ def test_providers_and_adapters_are_checked(export_fp32, generator):
 
 # -- sharing a generator --------------------------------------------------------------------------------------
 
+
 def test_threads_share_one_generator(generator, prompts):
-    samplings = [GREEDY, runtime.SamplingConfig(max_new_tokens=10, temperature=1.0, seed=1),
-                 runtime.SamplingConfig(max_new_tokens=12, stop=("0",))]
+    samplings = [
+        GREEDY,
+        runtime.SamplingConfig(max_new_tokens=10, temperature=1.0, seed=1),
+        runtime.SamplingConfig(max_new_tokens=12, stop=("0",)),
+    ]
     jobs = [(p, s) for p in prompts for s in samplings] * 2
     expected = [generator.generate(p, s) for p, s in jobs]
     with ThreadPoolExecutor(4) as pool:

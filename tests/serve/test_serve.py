@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from serve_support import live_server, served_export, slow, wait_for  # noqa: F401 (served_export is a fixture)
+from serve_support import live_server, slow, wait_for
 
 from edge_lora.runtime import SamplingConfig
 
@@ -60,15 +60,25 @@ def test_completion_and_chat_match_the_runtime(live, generator):
 def test_streams_add_up_to_the_whole_answer(live):
     api = client(live)
     whole = api.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stop=["."])
-    chunks = list(api.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stop=["."],
-                                         stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        api.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=20,
+            temperature=0,
+            stop=["."],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
     whole = api.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
-    chunks = list(api.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
-                                              stream=True))
+    chunks = list(
+        api.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -104,8 +114,9 @@ def test_a_full_queue_gets_429_at_once_and_a_long_wait_503(generator):
         results = {}
 
         def post(key: str) -> threading.Thread:
-            thread = threading.Thread(target=lambda: results.update({key: httpx.post(f"{live.url}/v1/completions",
-                                                                                     json=body, timeout=30)}))
+            thread = threading.Thread(
+                target=lambda: results.update({key: httpx.post(f"{live.url}/v1/completions", json=body, timeout=30)})
+            )
             thread.start()
             return thread
 
@@ -163,9 +174,25 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(served_export, tmp_path
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "EDGE_LORA_API_KEY": "env-key"}
-    server = subprocess.Popen([sys.executable, "-m", "edge_lora", "serve", str(served_export), "--port", str(port),
-                               "--grace-period", "5", "--threads", "1"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_lora",
+            "serve",
+            str(served_export),
+            "--port",
+            str(port),
+            "--grace-period",
+            "5",
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: up(url), timeout=60)
@@ -190,8 +217,9 @@ def test_settings_are_checked_in_one_error():
 
     with pytest.raises(ServeError, match=r"workers=0 must be >= 1; .*queue_timeout_s=0 must be > 0 seconds"):
         ServeConfig(workers=0, queue_timeout_s=0)
-    done = subprocess.run([sys.executable, "-m", "edge_lora", "serve", "x", "--port", "70000"], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_lora", "serve", "x", "--port", "70000"], capture_output=True, text=True
+    )
     assert done.returncode == 2 and "port=70000 must be in 0..65535" in done.stderr
 
 
@@ -200,5 +228,3 @@ def up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
-
-

@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from serve_support import live_server, served_export  # noqa: F401 (served_export is a fixture)
+from serve_support import live_server
 
 GOOD = {"model": "tiny", "prompt": "1948-03-21 ->", "max_tokens": 4, "temperature": 0}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -27,8 +27,7 @@ CASES = [
     ("JSON null", "/v1/completions", b"null", 422),
     ("invalid UTF-8", "/v1/completions", b'{"prompt": "\xff\xfe\xfd"}', 400),
     ("lone surrogate", "/v1/completions", b'{"prompt": "a\\ud800b"}', 400),
-    ("lone surrogate in chat", "/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400),
+    ("lone surrogate in chat", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400),
     ("NaN", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 422),  # Python's JSON reads NaN
     ("Infinity", "/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 422),
     ("no prompt", "/v1/completions", with_({"model": "tiny"}), 422),
@@ -66,8 +65,12 @@ CASES = [
     ("unknown role", "/v1/chat/completions", with_(CHAT, messages=[{"role": "wizard", "content": "x"}]), 400),
     ("message without content", "/v1/chat/completions", with_(CHAT, messages=[{"role": "user"}]), 422),
     ("content a number", "/v1/chat/completions", with_(CHAT, messages=[{"role": "user", "content": 5}]), 422),
-    ("image content", "/v1/chat/completions",
-     with_(CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 422),
+    (
+        "image content",
+        "/v1/chat/completions",
+        with_(CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        422,
+    ),
     ("tools", "/v1/chat/completions", with_(CHAT, tools=[{"type": "function"}]), 422),
     ("unknown path", "/v1/nothing", with_(GOOD), 404),
 ]
@@ -92,8 +95,11 @@ def test_every_bad_body_gets_a_4xx_and_never_reaches_the_model(live):
         assert http.get("/v1/completions").status_code == 405
         as_text = http.post("/v1/completions", content=with_(GOOD), headers={"Content-Type": "text/plain"})
         assert as_text.status_code == 422 and as_text.json()["error"]["code"] == "invalid_content_type"
-        chunked = http.post("/v1/completions", content=iter([b'{"prompt": "', b"7" * MAX_BODY, b'"}']),
-                            headers={"Content-Type": "application/json"})  # no Content-Length: counted as it comes
+        chunked = http.post(
+            "/v1/completions",
+            content=iter([b'{"prompt": "', b"7" * MAX_BODY, b'"}']),
+            headers={"Content-Type": "application/json"},
+        )  # no Content-Length: counted as it comes
         assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
         assert live.metric("edge_lora_prompt_tokens_total", model="tiny") == 0
         assert live.metric("edge_lora_generated_tokens_total", model="tiny") == 0
@@ -109,7 +115,10 @@ def test_an_error_names_the_field_the_value_and_the_fix(live):
     response = httpx.post(f"{live.url}/v1/completions", json={**GOOD, "max_tokens": "5"})
     assert response.json()["error"] == {
         "message": "max_tokens: Input should be a valid integer, got '5' — see the OpenAI API reference for this field",
-        "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "invalid_value",
+    }
     response = httpx.post(f"{live.url}/v1/completions", json={**GOOD, "max_tokens": 250})
     assert response.json()["error"]["code"] == "context_length_exceeded"
     assert "exceeds the context of 256 tokens" in response.json()["error"]["message"]

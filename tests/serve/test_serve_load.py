@@ -12,7 +12,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
-from serve_support import live_server, served_export  # noqa: F401 (served_export is a fixture)
+from serve_support import live_server
 
 from edge_lora.runtime import SamplingConfig
 
@@ -31,10 +31,20 @@ def request_of(i: int) -> tuple[str, dict]:
     """The i-th request: every mix of endpoint, stream, prompt and length comes round."""
     prompt, max_tokens, stream = PROMPTS[i % len(PROMPTS)], 1 + (i * 7) % 24, i % 2 == 0
     if i % 3 == 0:
-        return "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": prompt}],
-                                        "max_tokens": max_tokens, "temperature": 0, "stream": stream}
-    return "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                               "stream": stream}
+        return "/v1/chat/completions", {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": stream,
+        }
+    return "/v1/completions", {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 def expected_text(generator, path: str, body: dict) -> str:
@@ -113,6 +123,8 @@ def test_64_clients_500_requests(generator):
         key = (path, json.dumps(body.get("messages") or body["prompt"]), body["max_tokens"])
         assert text == expected[key], f"request {i} ({path}, stream={body['stream']}) was not answered completely"
     latency = np.array([seconds for _, status, _, seconds in results if status == 200])
-    print(f"\n{REQUESTS} requests from {CLIENTS} clients in {wall:.1f} s ({REQUESTS / wall:.0f}/s): latency p50 "
-          f"{np.percentile(latency, 50) * 1000:.0f} ms, p99 {np.percentile(latency, 99) * 1000:.0f} ms; "
-          f"statuses {dict(Counter(statuses))}")
+    print(
+        f"\n{REQUESTS} requests from {CLIENTS} clients in {wall:.1f} s ({REQUESTS / wall:.0f}/s): latency p50 "
+        f"{np.percentile(latency, 50) * 1000:.0f} ms, p99 {np.percentile(latency, 99) * 1000:.0f} ms; "
+        f"statuses {dict(Counter(statuses))}"
+    )

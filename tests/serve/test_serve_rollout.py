@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serve_support import live_server, rewrite_adapter, served_export, slow, wait_for  # noqa: F401 (served_export is a fixture)
+from serve_support import live_server, rewrite_adapter, slow, wait_for
 
 from edge_lora.runtime import SamplingConfig
 from edge_lora.runtime.package import sha256_file
@@ -56,14 +56,23 @@ def versions(served_export, generator, adapter_dir, tmp_path_factory) -> Version
 
     name = adapter_dir.name
     v1 = served_export / "adapters" / f"{name}.onnx_adapter"
-    v2 = rewrite_adapter(v1, tmp_path_factory.mktemp("rollout") / "v2.onnx_adapter",
-                         lambda tensors: changed_all(tensors, "lora_B", lambda v: v * np.float32(0.5)))
+    v2 = rewrite_adapter(
+        v1,
+        tmp_path_factory.mktemp("rollout") / "v2.onnx_adapter",
+        lambda tensors: changed_all(tensors, "lora_B", lambda v: v * np.float32(0.5)),
+    )
     lora2 = Adapter(v2)
-    views = {sha256_file(v1)[:12]: generator.with_adapter(name), sha256_file(v2)[:12]:
-             Generator(generator.export, generator.session, generator.tokenizer, {name: lora2}).with_adapter(name),
-             generator.export.digest()[:12]: generator}
-    expected = {version: {p: view.generate(p, SamplingConfig(max_new_tokens=MAX_TOKENS)).text for p in PROMPTS}
-                for version, view in views.items()}
+    views = {
+        sha256_file(v1)[:12]: generator.with_adapter(name),
+        sha256_file(v2)[:12]: Generator(
+            generator.export, generator.session, generator.tokenizer, {name: lora2}
+        ).with_adapter(name),
+        generator.export.digest()[:12]: generator,
+    }
+    expected = {
+        version: {p: view.generate(p, SamplingConfig(max_new_tokens=MAX_TOKENS)).text for p in PROMPTS}
+        for version, view in views.items()
+    }
     v1_id, v2_id = sha256_file(v1)[:12], sha256_file(v2)[:12]
     assert all(expected[v1_id][p] != expected[v2_id][p] for p in PROMPTS)  # else the test could not tell them apart
     return Versions(name, v1, v2, expected)
@@ -75,8 +84,11 @@ def answer_of(response: httpx.Response, stream: bool) -> tuple[str, str, str]:
     if not stream:
         body = response.json()
         return body["model"], response.headers["x-model-version"], body["choices"][0]["text"]
-    chunks = [json.loads(line.removeprefix("data: ")) for line in response.text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
+    chunks = [
+        json.loads(line.removeprefix("data: "))
+        for line in response.text.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
     assert response.text.rstrip().endswith("data: [DONE]") and len({c["model"] for c in chunks}) == 1
     return chunks[0]["model"], response.headers["x-model-version"], "".join(c["choices"][0]["text"] for c in chunks)
 
@@ -88,10 +100,16 @@ def test_a_swap_under_load_loses_no_request_and_each_answer_names_its_version(ge
 
     def request(i: int) -> tuple[str, dict]:
         model = "tiny" if i % 4 == 3 else name
-        return model, {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS,
-                       "temperature": 0, "stream": i % 2 == 0}
+        return model, {
+            "model": model,
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "stream": i % 2 == 0,
+        }
 
     with live_server(slow(generator, 0.02), workers=2, queue_size=64, api_key=KEY) as live:
+
         async def ask(http: httpx.AsyncClient, i: int):
             model, body = request(i)
             response = await http.post("/v1/completions", json=body)
@@ -107,8 +125,14 @@ def test_a_swap_under_load_loses_no_request_and_each_answer_names_its_version(ge
             async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=60) as http:
                 before = [asyncio.create_task(ask(http, i)) for i in range(per_batch)]
                 # every request of the first batch has resolved its model: it is running, queued, or answered
-                await until(lambda: live.metric("edge_lora_busy_workers") + live.metric("edge_lora_queue_depth")
-                            + sum(task.done() for task in before) == per_batch)
+                await until(
+                    lambda: (
+                        live.metric("edge_lora_busy_workers")
+                        + live.metric("edge_lora_queue_depth")
+                        + sum(task.done() for task in before)
+                        == per_batch
+                    )
+                )
                 pushed = await http.post(f"/admin/adapters/{name}", content=versions.v2.read_bytes())
                 running_at_swap = live.metric("edge_lora_busy_workers")
                 after = [asyncio.create_task(ask(http, i)) for i in range(per_batch, 2 * per_batch)]
@@ -116,8 +140,16 @@ def test_a_swap_under_load_loses_no_request_and_each_answer_names_its_version(ge
 
         pushed, running_at_swap, before, after = asyncio.run(scenario())
         assert pushed.status_code == 200, pushed.text
-        assert pushed.json() == {"id": name, "object": "adapter", "version": v2, "model": f"{name}@{v2}",
-                                 "source": "upload", "rollback_versions": [v1], "changed": True, "replaced": v1}
+        assert pushed.json() == {
+            "id": name,
+            "object": "adapter",
+            "version": v2,
+            "model": f"{name}@{v2}",
+            "source": "upload",
+            "rollback_versions": [v1],
+            "changed": True,
+            "replaced": v1,
+        }
         assert running_at_swap == 2 and len(before) == len(after) == per_batch  # the swap came mid-generation
         for batch, adapter_version in ((before, v1), (after, v2)):
             for model, body, (model_field, header, text) in batch:
@@ -137,8 +169,12 @@ def test_rollback_restores_the_earlier_version_exactly(generator, versions):
         http = httpx.Client(base_url=live.url, headers=AUTH, timeout=30)
 
         def answers(model: str = name) -> list[tuple[str, str]]:
-            bodies = [http.post("/v1/completions", json={"model": model, "prompt": p, "max_tokens": MAX_TOKENS,
-                                                         "temperature": 0}).json() for p in PROMPTS]
+            bodies = [
+                http.post(
+                    "/v1/completions", json={"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0}
+                ).json()
+                for p in PROMPTS
+            ]
             return [(b["model"], b["choices"][0]["text"]) for b in bodies]
 
         first = answers()
@@ -159,8 +195,10 @@ def test_rollback_restores_the_earlier_version_exactly(generator, versions):
         assert gone.status_code == 404 and f"{name} is at version {v1} now" in gone.json()["error"]["message"]
         same = http.post(f"/admin/adapters/{name}", content=versions.v1.read_bytes())
         assert same.json()["changed"] is False and same.json()["rollback_versions"] == []
-        assert [live.metric("edge_lora_adapter_changes_total", model=name, action=a) for a in ("load", "rollback")] \
-            == [1, 1]
+        assert [live.metric("edge_lora_adapter_changes_total", model=name, action=a) for a in ("load", "rollback")] == [
+            1,
+            1,
+        ]
         store = live.app.state.store.dir
         assert sorted(p.name for p in store.iterdir()) == []  # v2's copy went with its rollback
     assert not store.exists()  # the store goes with the server
@@ -190,14 +228,30 @@ def test_a_version_that_does_not_fit_is_refused_and_the_live_one_stays(generator
         (b"not an adapter at all", 422, "invalid_adapter", "onnxruntime cannot read it as an adapter"),
         (b"", 422, "empty_adapter", "the body is empty"),
         (broken(versions, tmp_path, renamed), 422, "invalid_adapter", "is not a LoRA input of this model"),
-        (broken(versions, tmp_path, lambda t: changed_one(t, "lora_A", lambda v: np.vstack([v, v[:1]]))), 422,
-         "invalid_adapter", "the model takes"),
-        (broken(versions, tmp_path, lambda t: changed_one(t, "lora_A", lambda v: v[:, 1:].copy())), 422,
-         "invalid_adapter", "has rank"),
-        (broken(versions, tmp_path, lambda t: changed_one(t, "lora_B", lambda v: v * np.float32(np.nan))), 422,
-         "invalid_adapter", "holds NaN or inf"),
-        (broken(versions, tmp_path, lambda t: {k: v.astype(np.float16) for k, v in t.items()}), 422,
-         "invalid_adapter", "is tensor(float16), the model takes tensor(float)"),
+        (
+            broken(versions, tmp_path, lambda t: changed_one(t, "lora_A", lambda v: np.vstack([v, v[:1]]))),
+            422,
+            "invalid_adapter",
+            "the model takes",
+        ),
+        (
+            broken(versions, tmp_path, lambda t: changed_one(t, "lora_A", lambda v: v[:, 1:].copy())),
+            422,
+            "invalid_adapter",
+            "has rank",
+        ),
+        (
+            broken(versions, tmp_path, lambda t: changed_one(t, "lora_B", lambda v: v * np.float32(np.nan))),
+            422,
+            "invalid_adapter",
+            "holds NaN or inf",
+        ),
+        (
+            broken(versions, tmp_path, lambda t: {k: v.astype(np.float16) for k, v in t.items()}),
+            422,
+            "invalid_adapter",
+            "is tensor(float16), the model takes tensor(float)",
+        ),
         (b"\0" * 300_000, 413, "body_too_large", "start the server with a larger --admin-max-body-bytes"),
     ]
     with live_server(generator, workers=1, api_key=KEY, admin_max_body_bytes=250_000) as live:
@@ -221,14 +275,20 @@ def test_a_version_that_does_not_fit_is_refused_and_the_live_one_stays(generator
 
 def test_admin_is_off_without_an_api_key_and_needs_the_key_with_one(generator, versions):
     with live_server(generator, workers=1) as live:
-        for method, path in (("GET", "/admin/adapters"), ("POST", f"/admin/adapters/{versions.name}"),
-                             ("POST", f"/admin/adapters/{versions.name}/rollback")):
+        for method, path in (
+            ("GET", "/admin/adapters"),
+            ("POST", f"/admin/adapters/{versions.name}"),
+            ("POST", f"/admin/adapters/{versions.name}/rollback"),
+        ):
             off = httpx.request(method, live.url + path, content=versions.v2.read_bytes() if method == "POST" else None)
             assert off.status_code == 404 and off.json()["error"]["code"] == "admin_disabled"
             assert "restart it with --api-key" in off.json()["error"]["message"]
     with live_server(generator, workers=1, api_key=KEY) as live:
-        wrong = httpx.post(f"{live.url}/admin/adapters/{versions.name}", content=versions.v2.read_bytes(),
-                           headers={"Authorization": "Bearer nope"})
+        wrong = httpx.post(
+            f"{live.url}/admin/adapters/{versions.name}",
+            content=versions.v2.read_bytes(),
+            headers={"Authorization": "Bearer nope"},
+        )
         assert wrong.status_code == 401
         wait_for(lambda: live.metric("edge_lora_requests_total", endpoint="/admin/adapters/{name}", status="401") == 1)
         assert httpx.get(f"{live.url}/admin/adapters", headers=AUTH).json()["data"][0]["version"] == versions.ids[0]
@@ -238,8 +298,12 @@ def test_the_cli_pushes_lists_and_rolls_back(generator, versions):
     name, (v1, v2) = versions.name, versions.ids
 
     def cli(*args: str, key: str = KEY) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "edge_lora", "serve-admin", *args, "--api-key", key],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "edge_lora", "serve-admin", *args, "--api-key", key],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     with live_server(generator, workers=1, api_key=KEY) as live:
         pushed = cli("push", live.url, name, str(versions.v2))

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from edge_lora.errors import UsageError
 from edge_lora.train.config import LoraConfig, TrainConfig, load_toml
 from edge_lora.train.data import IGNORE_INDEX, load_examples, pack
-from edge_lora.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,16 @@ def test_text_records_and_truncation_are_counted(tmp_path, tokenizer):
     assert report.truncated == 1
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a", "completion": null}', r'line 2: expected a "completion" string, got null'),
-    ("not json", r"line 2: not valid JSON"),
-    ('["a"]', r"line 2: expected a JSON object, got list"),
-    ('{"question": "a"}', r"line 2: no known fields \(got question\)"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', r"with an assistant turn"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", "completion": null}', r'line 2: expected a "completion" string, got null'),
+        ("not json", r"line 2: not valid JSON"),
+        ('["a"]', r"line 2: expected a JSON object, got list"),
+        ('{"question": "a"}', r"line 2: no known fields \(got question\)"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', r"with an assistant turn"),
+    ],
+)
 def test_bad_lines_are_named(tmp_path, tokenizer, line, message):
     path = write(tmp_path, [json.dumps({"prompt": "a", "completion": "b"}), line])
     with pytest.raises(UsageError, match=message):
@@ -106,14 +109,20 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, tokenizer):
     torch.testing.assert_close(packed_loss, total / count, rtol=1e-5, atol=1e-6)
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_messages_take_the_loss_on_every_assistant_turn(tmp_path, tokenizer):
     tokenizer.chat_template = CHAT_TEMPLATE
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "ok"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "ok"},
+    ]
     path = write(tmp_path, [json.dumps({"messages": messages})])
     (example,), _ = load_examples(path, tokenizer, 256, train_on_prompt=False)
     ids = example.input_ids
@@ -125,6 +134,8 @@ def test_messages_take_the_loss_on_every_assistant_turn(tmp_path, tokenizer):
 def test_messages_need_a_chat_template(tmp_path):
     from edge_lora.tiny import char_tokenizer
 
-    path = write(tmp_path, [json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})])
+    path = write(
+        tmp_path, [json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})]
+    )
     with pytest.raises(UsageError, match=r"line 1: a messages record needs a tokenizer with a chat template"):
         load_examples(path, char_tokenizer(), 64, False)

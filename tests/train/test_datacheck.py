@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from edge_lora.train.config import TrainConfig
-from edge_lora.train.datacheck import OverlapError, check_data, near_pairs, normalise, percentiles
 from edge_lora.demo.task import date_samples, write_jsonl
 from edge_lora.errors import UsageError
+from edge_lora.train.config import TrainConfig
+from edge_lora.train.datacheck import OverlapError, check_data, near_pairs, normalise, percentiles
 
 SENTENCE = "The adapter dir is loadable by PeftModel.from_pretrained unchanged and records its base fingerprint"
 
@@ -47,7 +47,10 @@ def test_clean_task_has_an_empty_card(tmp_path, task):
 def test_planted_overlap_stops_training_naming_the_lines(tmp_path, task):
     train, held = task
     held[3] = dict(train[17])  # exact copy: eval.jsonl:4 = train.jsonl:18
-    held[9] = {"prompt": train[50]["prompt"] + " ", "completion": train[50]["completion"].upper()}  # same once normalised
+    held[9] = {
+        "prompt": train[50]["prompt"] + " ",
+        "completion": train[50]["completion"].upper(),
+    }  # same once normalised
     train_path, eval_path = write(tmp_path, train, held)
     config = TrainConfig(model="m", data=str(train_path), eval_data=str(eval_path))
     with pytest.raises(OverlapError, match=r"2 of 40 eval samples \(5\.0%\) duplicate training samples") as caught:
@@ -58,7 +61,12 @@ def test_planted_overlap_stops_training_naming_the_lines(tmp_path, task):
     allowed = card_of(TrainConfig(model="m", data=str(train_path), eval_data=str(eval_path), allow_overlap=True))
     assert allowed["overlap"]["count"] == 2 and allowed["overlap"]["allowed"]
     # max_overlap is the fraction that may overlap: 5% passes a 10% limit
-    assert card_of(TrainConfig(model="m", data=str(train_path), eval_data=str(eval_path), max_overlap=0.1))["overlap"]["count"] == 2
+    assert (
+        card_of(TrainConfig(model="m", data=str(train_path), eval_data=str(eval_path), max_overlap=0.1))["overlap"][
+            "count"
+        ]
+        == 2
+    )
 
 
 def test_planted_near_duplicates_are_found(tmp_path, task):
@@ -70,9 +78,13 @@ def test_planted_near_duplicates_are_found(tmp_path, task):
     card = card_of(TrainConfig(model="m", data=str(train_path), eval_data=str(eval_path), allow_overlap=True))
     near = card["train"]["near_duplicates"]
     assert near["count"] == 1 and near["examples"][0].startswith(f"{train_path}:251 ~ {train_path}:121 (0.")
-    assert card["overlap"]["near"] == 1 and card["overlap"]["examples"][0].startswith(f"{eval_path}:6 ~ {train_path}:121")
+    assert card["overlap"]["near"] == 1 and card["overlap"]["examples"][0].startswith(
+        f"{eval_path}:6 ~ {train_path}:121"
+    )
     # a stricter threshold lets the edited sentence through
-    strict = card_of(TrainConfig(model="m", data=str(train_path), eval_data=str(eval_path), near_duplicate_jaccard=0.99))
+    strict = card_of(
+        TrainConfig(model="m", data=str(train_path), eval_data=str(eval_path), near_duplicate_jaccard=0.99)
+    )
     assert strict["train"]["near_duplicates"]["count"] == 0 and strict["overlap"]["count"] == 0
 
 
@@ -83,7 +95,10 @@ def test_exact_duplicates_and_lengths(tmp_path, task):
     train_path, _ = write(tmp_path, train, held)
     card = card_of(TrainConfig(model="m", data=str(train_path)), lengths=list(range(1, 301)), truncated=3)
     duplicates = card["train"]["exact_duplicates"]
-    assert duplicates["count"] == 2 and duplicates["examples"] == [f"{train_path}:8 = {train_path}:3", f"{train_path}:9 = {train_path}:3"]
+    assert duplicates["count"] == 2 and duplicates["examples"] == [
+        f"{train_path}:8 = {train_path}:3",
+        f"{train_path}:9 = {train_path}:3",
+    ]
     assert card["train"]["tokens"] == {"min": 1, "p50": 150, "p90": 270, "max": 300} and card["train"]["truncated"] == 3
     assert card["eval"] is None and card["overlap"] is None
 
@@ -95,7 +110,9 @@ def test_near_pairs_on_many_samples():
     import numpy as np
 
     rng = random.Random(0)
-    vocabulary = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(2000)]
+    vocabulary = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(2000)
+    ]
     texts = [normalise(" ".join(rng.choice(vocabulary) for _ in range(rng.randint(10, 40)))) for _ in range(5000)]
     texts[4000] = texts[10] + " extra"
     texts[4999] = "tiny"
@@ -117,10 +134,13 @@ def test_bad_eval_record_names_file_and_line(tmp_path, task):
         card_of(TrainConfig(model="m", data=str(train_path), eval_data=str(eval_path)))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("max_overlap", 1.5, r"max_overlap=1.5 must be a fraction in \[0, 1\]"),
-    ("near_duplicate_jaccard", 0.0, r"near_duplicate_jaccard=0.0 must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("max_overlap", 1.5, r"max_overlap=1.5 must be a fraction in \[0, 1\]"),
+        ("near_duplicate_jaccard", 0.0, r"near_duplicate_jaccard=0.0 must be in \(0, 1\]"),
+    ],
+)
 def test_bad_thresholds(field, value, message):
     with pytest.raises(UsageError, match=message):
         TrainConfig(model="m", data="d.jsonl", **{field: value})
@@ -135,9 +155,28 @@ def test_overlap_stops_train_before_any_model_loads(base_dir, tmp_path, task):
     held[0] = dict(train[0])
     train_path, eval_path = write(tmp_path, train, held)
     out = tmp_path / "adapter"
-    done = subprocess.run([sys.executable, "-m", "edge_lora", "train", "--model", str(base_dir), "--data", str(train_path),
-                           "--eval-data", str(eval_path), "--output", str(out), "--max-steps", "1", "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_lora",
+            "train",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(train_path),
+            "--eval-data",
+            str(eval_path),
+            "--output",
+            str(out),
+            "--max-steps",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"{eval_path}:1 = {train_path}:1" in lines[0]

@@ -15,8 +15,28 @@ ADAPTER_ATOL = 1e-5
 
 
 def train(base_dir, train_path, output, *extra, launcher=()):
-    args = [*launcher, "-m", "edge_lora", "train", "--model", str(base_dir), "--data", str(train_path),
-            "--output", str(output), "--max-steps", "8", "--batch-size", "8", "--lr", "2e-3", "--compute-dtype", "float32", "--quiet", *extra]
+    args = [
+        *launcher,
+        "-m",
+        "edge_lora",
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(train_path),
+        "--output",
+        str(output),
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--compute-dtype",
+        "float32",
+        "--quiet",
+        *extra,
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -43,4 +63,6 @@ def test_two_ranks_end_identical_and_match_one_process(base_dir, task_files, sin
 
 
 def test_accumulation_and_checkpointing_change_nothing(base_dir, task_files, single, tmp_path):
-    assert_close(train(base_dir, task_files[0], tmp_path / "acc", "--grad-accum", "4", "--gradient-checkpointing"), single)
+    assert_close(
+        train(base_dir, task_files[0], tmp_path / "acc", "--grad-accum", "4", "--gradient-checkpointing"), single
+    )

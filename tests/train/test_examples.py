@@ -25,8 +25,13 @@ def test_example_command_runs(example, tmp_path):
     shutil_example = tmp_path / "examples" / example.name
     shutil_example.parent.mkdir()
     shutil_example.write_text(example.read_text())
-    done = subprocess.run([sys.executable, "-m", "edge_lora", *command[1:], "--quiet"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_lora", *command[1:], "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((tmp_path / "demo-out" / "adapter-from-config" / "edge_lora.json").read_text())
     # learned, not just ran: a random base starts near ln(128) ≈ 4.9

@@ -13,9 +13,28 @@ STEPS, SAVE_EVERY = 60, 5
 
 
 def train_args(base_dir, train_path, output, *extra):
-    return [sys.executable, "-m", "edge_lora", "train", "--model", str(base_dir), "--data", str(train_path),
-            "--output", str(output), "--max-steps", str(STEPS), "--batch-size", "8", "--lr", "2e-3",
-            "--save-every", str(SAVE_EVERY), "--quiet", *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "edge_lora",
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(train_path),
+        "--output",
+        str(output),
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--save-every",
+        str(SAVE_EVERY),
+        "--quiet",
+        *map(str, extra),
+    ]
 
 
 def run(args):
@@ -44,7 +63,10 @@ def test_sigkill_then_resume_is_bit_identical(base_dir, task_files, uninterrupte
 
     done = run(train_args(base_dir, task_files[0], out, "--resume"))
     assert done.returncode == 0, done.stderr
-    resumed, straight = load_file(out / "adapter_model.safetensors"), load_file(uninterrupted / "adapter_model.safetensors")
+    resumed, straight = (
+        load_file(out / "adapter_model.safetensors"),
+        load_file(uninterrupted / "adapter_model.safetensors"),
+    )
     assert resumed.keys() == straight.keys()
     for name in straight:
         assert (resumed[name] == straight[name]).all(), name

@@ -6,30 +6,43 @@ import json
 import pytest
 import torch
 
-from edge_lora.train.config import LoraConfig, QuantConfig, TrainConfig
 from edge_lora.errors import UsageError
+from edge_lora.formats import AdapterManifest
+from edge_lora.train.config import LoraConfig, QuantConfig, TrainConfig
 
 
 def short_run(base_dir, train_path, output, **fields):
     from edge_lora.train.loop import train
 
-    config = TrainConfig(model=str(base_dir), data=str(train_path), output=str(output), max_steps=3, batch_size=8,
-                         learning_rate=2e-3, log_every=1, **fields)
+    config = TrainConfig(
+        model=str(base_dir),
+        data=str(train_path),
+        output=str(output),
+        max_steps=3,
+        batch_size=8,
+        learning_rate=2e-3,
+        log_every=1,
+        **fields,
+    )
     return train(config, show_progress=False)
 
 
-@pytest.mark.parametrize("fields", [
-    {"quant": QuantConfig(quant_type="fp4", double_quant=False)},
-    {"lora": LoraConfig(r=4, alpha=8, use_rslora=True, target_modules=("q_proj", "v_proj"))},
-    {"lora": LoraConfig(r=4, use_dora=True)},
-    {"quant": QuantConfig(compute_dtype="float16")},
-    {"quant": QuantConfig(block_size=128)},
-], ids=["fp4-no-double-quant", "rslora-q-v", "dora", "fp16-loss-scaled", "block-128"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"quant": QuantConfig(quant_type="fp4", double_quant=False)},
+        {"lora": LoraConfig(r=4, alpha=8, use_rslora=True, target_modules=("q_proj", "v_proj"))},
+        {"lora": LoraConfig(r=4, use_dora=True)},
+        {"quant": QuantConfig(compute_dtype="float16")},
+        {"quant": QuantConfig(block_size=128)},
+    ],
+    ids=["fp4-no-double-quant", "rslora-q-v", "dora", "fp16-loss-scaled", "block-128"],
+)
 def test_options_are_applied_and_reload_with_peft(base_dir, task_files, tmp_path, fields):
     from peft import PeftModel
 
-    from edge_lora.train.reference import qlora_model
     from edge_lora.train.qlora import load_quantized_base
+    from edge_lora.train.reference import qlora_model
 
     out = short_run(base_dir, task_files[0], tmp_path / "a", **fields)
     manifest = json.loads((out / "edge_lora.json").read_text())
@@ -42,7 +55,7 @@ def test_options_are_applied_and_reload_with_peft(base_dir, task_files, tmp_path
     assert adapter_config["use_dora"] == lora.use_dora
     if lora.target_modules != ("all-linear",):
         assert set(adapter_config["target_modules"]) == set(lora.target_modules)
-    reference = qlora_model(out, base_dir, manifest)
+    reference = qlora_model(out, base_dir, AdapterManifest.load(out))
     # PEFT's load computes in fp32 as the reference does (auto would pick bf16 on a CPU with it), except for the
     # fp16 case, loaded as trained: fp16 logits against fp32 ones
     load_quant = quant if quant.compute_dtype == "float16" else dataclasses.replace(quant, compute_dtype="float32")
@@ -54,7 +67,9 @@ def test_options_are_applied_and_reload_with_peft(base_dir, task_files, tmp_path
     # every 4-bit layer, adapted or not, goes into the merged export dequantized: the fp32 gate holds
     from edge_lora.export import export
 
-    parity = json.loads((export(out, tmp_path / "x", show_progress=False) / "export.json").read_text())["parity"]["merged"]
+    parity = json.loads((export(out, tmp_path / "x", show_progress=False) / "export.json").read_text())["parity"][
+        "merged"
+    ]
     assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3
 
 
@@ -63,21 +78,26 @@ def test_block_size_quantizes_from_the_original_weights(tmp_path, family):
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
-    from edge_lora.train.qlora import load_quantized_base
     from edge_lora.tiny import FAMILIES, build_base_model
+    from edge_lora.train.qlora import load_quantized_base
 
     base = build_base_model(tmp_path / family, FAMILIES[family]())
     original = load_file(base / "model.safetensors")
-    model = load_quantized_base(base, QuantConfig(block_size=256, compute_dtype="float32"))  # bf16 would quantize bf16-cast weights
+    model = load_quantized_base(
+        base, QuantConfig(block_size=256, compute_dtype="float32")
+    )  # bf16 would quantize bf16-cast weights
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers
     for name, module in layers:
         state = module.weight.quant_state
         assert state.blocksize == 256
-        weight = original.get(f"{name}.weight", original.get(f"{name.removeprefix(model.base_model_prefix + '.')}.weight"))
+        weight = original.get(
+            f"{name}.weight", original.get(f"{name.removeprefix(model.base_model_prefix + '.')}.weight")
+        )
         weight = weight.T if family == "gpt2" else weight
-        codes, expected = bnb.functional.quantize_4bit(weight.float().contiguous(), blocksize=256, quant_type="nf4",
-                                                       compress_statistics=True)
+        codes, expected = bnb.functional.quantize_4bit(
+            weight.float().contiguous(), blocksize=256, quant_type="nf4", compress_statistics=True
+        )
         assert torch.equal(module.weight.data, codes), name  # the same 4-bit codes as quantizing the original
 
 
@@ -94,8 +114,11 @@ def test_unknown_block_size_names_the_allowed_ones():
 
 
 def test_unknown_target_module_lists_the_linear_layers(base_dir, task_files, tmp_path):
-    with pytest.raises(UsageError, match=r"lora.target_modules: qkv not among this model's linear layers — choose from "
-                                         r"down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(
+        UsageError,
+        match=r"lora.target_modules: qkv not among this model's linear layers — choose from "
+        r"down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+    ):
         short_run(base_dir, task_files[0], tmp_path / "b", lora=LoraConfig(target_modules=("qkv",)))
 
 
@@ -131,10 +154,14 @@ def test_bf16_training_keeps_fp32_lora_weights_and_follows_fp32(base_dir, task_f
     loss.backward()  # the fp32 LoRA weights get fp32 gradients through the bf16 activations
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in params.items() if "lora_B" in n)
 
-    runs = {dtype: short_run(base_dir, task_files[0], tmp_path / dtype, quant=QuantConfig(compute_dtype=dtype))
-            for dtype in ("bfloat16", "float32")}
-    losses = {dtype: [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-              for dtype, out in runs.items()}
+    runs = {
+        dtype: short_run(base_dir, task_files[0], tmp_path / dtype, quant=QuantConfig(compute_dtype=dtype))
+        for dtype in ("bfloat16", "float32")
+    }
+    losses = {
+        dtype: [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        for dtype, out in runs.items()
+    }
     assert len(losses["bfloat16"]) == 3
     for bf16, fp32 in zip(losses["bfloat16"], losses["float32"]):
         assert abs(bf16 - fp32) <= 1e-2 * fp32
