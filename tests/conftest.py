@@ -10,6 +10,17 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Fixtures that train an adapter: a test that uses one, itself or through a fixture that exports it, is marked
+# slow, and `make test-fast` (pytest -m "not slow") leaves it out. Tests that train or export in their own body
+# carry the mark themselves.
+TRAINED = {"adapter_dir", "second_adapter", "weak_adapter", "family", "single", "uninterrupted"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 SMALL_MODEL = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )

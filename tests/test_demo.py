@@ -7,6 +7,7 @@ import pytest
 from edge_lora.demo.run import GATE_POINTS, DemoStepError, run_demo
 
 
+@pytest.mark.slow
 def test_demo_runs_every_step_and_writes_its_summary(tmp_path):
     from rich.console import Console
 
