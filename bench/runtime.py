@@ -68,18 +68,10 @@ import time
 from pathlib import Path
 
 from edge_lora.formats import EXPORT_MANIFEST, LORA_ADD, MATMUL_Q4, ExportManifest
+from edge_lora.tiny import SMOLLM2_135M_SHAPE
 
-# As in bench/export.py: the reference shape (SmolLM2-135M's), and a tiny one for checking the script.
-REFERENCE = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    max_position_embeddings=2048,
-)
+# The reference shape (SmolLM2-135M's), and a tiny one for checking the script.
+REFERENCE = SMOLLM2_135M_SHAPE
 QUICK = dict(
     hidden_size=64,
     intermediate_size=128,

@@ -64,6 +64,20 @@ def llama_config(**overrides):
     return LlamaConfig(**kwargs)
 
 
+# The reference shape of the benches' speed figures: SmolLM2-135M's (a Llama), with random weights, since speed does
+# not depend on weight values.
+SMOLLM2_135M_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
+
+
 # The families the tests carry through train → adapter → merged ONNX → runtime, each at hidden 64, 2 layers,
 # with what sets it apart from Llama kept: the point is to exercise each architecture's own layers.
 
