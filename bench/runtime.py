@@ -55,6 +55,7 @@ that reruns only measure. The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -826,6 +827,13 @@ def main() -> None:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown system(s) {', '.join(unknown)} — choose from {', '.join(SYSTEMS)}")
+    if "llamacpp" in systems and importlib.util.find_spec("llama_cpp") is None:
+        parser.error(
+            "system llamacpp needs llama-cpp-python, which is not installed — .venv/bin/pip install "
+            "llama-cpp-python==0.3.36 (it builds from source, about 8 min; on a CPU with AMX set CMAKE_ARGS to "
+            "'-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF' and the AVX-512 flags "
+            "the CPU has), or leave llamacpp out of --systems"
+        )
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     build_all(work, systems)
