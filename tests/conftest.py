@@ -21,6 +21,7 @@ def pytest_collection_modifyitems(items):
         if TRAINED & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
+
 SMALL_MODEL = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
