@@ -37,12 +37,14 @@ DEFAULT_DEVICE = "cpu-x86-64"
 
 # The adapter dir (edge-lora train): PEFT's files and edge-lora's manifest beside them.
 ADAPTER_MANIFEST = "edge_lora.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for the adapter's tensors
 # The export dir (edge-lora export).
 EXPORT_MANIFEST = "export.json"
 PORTABLE_GRAPH = "model.onnx"  # the graph every onnxruntime runs
 Q4_GRAPH = "model.q4.onnx"  # the same weights for edge-lora's MatMulQ4 op (edge_lora.runtime.kernels)
 LORA_GRAPH = "model.lora.onnx"  # the portable graph with each projection's LoRA branches in one LoraAdd node
 TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"  # the base's; its eos ids add to the model config's
 ADAPTER_SUFFIX = ".onnx_adapter"  # onnxruntime's adapter format, one file per adapter of an `adapters` export
 KERNEL_ADAPTER_SUFFIX = ".q4.onnx_adapter"  # an adapter as the kernel graphs' one LoRA input takes it
 # A builder graph's overridable initializer in front of the head: -1 runs the head on the last position alone,

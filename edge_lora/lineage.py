@@ -14,10 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_lora.errors import UsageError
-from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST, AdapterManifest, sha256_file
+from edge_lora.formats import ADAPTER_MANIFEST, ADAPTER_WEIGHTS, EXPORT_MANIFEST, AdapterManifest, sha256_file
 from edge_lora.runtime.package import ExportDir
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def data_digests(data: dict) -> dict:

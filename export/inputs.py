@@ -11,7 +11,7 @@ from pathlib import Path
 from edge_lora.errors import UsageError
 from edge_lora.export.graphs import builder as builder_graph
 from edge_lora.export.options import ExportOptions, auto_graph
-from edge_lora.formats import AdapterManifest
+from edge_lora.formats import ADAPTER_WEIGHTS, AdapterManifest
 from edge_lora.train import manifest as adapter_manifest
 from edge_lora.train.reference import base_dir_of
 
@@ -63,7 +63,7 @@ def check_adapter_weights(adapter_dir: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = adapter_dir / "adapter_model.safetensors"
+    path = adapter_dir / ADAPTER_WEIGHTS
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:

@@ -25,15 +25,15 @@ from edge_lora.export.manifest import describe, write_manifest
 from edge_lora.export.models import Models, load_models
 from edge_lora.export.options import ExportOptions
 from edge_lora.export.parity import gate
-from edge_lora.formats import PORTABLE_GRAPH
+from edge_lora.formats import GENERATION_CONFIG, PORTABLE_GRAPH, TOKENIZER_FILE
 from edge_lora.progress import progress_bar
 
 TOKENIZER_FILES = (
-    "tokenizer.json",
+    TOKENIZER_FILE,
     "tokenizer_config.json",
     "chat_template.jinja",
     "special_tokens_map.json",
-    "generation_config.json",
+    GENERATION_CONFIG,
     "config.json",
 )
 

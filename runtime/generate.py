@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_lora.formats import GENERATION_CONFIG
 from edge_lora.runtime.cache import SharedCache
 from edge_lora.runtime.chat import ChatError, ChatTemplate
 from edge_lora.runtime.package import ExportDir
@@ -342,7 +343,7 @@ def cache_dtype(export: ExportDir) -> type[np.floating]:
 def generation_eos_ids(export: ExportDir) -> set[int]:
     """eos_token_id of the export's generation_config.json (an int or a list), the ids transformers' generate
     stops at; none when the file is absent."""
-    path = export.path / "generation_config.json"
+    path = export.path / GENERATION_CONFIG
     eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
     return set(eos) if isinstance(eos, list) else {eos} if isinstance(eos, int) else set()
 

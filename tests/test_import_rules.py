@@ -1,15 +1,6 @@
 """The runtime ships to devices without PyTorch: importing it must not pull in any training library."""
 
-import subprocess
-import sys
-
-HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "optimum", "accelerate")
-
-
-def heavy_modules_after(code: str) -> list[str]:
-    probe = f"{code}\nimport sys\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    return [m for m in out.strip().split(",") if m]
+from import_probe import heavy_modules_after
 
 
 def test_runtime_import_is_torch_free():

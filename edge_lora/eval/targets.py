@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.eval.samples import EvalError, EvalSample
-from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST, ExportManifest
+from edge_lora.formats import ADAPTER_MANIFEST, EXPORT_MANIFEST, TOKENIZER_FILE, ExportManifest
 from edge_lora.runtime.chat import ChatError, ChatTemplate
 from edge_lora.runtime.tokenizer import TextTokenizer
 
@@ -67,7 +67,7 @@ def spec(path: str | Path, adapter: str | None = None) -> TargetSpec:
 
 def tokenizer_digest(target_dir: Path) -> str:
     """sha256 of what makes tokenizer.json turn text into ids: equal digests, equal token ids."""
-    path = Path(target_dir) / "tokenizer.json"
+    path = Path(target_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise EvalError(
             f"{target_dir} has no tokenizer.json — evaluation tokenizes with it; save the tokenizer "
@@ -84,7 +84,7 @@ class Target:
 
     def __init__(self, spec_: TargetSpec, eos_ids: list[int], context_length: int):
         self.spec = spec_
-        self.tokenizer = TextTokenizer(spec_.path / "tokenizer.json")
+        self.tokenizer = TextTokenizer(spec_.path / TOKENIZER_FILE)
         self.template = ChatTemplate.load(spec_.path)
         self.eos_ids = set(eos_ids)
         self.eos_id = eos_ids[0]

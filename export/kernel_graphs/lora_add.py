@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_lora.export.kernel_graphs.branches import find_branches, swap_nodes, write_adapter
-from edge_lora.formats import LORA_GRAPH
+from edge_lora.formats import LORA_GRAPH, PORTABLE_GRAPH
 from edge_lora.runtime.kernels import DOMAIN, FORMATS, LORA_ADD, LORA_INPUT
 
 LORA_OP = "LoraAdd"
@@ -43,7 +43,7 @@ def write(export_dir: Path, adapters: dict[str, dict], shared: dict | None = Non
     from onnx import helper
 
     # the weights stay where they are: their external-data references now point from both graphs to one file
-    proto = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    proto = onnx.load(str(export_dir / PORTABLE_GRAPH), load_external_data=False)
     graph = proto.graph
     by_name = {node.name: node for node in graph.node}
     initializers = {tensor.name: tensor for tensor in graph.initializer}

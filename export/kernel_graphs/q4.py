@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.export.kernel_graphs.branches import find_branches, swap_nodes, write_adapter
-from edge_lora.formats import Q4_GRAPH
+from edge_lora.formats import PORTABLE_GRAPH, Q4_GRAPH
 from edge_lora.runtime.kernels import BLOCKS, DOMAIN, FORMATS, LORA_INPUT, MATMUL_Q4, TILE
 
 
@@ -71,7 +71,7 @@ def write(export_dir: Path, adapters: dict[str, dict]) -> dict | None:
     import onnx
     from onnx import helper
 
-    proto = onnx.load(str(export_dir / "model.onnx"))
+    proto = onnx.load(str(export_dir / PORTABLE_GRAPH))
     graph = proto.graph
     by_name = {node.name: node for node in graph.node}
     initializers = {tensor.name: tensor for tensor in graph.initializer}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora.formats import ProfileReport
+from edge_lora.formats import PROFILE_REPORT, ProfileReport
 from edge_lora.runtime.profile.trace import render_trace
 
 PLOTS_SKIPPED = "Plots not written: matplotlib is not installed — pip install 'edge-lora[plot]'"
@@ -202,7 +202,7 @@ def write_report(report: ProfileReport, out_dir: str | Path) -> dict[str, Path]:
     the paths written, by name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "profile.json", "csv": out_dir / "profile.csv", "markdown": out_dir / "profile.md"}
+    paths = {"json": out_dir / PROFILE_REPORT, "csv": out_dir / "profile.csv", "markdown": out_dir / "profile.md"}
     report.save(paths["json"])
     with paths["csv"].open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from import_probe import heavy_modules_after
 from test_cli import assert_one_line_error, edge_lora
-from test_import_rules import heavy_modules_after
 
 from edge_lora.export.parity import FALLBACK_PROMPTS
 
