@@ -358,6 +358,13 @@ def main() -> None:
             f"--threads {args.threads} must be a positive multiple of --workers {args.workers} (edge-lora "
             "gets threads / workers per worker, so that both servers use the same threads)"
         )
+    missing = [m for m in ("llama_cpp", "sse_starlette", "starlette_context") if importlib.util.find_spec(m) is None]
+    if missing:
+        parser.error(
+            f"the llama.cpp server needs {', '.join(missing)}, not installed — .venv/bin/pip install "
+            "'llama-cpp-python[server]==0.3.36' (llama-cpp-python builds from source, about 8 min; bench/runtime.py's "
+            "error says which build flags a CPU with AMX needs)"
+        )
     levels = [int(c) for c in args.concurrency.split(",")]
 
     rt = bench_runtime()
