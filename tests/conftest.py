@@ -10,10 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Fixtures that train an adapter: a test that uses one, itself or through a fixture that exports it, is marked
-# slow, and `make test-fast` (pytest -m "not slow") leaves it out. Tests that train or export in their own body
-# carry the mark themselves.
-TRAINED = {"adapter_dir", "second_adapter", "weak_adapter", "family", "single", "uninterrupted"}
+# The session's trained adapters: a test that uses one, itself or through a fixture that exports it, is marked
+# slow, and `make test-fast` (pytest -m "not slow") leaves it out. Modules whose own fixtures train, and tests that
+# train or export in their body, carry the mark themselves.
+TRAINED = {"adapter_dir", "second_adapter"}
 
 
 def pytest_collection_modifyitems(items):

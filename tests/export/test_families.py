@@ -19,6 +19,8 @@ import torch
 from edge_lora.formats import AdapterManifest
 from edge_lora.tiny import FAMILIES
 
+pytestmark = pytest.mark.slow  # every test here trains and exports one tiny model per family
+
 # One completion for every prompt, with no character twice: 20 steps at a high learning rate teach it to every
 # family, ending with </s>. A model that has learned its output ranks it far ahead of the rest, so greedy
 # comparisons do not hang on near-ties of a random model, and the parity gate's greedy runs stop at </s>

@@ -8,6 +8,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test here trains (two ranks, and one process to match)
+
 # Sums of the same fp32 terms in another order (all-reduce, micro-batches) differ in the last bits. In fp32:
 # in bf16 (auto's choice on a CPU with bf16 instructions) splitting a batch rounds every activation differently
 # (5e-3 apart after 8 steps here), which would hide a real difference.

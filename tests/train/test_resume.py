@@ -9,6 +9,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test here trains, is killed, and resumes
+
 STEPS, SAVE_EVERY = 60, 5
 
 
