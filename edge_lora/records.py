@@ -35,6 +35,14 @@ class Record:
     def from_dict(cls, doc: object, where: str) -> typing.Self:
         if not isinstance(doc, dict):
             raise cls.error(f"{where} is not a JSON object — {cls.fix}")
+        record, problems = cls._build(doc, prefix="")
+        if problems:
+            raise cls.error(f"{where}: {'; '.join(problems)} — {cls.fix}")
+        return record
+
+    @classmethod
+    def _build(cls, doc: dict, prefix: str) -> tuple[typing.Self | None, list[str]]:
+        """The record and no problems, or None and every problem, each naming its key as `prefix` + field."""
         hints = _hints(cls)
         values, problems = {}, []
         for f in dataclasses.fields(cls):
@@ -42,16 +50,16 @@ class Record:
                 continue
             if f.name not in doc:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    problems.append(f"lacks {f.name!r}")
+                    problems.append(f"lacks {prefix + f.name!r}")
                 continue
             try:
-                values[f.name] = _convert(hints[f.name], doc[f.name], f"{f.name}")
+                values[f.name] = _convert(hints[f.name], doc[f.name], prefix + f.name)
             except ValueError as e:
                 problems.append(str(e))
         if problems:
-            raise cls.error(f"{where}: {'; '.join(problems)} — {cls.fix}")
+            return None, problems
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**values, extra={k: v for k, v in doc.items() if k not in names}, given=frozenset(doc))
+        return cls(**values, extra={k: v for k, v in doc.items() if k not in names}, given=frozenset(doc)), []
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -76,7 +84,10 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if isinstance(hint, type) and issubclass(hint, Record):
         if not isinstance(value, dict):
             raise ValueError(f"{key!r} is {_kind(value)}, expected an object")
-        return _record(hint, value, key)
+        record, problems = hint._build(value, prefix=f"{key}.")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return record
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{key!r} is {value!r}, expected one of {', '.join(map(str, args))}")
@@ -98,14 +109,6 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ValueError(f"{key!r} is {_kind(value)}, expected {hint.__name__}")
     return value
-
-
-def _record(cls: type[Record], value: dict, key: str) -> Record:
-    """A nested Record: its problems are the parent's, prefixed with the key that holds it."""
-    try:
-        return cls.from_dict(value, key)
-    except ManifestError as e:
-        raise ValueError(str(e).rsplit(" — ", 1)[0]) from None
 
 
 def _kind(value: Any) -> str:

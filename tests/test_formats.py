@@ -75,7 +75,7 @@ def test_every_problem_is_named_on_one_line():
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("x/export.json: ") and message.endswith("— re-run edge-lora export")
-    for problem in ("lacks 'files'", "kv_cache: 'num_layers' is str, expected int", "'flavor' is 'fused'"):
+    for problem in ("lacks 'files'", "'kv_cache.num_layers' is str, expected int", "'flavor' is 'fused'"):
         assert problem in message
 
 
