@@ -1,4 +1,4 @@
-"""Runtime benchmark: edge-lora's onnxruntime runtime against llama.cpp, onnxruntime-genai and optimum,
+"""Runtime benchmark: edge-lora's onnxruntime runtime against llama.cpp and onnxruntime-genai,
 on the same random weights, shape, prompt and threads, as ratios measured side by side in one run.
 
     .venv/bin/python bench/runtime.py                  # the reference shape (SmolLM2-135M-shaped Llama), 2 threads
@@ -7,8 +7,9 @@ on the same random weights, shape, prompt and threads, as ratios measured side b
 
 The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its own):
 
-- `edge_lora`: `edge_lora.runtime.load(export, threads=N).generate(...)` on an `edge-lora export --precision int4`
-  of a 1-step LoRA adapter (r 16, every linear layer) merged into the base.
+- `edge_lora`: `edge_lora.runtime.load(export, threads=N).generate(...)` on an `edge-lora export --precision int4
+  --graph torch` (torch's ONNX exporter: what architectures the builder lacks get) of a 1-step LoRA adapter
+  (r 16, every linear layer) merged into the base.
 - `edge_lora_builder`: the same, on `edge-lora export --precision int4 --graph builder` (onnxruntime-genai's model
   builder writes the merged model: GroupQueryAttention over a KV buffer bound once per generation as past and
   present, the tied embedding shared with the int4 head, the head run on the prompt's last position alone).
@@ -36,8 +37,6 @@ The systems, each in its own process (so that its peak RSS, `ru_maxrss`, is its 
   be built without ggml's AMX kernels (BENCHMARKS.md, "Runtime"): 0.3.36's AMX matmul crashes on these models.
 - `genai`: onnxruntime-genai's `Generator` on the graph of its own model builder (`python -m
   onnxruntime_genai.models.builder -i BASE -o OUT -p int4 -e cpu`, its defaults), threads set by a config overlay.
-- `optimum`: optimum's `ORTModelForCausalLM.generate` on edge-lora's merged int4 export (the same graph as
-  `edge_lora`, so the difference is the generation loop: transformers' generate with torch tensors).
 
 The merged systems run the base with the merged adapter, the GGUF and genai graphs the base alone: latency does
 not depend on weight values. Every system gets the same prompts (random token ids, a new prompt per run so that
@@ -91,7 +90,6 @@ ANCHOR = {
     "llamacpp_ttft_s": 0.14,
     "genai_decode_tok_s": (112.0, 125.0),
     "genai_ttft_s": 0.31,
-    "optimum_whole_run_tok_s": 30.0,
 }
 SYSTEMS = (
     "edge_lora",
@@ -100,7 +98,6 @@ SYSTEMS = (
     "edge_lora_builder_adapters",
     "llamacpp",
     "genai",
-    "optimum",
     "edge_lora_builder_portable",
     "edge_lora_builder_adapters_portable",
     "edge_lora_builder_adapters_lora",
@@ -175,7 +172,7 @@ def build_adapter(work: Path, out: Path) -> None:
     )
 
 
-def build_export(work: Path, out: Path, flavor: str, block_size: int, graph: str = "optimum") -> None:
+def build_export(work: Path, out: Path, flavor: str, block_size: int, graph: str = "torch") -> None:
     from edge_lora.export import ExportOptions, export
 
     # No parity gate: on random weights with a 1-step adapter the next-token distributions are nearly flat and
@@ -305,7 +302,7 @@ def build_step(step: str, work: Path, args) -> None:
             final,
             "adapters" if step.endswith("_adapters") else "merged",
             args.int4_block_size,
-            graph="builder" if "builder" in step else "optimum",
+            graph="builder" if "builder" in step else "torch",
         )
         return
     elif step == "gguf":
@@ -358,7 +355,7 @@ def name_artifacts(int4_block_size: int) -> None:
 
 
 def build_all(work: Path, systems: list[str]) -> None:
-    artifact = {"llamacpp": "gguf", "optimum": "edge_lora"}  # the others' artifacts have their names
+    artifact = {"llamacpp": "gguf"}  # the others' artifacts have their names
     artifact |= {s: export_system(s) for s in SYSTEMS if export_system(s) != s}
     needed = ["base", "adapter", *dict.fromkeys(artifact.get(s, s) for s in systems)]
     for system in (s for s in systems if graph_variant(s) == LORA):  # an export cached before the LoRA op's graph
@@ -470,48 +467,6 @@ def open_genai(work: Path, args):
     return run
 
 
-def open_optimum(work: Path, args):
-    import onnxruntime as ort
-    import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
-
-    torch.set_num_threads(args.threads)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-    model = ORTModelForCausalLM.from_pretrained(
-        work / ARTIFACTS["edge_lora"], session_options=options, use_cache=True, provider="CPUExecutionProvider"
-    )
-
-    class Clock(BaseStreamer):
-        """generate() calls put() once with the prompt, then once per new token."""
-
-        def __init__(self):
-            self.stamps = []
-
-        def put(self, value):
-            self.stamps.append(time.perf_counter_ns())
-
-        def end(self):
-            pass
-
-    def run(ids: list[int]) -> tuple[float, list[float]]:
-        clock = Clock()
-        start = time.perf_counter_ns()
-        model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
-            streamer=clock,
-            pad_token_id=0,
-        )
-        return seconds_between([start, *clock.stamps[1:]])
-
-    return run
-
-
 def seconds_between(stamps_ns: list[int]) -> tuple[float, list[float]]:
     """(TTFT, later token times) from the start stamp and one stamp per new token."""
     gaps = [(b - a) / 1e9 for a, b in zip(stamps_ns, stamps_ns[1:])]
@@ -536,7 +491,6 @@ def serve_child(system: str, work: Path, args) -> None:
         "edge_lora_builder_adapters_lora": lambda: open_edge_lora(work, args, "edge_lora_builder_adapters_lora"),
         "llamacpp": lambda: open_llamacpp(work, args),
         "genai": lambda: open_genai(work, args),
-        "optimum": lambda: open_optimum(work, args),
     }[system]()
     for i in range(args.warmup):
         run(prompt_ids(10_000 + i, vocab, args.prompt_tokens))
@@ -829,10 +783,8 @@ def main() -> None:
         parser.error(f"unknown system(s) {', '.join(unknown)} — choose from {', '.join(SYSTEMS)}")
     if "llamacpp" in systems and importlib.util.find_spec("llama_cpp") is None:
         parser.error(
-            "system llamacpp needs llama-cpp-python, which is not installed — .venv/bin/pip install "
-            "llama-cpp-python==0.3.36 (it builds from source, about 8 min; on a CPU with AMX set CMAKE_ARGS to "
-            "'-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF' and the AVX-512 flags "
-            "the CPU has), or leave llamacpp out of --systems"
+            "system llamacpp needs llama-cpp-python, which is not installed — run `make bench-deps` (it builds "
+            "llama.cpp from source, about 8 min), or leave llamacpp out of --systems"
         )
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -847,9 +799,7 @@ def main() -> None:
     bandwidth = read_bandwidth_gb_s(args.threads)
 
     model_mb, per_token = {}, {}
-    for system in [s for s in systems if export_system(s) in EXPORT_ARTIFACTS] + (
-        ["edge_lora"] if "optimum" in systems else []
-    ):
+    for system in [s for s in systems if export_system(s) in EXPORT_ARTIFACTS]:
         export_dir = work / ARTIFACTS[export_system(system)]
         # the graph that system runs: a kernel's where the export has one (and the system is not _portable)
         manifest = ExportManifest.load(export_dir)
@@ -905,16 +855,12 @@ def main() -> None:
         **{f"{s}_decode_tok_s": round(r["decode_tok_s"], 1) for s, r in results.items()},
         **{f"{s}_ttft_s": round(r["ttft_s"], 4) for s, r in results.items()},
         **{f"{s}_peak_rss_mb": round(r["peak_rss_mb"], 1) for s, r in results.items()},
-        **(
-            {"optimum_whole_run_tok_s": round(results["optimum"]["whole_run_tok_s"], 1)} if "optimum" in results else {}
-        ),
         "vs_llamacpp_decode": ratio(edge.get("decode_tok_s"), results.get("llamacpp", {}).get("decode_tok_s")),
         "vs_genai_decode": ratio(edge.get("decode_tok_s"), results.get("genai", {}).get("decode_tok_s")),
         "vs_llamacpp_ttft": ratio(edge.get("ttft_s"), results.get("llamacpp", {}).get("ttft_s")),
         "vs_genai_ttft": ratio(edge.get("ttft_s"), results.get("genai", {}).get("ttft_s")),
-        "vs_optimum_whole_run": ratio(edge.get("whole_run_tok_s"), results.get("optimum", {}).get("whole_run_tok_s")),
-        "builder_vs_optimum_graph_decode": ratio(builder.get("decode_tok_s"), edge.get("decode_tok_s")),
-        "builder_vs_optimum_graph_ttft": ratio(builder.get("ttft_s"), edge.get("ttft_s")),
+        "builder_vs_torch_graph_decode": ratio(builder.get("decode_tok_s"), edge.get("decode_tok_s")),
+        "builder_vs_torch_graph_ttft": ratio(builder.get("ttft_s"), edge.get("ttft_s")),
         "builder_vs_genai_decode": ratio(builder.get("decode_tok_s"), results.get("genai", {}).get("decode_tok_s")),
         "builder_vs_llamacpp_decode": ratio(
             builder.get("decode_tok_s"), results.get("llamacpp", {}).get("decode_tok_s")

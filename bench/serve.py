@@ -361,9 +361,8 @@ def main() -> None:
     missing = [m for m in ("llama_cpp", "sse_starlette", "starlette_context") if importlib.util.find_spec(m) is None]
     if missing:
         parser.error(
-            f"the llama.cpp server needs {', '.join(missing)}, not installed — .venv/bin/pip install "
-            "'llama-cpp-python[server]==0.3.36' (llama-cpp-python builds from source, about 8 min; bench/runtime.py's "
-            "error says which build flags a CPU with AMX needs)"
+            f"the llama.cpp server needs {', '.join(missing)}, not installed — run `make bench-deps` (it builds "
+            "llama.cpp from source, about 8 min)"
         )
     levels = [int(c) for c in args.concurrency.split(",")]
 

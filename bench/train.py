@@ -12,7 +12,7 @@ Trainer side then runs the same: bf16 4-bit compute, the model loaded in bf16, `
 - edge-lora: `edge_lora.train.loop.train(TrainConfig(...))` as it is — samples packed into rows of at most
   `--pack-length` tokens, gradient checkpointing off (its default) unless `--edge-lora-checkpointing`.
 - Trainer: the recipe users copy — `BitsAndBytesConfig` NF4 load, `prepare_model_for_kbit_training`,
-  `get_peft_model`, `Trainer` with `gradient_checkpointing=True` and `DataCollatorForSeq2Seq` padding to
+  `get_peft_model`, `Trainer` with `activation_checkpointing=True` and `DataCollatorForSeq2Seq` padding to
   the longest sample of the batch. One change: its sampler reads the data in edge-lora's batch order, so that
   both sides see the same batch at every step (the sampler does not affect speed).
 
@@ -376,7 +376,7 @@ def run_trainer(work: Path, args, clock: TurnClock) -> dict:
     training_args = TrainingArguments(
         output_dir=str(work / "trainer-out"),
         per_device_train_batch_size=args.batch_size,
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
         max_steps=max_steps,
         learning_rate=args.lr,
         lr_scheduler_type="cosine",

@@ -217,7 +217,7 @@ def add_lora(base, lora: LoraConfig, gradient_checkpointing: bool = False):
     # (BENCHMARKS.md, Training), and the same adapter either way (tests/train/test_distributed.py), under torchrun
     # too.
     base = prepare_model_for_kbit_training(
-        base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": True}
+        base, use_gradient_checkpointing=gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": True}
     )
     return get_peft_model(base, peft_config(lora, base))
 

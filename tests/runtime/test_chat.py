@@ -41,7 +41,9 @@ def test_renders_what_transformers_renders(saved_tokenizer, generation_prompt):
     from edge_lora.runtime.tokenizer import TextTokenizer
 
     ids = TextTokenizer(path / "tokenizer.json").encode(ours, add_special_tokens=False)
-    assert ids == tokenizer.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=generation_prompt)
+    assert ids == tokenizer.apply_chat_template(
+        MESSAGES, tokenize=True, return_dict=False, add_generation_prompt=generation_prompt
+    )
 
 
 def test_a_tokenizer_without_template_has_none(tmp_path):
