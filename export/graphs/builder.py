@@ -30,6 +30,7 @@ from edge_lora.formats import LOGITS_START, PORTABLE_GRAPH
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 PRECISIONS = ("fp32", "int4")
 GENAI_CONFIG = "genai_config.json"
+HEAD_NODE = "/lm_head/MatMul"  # the builder's name for the head's MatMul, as its nodes_to_exclude takes it
 # The inputs and outputs runtime/cache.py binds; a builder graph with any other (position_ids, inputs_embeds, ...)
 # is refused at export rather than failing on the device.
 PAST_NAMES = "past_key_values.{layer}.{kind}"
@@ -59,26 +60,18 @@ def build_graph(
     in model.onnx.data, genai_config.json, and `hf_files` as transformers saves them (the model's configs, the
     tokenizer of `tokenizer_dir`), as optimum's exporter leaves them beside its graph. Returns the model path.
 
-    The builder reads an HF dir, so the model is saved to a temporary one first. A tied embedding is shared with the
-    head: at fp32 one matrix, at int4 the head's int4 blocks read by GatherBlockQuantized (the builder shares them
-    only with its round-to-nearest quantizer, "rtn": symmetric blocks of `int4_block_size`, as its default one).
+    The builder reads an HF dir, so the model is saved to a temporary one first. At int4 its round-to-nearest
+    quantizer ("rtn") writes symmetric blocks of `int4_block_size`, with no zero points. A tied embedding is shared
+    with the head: at fp32 one matrix, at int4 the head's int4 blocks read by GatherBlockQuantized (rows whose last
+    block is padded are sliced back to the hidden size).
     """
     from transformers import AutoTokenizer
 
-    options = {"hf_token": "false", "hf_remote": False, "filename": PORTABLE_GRAPH}
+    options = {"hf_token": "false", "hf_remote": "false", "filename": PORTABLE_GRAPH}
     if precision == "int4":
-        options |= {
-            "int4_block_size": int4_block_size,
-            "int4_accuracy_level": int4_accuracy_level,
-            "int4_algo_config": "rtn",
-        }
+        options |= {"block_size": int4_block_size, "accuracy_level": int4_accuracy_level, "algo_config": "rtn"}
         if not int4_head:
-            options["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
-        if model.config.hidden_size % int4_block_size:
-            # The builder (0.13) shares a tied embedding by reshaping the head's blocks to (vocab, hidden / 2), which
-            # fails at run time when the last block is padded (hidden 576 in blocks of 128): the embedding stays
-            # a matrix of its own there.
-            options["shared_embeddings"] = False
+            options["nodes_to_exclude"] = HEAD_NODE
     with tempfile.TemporaryDirectory(prefix="edge-lora-builder-") as tmp:
         hf_dir, cache_dir, built = Path(tmp) / "hf", Path(tmp) / "cache", Path(tmp) / "onnx"
         model.save_pretrained(hf_dir)
@@ -96,26 +89,43 @@ def build_graph(
 
 
 def run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, options: dict) -> None:
-    """onnxruntime_genai.models.builder.create_model in this process, its prints and INFO logs kept off the terminal
-    (it reports every node it quantizes); they are shown if it fails."""
+    """onnxruntime_genai.models.builder's parse_extra_options (the KEY=VALUE options of its command line, and the HF
+    dir's config and tokenizer) then create_model, in this process, their prints and logs kept off the terminal (it
+    reports every node it quantizes); they are shown if it fails."""
     import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its import sets INFO levels)
-    from onnxruntime_genai.models.builder import create_model
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     for name in ("", "onnxruntime.quantization.matmul_nbits_quantizer"):
         logging.getLogger(name).setLevel(logging.WARNING)
     log = io.StringIO()
+    kv_pairs = [f"{key}={value}" for key, value in options.items()]
     try:
-        with head_by_identity(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            create_model(None, str(hf_dir), str(out_dir), precision, "cpu", str(cache_dir), **options)
+        with head_by_identity(), output_into(log):
+            prepared = parse_extra_options(None, str(hf_dir), str(out_dir), precision, "cpu", str(cache_dir), kv_pairs)
+            create_model(None, str(hf_dir), str(out_dir), precision, "cpu", str(cache_dir), **prepared)
     except Exception as e:
         raise RuntimeError(f"onnxruntime-genai's model builder failed: {e}\n{log.getvalue()[-4000:]}") from e
+
+
+@contextlib.contextmanager
+def output_into(log: io.StringIO):
+    """Prints and log records go to `log` while the builder runs: the root logger's handlers (onnxruntime's
+    quantizer gives it one on the terminal's stderr when imported) are swapped for one on `log`."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    root.handlers[:] = [logging.StreamHandler(log)]
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield
+    finally:
+        root.handlers[:] = handlers
 
 
 @contextlib.contextmanager
 def head_by_identity():
     """While the builder runs, only the model's own output embedding counts as its LM head.
 
-    The builder (0.13, builders/base.py `has_lm_head`) takes every nn.Linear with vocab_size outputs for the head, so
+    The builder (0.18, builders/base.py `has_lm_head`) takes every nn.Linear with vocab_size outputs for the head, so
     a model whose MLP is as wide as its vocabulary (the tests' tiny Llama: intermediate 128, vocab 128) gets its head
     rebuilt from each layer's gate and up projections, and logits off by units. The models edge-lora exports are
     transformers ones, whose get_output_embeddings() names the head.
@@ -137,7 +147,7 @@ def head_on_last_position(model_path: Path) -> None:
     parity gate and perplexity need.
 
     onnxruntime runs every node of a graph whatever outputs a run asks for, so a second head output for all
-    positions would cost as much as the unpruned head; and the builder's own prune_lm_head (0.13) gathers position
+    positions would cost as much as the unpruned head; and the builder's own prune_lm_head (0.18) gathers position
     -1 with a constant, which leaves no way to get the logits of every position, nor of each row's own last token
     in a right-padded batch (runtime/cache.py asks for all positions then). Only model.onnx is rewritten: its
     weights stay in model.onnx.data, where the external-data references point.

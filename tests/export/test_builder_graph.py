@@ -198,24 +198,26 @@ def test_other_families_compute_what_transformers_computes(tmp_path, family):
     np.testing.assert_allclose(last, expected[:, -1:], rtol=0, atol=FP32_LOGIT_ATOL)
 
 
-def test_int4_blocks_that_do_not_divide_the_rows_keep_the_embedding_apart(tmp_path):
-    """The builder (0.13) shares a tied embedding with the int4 head by reshaping the head's blocks, which fails at
-    run time when a row's last block is padded (hidden 64 in blocks of 128): the exporter keeps them apart there.
-    Qwen2: the tied family among the tests' tiny models."""
+def test_int4_blocks_that_do_not_divide_the_rows_share_the_embedding(tmp_path):
+    """A tied embedding shares the int4 head's blocks even where a row's last block is padded (hidden 64 in blocks of
+    128): the builder gathers the padded rows and slices them back to the hidden size. Qwen2: the tied family among
+    the tests' tiny models."""
     import onnx
     import onnxruntime as ort
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_lora.export.graphs.builder import build_graph
+    from edge_lora.export.graphs.builder import HEAD_NODE, build_graph
     from edge_lora.tiny import FAMILIES, build_base_model
 
     base = build_base_model(tmp_path / "base", FAMILIES["qwen2"]())
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     assert model.config.tie_word_embeddings and model.config.hidden_size % 128
     path = build_graph(model, base, tmp_path / "onnx", "int4", 128, 4, True, ())
-    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
-    assert "GatherBlockQuantized" not in ops and "MatMulNBits" in ops
+    nodes = {n.name: n for n in onnx.load(str(path), load_external_data=False).graph.node}
+    head, gather = nodes[f"{HEAD_NODE}_Q4"], nodes["/model/embed_tokens/GatherBlockQuantized"]
+    assert head.op_type == "MatMulNBits" and nodes["/model/embed_tokens/Reshape"].input[0] == head.input[1]
+    assert gather.input[2] == head.input[2] and nodes["/model/embed_tokens/Slice"].input[0] == gather.output[0]
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
