@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -85,6 +86,7 @@ def build_graph(
                 shutil.copy2(hf_dir / name, out_dir / name)
     head_on_last_position(out_dir / PORTABLE_GRAPH)
     check_signature(out_dir / PORTABLE_GRAPH, model.config.num_hidden_layers)
+    pin_cache_width(out_dir / PORTABLE_GRAPH, model.config.num_hidden_layers)
     return out_dir / PORTABLE_GRAPH
 
 
@@ -175,14 +177,43 @@ def head_on_last_position(model_path: Path) -> None:
     onnx.save(proto, str(model_path))
 
 
+def cache_names(num_layers: int) -> tuple[set[str], set[str]]:
+    """The names of the KV-cache inputs and of the outputs, each layer's key and value."""
+    kinds = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+    past = {PAST_NAMES.format(layer=i, kind=k) for i, k in kinds}
+    return past, {PRESENT_NAMES.format(layer=i, kind=k) for i, k in kinds}
+
+
+def pin_cache_width(model_path: Path, num_layers: int) -> None:
+    """The last dimension of each KV-cache input and output set to the head size the builder wrote the graph for
+    (genai_config.json's decoder.head_size, beside it).
+
+    The builder (0.18) names that dimension kv_cache_dim, a symbol, so that one graph can also take a quantized
+    cache of another width; edge-lora's cache is float, one head wide, as export.json's kv_cache says and the graph
+    now declares. Only model.onnx is rewritten."""
+    import onnx
+
+    genai = json.loads((model_path.parent / GENAI_CONFIG).read_text())
+    head_size = genai["model"]["decoder"]["head_size"]
+    proto = onnx.load(str(model_path), load_external_data=False)
+    past, present = cache_names(num_layers)
+    for value in (*proto.graph.input, *proto.graph.output):
+        if value.name in past | present:
+            width = value.type.tensor_type.shape.dim[3]
+            if width.dim_value not in (0, head_size):
+                raise RuntimeError(f"{model_path}: {value.name} is {width.dim_value} wide, not {head_size}")
+            width.dim_value = head_size  # clears dim_param, its other member
+    onnx.save(proto, str(model_path))
+
+
 def check_signature(model_path: Path, num_layers: int) -> None:
     """The graph has the inputs and outputs runtime/cache.py binds, or the builder changed: fail the export."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    kinds = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
-    expected_in = {"input_ids", "attention_mask", LOGITS_START, *(PAST_NAMES.format(layer=i, kind=k) for i, k in kinds)}
-    expected_out = {"logits", *(PRESENT_NAMES.format(layer=i, kind=k) for i, k in kinds)}
+    past, present = cache_names(num_layers)
+    expected_in = {"input_ids", "attention_mask", LOGITS_START, *past}
+    expected_out = {"logits", *present}
     got_in, got_out = {v.name for v in graph.input}, {v.name for v in graph.output}
     if got_in != expected_in or got_out != expected_out:
         raise RuntimeError(

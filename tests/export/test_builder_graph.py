@@ -47,6 +47,8 @@ def test_fp32_export_is_fused_and_passes_parity(builder_fp32):
     assert [i["name"] for i in manifest["inputs"]][:2] == ["input_ids", "attention_mask"]
     parity = manifest["parity"]["merged"]
     assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3 and parity["greedy_agreement"] == 1.0
+    past = next(i for i in manifest["inputs"] if i["name"] == "past_key_values.0.key")
+    assert past["shape"][1::2] == [manifest["kv_cache"]["num_kv_heads"], manifest["kv_cache"]["head_dim"]]
     ops = [n.op_type for n in onnx.load(str(builder_fp32 / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("GroupQueryAttention") == manifest["kv_cache"]["num_layers"]
 
@@ -169,8 +171,18 @@ def test_builder_refuses_what_it_cannot_write(options, message):
         ExportOptions(graph="builder", **options)
 
 
+def prefill_feeds(config, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """A builder graph's feeds for a prefill of `ids` with an empty cache."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
+        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")
+    }
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_other_families_compute_what_transformers_computes(tmp_path, family):
+    import onnx
     import onnxruntime as ort
     import torch
     from transformers import AutoModelForCausalLM
@@ -182,12 +194,13 @@ def test_other_families_compute_what_transformers_computes(tmp_path, family):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     path = build_graph(model, base, tmp_path / "onnx", "fp32", 32, 4, True, ())
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
     ids = np.array([[1, 20, 21, 22, 23, 24, 30, 40]])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
-        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")
-    }
+    feeds = prefill_feeds(config, ids)
+    # the cache's shape as the graph declares it: (batch, kv_heads, seq, head_dim), as export.json's kv_cache says
+    for value in onnx.load(str(path), load_external_data=False).graph.input:
+        if value.name.startswith("past_key_values."):
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert dims[1::2] == list(feeds[value.name].shape[1::2]), value.name
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     every = session.run(["logits"], feeds | {"logits_start": np.array([0])})[0]
     last = session.run(["logits"], feeds)[0]  # logits_start's default: the head on the last position alone
@@ -218,13 +231,8 @@ def test_int4_blocks_that_do_not_divide_the_rows_share_the_embedding(tmp_path):
     head, gather = nodes[f"{HEAD_NODE}_Q4"], nodes["/model/embed_tokens/GatherBlockQuantized"]
     assert head.op_type == "MatMulNBits" and nodes["/model/embed_tokens/Reshape"].input[0] == head.input[1]
     assert gather.input[2] == head.input[2] and nodes["/model/embed_tokens/Slice"].input[0] == gather.output[0]
-    config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
     ids = np.array([[1, 20, 21, 22]])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
-        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")
-    }
+    feeds = prefill_feeds(model.config, ids)
     logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     with torch.no_grad():
         expected = model(torch.tensor(ids)).logits[:, -1:].numpy()
