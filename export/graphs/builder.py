@@ -26,9 +26,13 @@ from edge_lora.formats import LOGITS_START, PORTABLE_GRAPH
 
 # Architectures (config.json model_type) whose builder graph the runtime drives with input_ids, attention_mask and
 # past/present KV alone (the builder's Llama-family classes), each checked against transformers' forward in
-# tests/export/test_builder_graph.py: Llama end to end, Mistral and Qwen2 (q/k/v biases, tied embeddings) by their
-# logits.
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+# tests/export/test_builder_graph.py: Llama end to end; Mistral, Qwen2 (q/k/v biases, tied embeddings), Phi-3 (fused
+# projections) and Gemma (embedding scale, (1 + weight) norms, head_dim apart from hidden / heads) by their logits,
+# with and without LoRA inputs.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma")
+# Builder options of one architecture. Phi-3's gate and up projections are one module, gate_up_proj, which PEFT
+# adapts as one: the builder keeps them one MatMul (then a Split) so that a LoRA branch has one product to add to.
+FAMILY_OPTIONS = {"phi3": {"fuse_mlp_gate_up": "true"}}
 PRECISIONS = ("fp32", "int4")
 GENAI_CONFIG = "genai_config.json"
 HEAD_NODE = "/lm_head/MatMul"  # the builder's name for the head's MatMul, as its nodes_to_exclude takes it
@@ -69,6 +73,7 @@ def build_graph(
     from transformers import AutoTokenizer
 
     options = {"hf_token": "false", "hf_remote": "false", "filename": PORTABLE_GRAPH}
+    options |= FAMILY_OPTIONS.get(model.config.model_type, {})
     if precision == "int4":
         options |= {"block_size": int4_block_size, "accuracy_level": int4_accuracy_level, "algo_config": "rtn"}
         if not int4_head:

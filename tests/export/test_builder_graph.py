@@ -92,7 +92,8 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
         ("llama", {}, "builder"),
         ("qwen2", {"precision": "int4"}, "builder"),
         ("gpt2", {}, "optimum"),
-        ("phi3", {"precision": "int4"}, "optimum"),
+        ("phi3", {"precision": "int4"}, "builder"),
+        ("gemma", {}, "builder"),
         ("llama", {"flavor": "adapters"}, "builder"),
         ("llama", {"precision": "int8"}, "optimum"),
         ("mistral", {"precision": "fp16"}, "optimum"),
@@ -180,7 +181,7 @@ def prefill_feeds(config, ids: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "phi3", "gemma"])
 def test_other_families_compute_what_transformers_computes(tmp_path, family):
     import onnx
     import onnxruntime as ort
@@ -209,6 +210,41 @@ def test_other_families_compute_what_transformers_computes(tmp_path, family):
     np.testing.assert_allclose(every, expected, rtol=0, atol=FP32_LOGIT_ATOL)
     assert last.shape == (1, 1, config.vocab_size)
     np.testing.assert_allclose(last, expected[:, -1:], rtol=0, atol=FP32_LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma"])
+def test_lora_inputs_compute_what_peft_computes(tmp_path, family):
+    """The `adapters` flavor's LoRA inputs on each family's builder graph: fed a random adapter of every linear
+    layer (Phi-3's fused qkv_proj and gate_up_proj among them), the graph computes PEFT's forward; fed nothing, the
+    base model's."""
+    import onnxruntime as ort
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edge_lora.export.adapters import adapter_tensors
+    from edge_lora.export.graphs.builder import build_graph
+    from edge_lora.export.graphs.lora_inputs import add_builder_lora_inputs, lora_modules
+    from edge_lora.tiny import FAMILIES, build_base_model
+
+    base = build_base_model(tmp_path / "base", FAMILIES[family]())
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    path = build_graph(model, base, tmp_path / "onnx", "fp32", 32, 4, True, ())
+    ids = np.array([[1, 20, 21, 22, 23, 24, 30, 40]])
+    with torch.no_grad():
+        expected_base = model(torch.tensor(ids)).logits.numpy()
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, lora).eval()
+    add_builder_lora_inputs(path, lora_modules(peft_model), model.config)
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(expected - expected_base).max() > 1e-2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = prefill_feeds(model.config, ids) | {"logits_start": np.array([0])}
+    adapted = session.run(["logits"], feeds | adapter_tensors(peft_model, "default"))[0]
+    np.testing.assert_allclose(adapted, expected, rtol=0, atol=FP32_LOGIT_ATOL)
+    np.testing.assert_allclose(session.run(["logits"], feeds)[0], expected_base, rtol=0, atol=FP32_LOGIT_ATOL)
 
 
 def test_int4_blocks_that_do_not_divide_the_rows_share_the_embedding(tmp_path):
