@@ -47,6 +47,8 @@ def test_fp32_export_is_fused_and_passes_parity(builder_fp32):
     assert [i["name"] for i in manifest["inputs"]][:2] == ["input_ids", "attention_mask"]
     parity = manifest["parity"]["merged"]
     assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3 and parity["greedy_agreement"] == 1.0
+    past = next(i for i in manifest["inputs"] if i["name"] == "past_key_values.0.key")
+    assert past["shape"][1::2] == [manifest["kv_cache"]["num_kv_heads"], manifest["kv_cache"]["head_dim"]]
     ops = [n.op_type for n in onnx.load(str(builder_fp32 / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("GroupQueryAttention") == manifest["kv_cache"]["num_layers"]
 
@@ -90,7 +92,8 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
         ("llama", {}, "builder"),
         ("qwen2", {"precision": "int4"}, "builder"),
         ("gpt2", {}, "optimum"),
-        ("phi3", {"precision": "int4"}, "optimum"),
+        ("phi3", {"precision": "int4"}, "builder"),
+        ("gemma", {}, "builder"),
         ("llama", {"flavor": "adapters"}, "builder"),
         ("llama", {"precision": "int8"}, "optimum"),
         ("mistral", {"precision": "fp16"}, "optimum"),
@@ -169,8 +172,18 @@ def test_builder_refuses_what_it_cannot_write(options, message):
         ExportOptions(graph="builder", **options)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def prefill_feeds(config, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """A builder graph's feeds for a prefill of `ids` with an empty cache."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
+        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")
+    }
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "phi3", "gemma"])
 def test_other_families_compute_what_transformers_computes(tmp_path, family):
+    import onnx
     import onnxruntime as ort
     import torch
     from transformers import AutoModelForCausalLM
@@ -182,12 +195,13 @@ def test_other_families_compute_what_transformers_computes(tmp_path, family):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     path = build_graph(model, base, tmp_path / "onnx", "fp32", 32, 4, True, ())
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
     ids = np.array([[1, 20, 21, 22, 23, 24, 30, 40]])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
-        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")
-    }
+    feeds = prefill_feeds(config, ids)
+    # the cache's shape as the graph declares it: (batch, kv_heads, seq, head_dim), as export.json's kv_cache says
+    for value in onnx.load(str(path), load_external_data=False).graph.input:
+        if value.name.startswith("past_key_values."):
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert dims[1::2] == list(feeds[value.name].shape[1::2]), value.name
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     every = session.run(["logits"], feeds | {"logits_start": np.array([0])})[0]
     last = session.run(["logits"], feeds)[0]  # logits_start's default: the head on the last position alone
@@ -198,31 +212,63 @@ def test_other_families_compute_what_transformers_computes(tmp_path, family):
     np.testing.assert_allclose(last, expected[:, -1:], rtol=0, atol=FP32_LOGIT_ATOL)
 
 
-def test_int4_blocks_that_do_not_divide_the_rows_keep_the_embedding_apart(tmp_path):
-    """The builder (0.13) shares a tied embedding with the int4 head by reshaping the head's blocks, which fails at
-    run time when a row's last block is padded (hidden 64 in blocks of 128): the exporter keeps them apart there.
-    Qwen2: the tied family among the tests' tiny models."""
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma"])
+def test_lora_inputs_compute_what_peft_computes(tmp_path, family):
+    """The `adapters` flavor's LoRA inputs on each family's builder graph: fed a random adapter of every linear
+    layer (Phi-3's fused qkv_proj and gate_up_proj among them), the graph computes PEFT's forward; fed nothing, the
+    base model's."""
+    import onnxruntime as ort
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edge_lora.export.adapters import adapter_tensors
+    from edge_lora.export.graphs.builder import build_graph
+    from edge_lora.export.graphs.lora_inputs import add_builder_lora_inputs, lora_modules
+    from edge_lora.tiny import FAMILIES, build_base_model
+
+    base = build_base_model(tmp_path / "base", FAMILIES[family]())
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    path = build_graph(model, base, tmp_path / "onnx", "fp32", 32, 4, True, ())
+    ids = np.array([[1, 20, 21, 22, 23, 24, 30, 40]])
+    with torch.no_grad():
+        expected_base = model(torch.tensor(ids)).logits.numpy()
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, lora).eval()
+    add_builder_lora_inputs(path, lora_modules(peft_model), model.config)
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(expected - expected_base).max() > 1e-2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = prefill_feeds(model.config, ids) | {"logits_start": np.array([0])}
+    adapted = session.run(["logits"], feeds | adapter_tensors(peft_model, "default"))[0]
+    np.testing.assert_allclose(adapted, expected, rtol=0, atol=FP32_LOGIT_ATOL)
+    np.testing.assert_allclose(session.run(["logits"], feeds)[0], expected_base, rtol=0, atol=FP32_LOGIT_ATOL)
+
+
+def test_int4_blocks_that_do_not_divide_the_rows_share_the_embedding(tmp_path):
+    """A tied embedding shares the int4 head's blocks even where a row's last block is padded (hidden 64 in blocks of
+    128): the builder gathers the padded rows and slices them back to the hidden size. Qwen2: the tied family among
+    the tests' tiny models."""
     import onnx
     import onnxruntime as ort
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_lora.export.graphs.builder import build_graph
+    from edge_lora.export.graphs.builder import HEAD_NODE, build_graph
     from edge_lora.tiny import FAMILIES, build_base_model
 
     base = build_base_model(tmp_path / "base", FAMILIES["qwen2"]())
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     assert model.config.tie_word_embeddings and model.config.hidden_size % 128
     path = build_graph(model, base, tmp_path / "onnx", "int4", 128, 4, True, ())
-    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
-    assert "GatherBlockQuantized" not in ops and "MatMulNBits" in ops
-    config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    empty = np.zeros((1, config.num_key_value_heads, 0, head_dim), dtype=np.float32)
+    nodes = {n.name: n for n in onnx.load(str(path), load_external_data=False).graph.node}
+    head, gather = nodes[f"{HEAD_NODE}_Q4"], nodes["/model/embed_tokens/GatherBlockQuantized"]
+    assert head.op_type == "MatMulNBits" and nodes["/model/embed_tokens/Reshape"].input[0] == head.input[1]
+    assert gather.input[2] == head.input[2] and nodes["/model/embed_tokens/Slice"].input[0] == gather.output[0]
     ids = np.array([[1, 20, 21, 22]])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)} | {
-        f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")
-    }
+    feeds = prefill_feeds(model.config, ids)
     logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     with torch.no_grad():
         expected = model(torch.tensor(ids)).logits[:, -1:].numpy()
