@@ -69,31 +69,26 @@ def export_onnx(model, out_dir: Path, opset: int) -> Path:
 
 def sample_inputs(model) -> tuple[dict, dict]:
     """The inputs the exporter traces `model` with (past_key_values a list: key and value of each layer in turn), and
-    their dynamic dimensions."""
+    their dynamic dimensions. The past's shape is what the model itself caches for one token."""
     import torch
 
-    from edge_lora.export.manifest import kv_cache
-
-    kv = kv_cache(model.config)
-    batch, seq, total = (
-        torch.export.Dim("batch_size"),
-        torch.export.Dim("sequence_length"),
-        torch.export.Dim("total_sequence_length"),
-    )
-    past = torch.export.Dim("past_sequence_length", min=0)
-    positions = torch.arange(SAMPLE_PAST, SAMPLE_PAST + SAMPLE_SEQ).repeat(SAMPLE_BATCH, 1)
-    cache_shape = (SAMPLE_BATCH, kv["num_kv_heads"], SAMPLE_PAST, kv["head_dim"])
+    with torch.no_grad():
+        layers = model(input_ids=torch.ones((1, 1), dtype=torch.int64), use_cache=True).cache.layers
+    _, kv_heads, _, head_dim = layers[0].keys.shape
+    batch, seq = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
+    past, total = torch.export.Dim("past_sequence_length", min=0), torch.export.Dim("total_sequence_length")
+    cache_shape = (SAMPLE_BATCH, kv_heads, SAMPLE_PAST, head_dim)
     sample = {
         "input_ids": torch.ones((SAMPLE_BATCH, SAMPLE_SEQ), dtype=torch.int64),
         "attention_mask": torch.ones((SAMPLE_BATCH, SAMPLE_PAST + SAMPLE_SEQ), dtype=torch.int64),
-        "position_ids": positions,
-        "past_key_values": [torch.zeros(cache_shape, dtype=model.dtype) for _ in range(2 * kv["num_layers"])],
+        "position_ids": torch.arange(SAMPLE_PAST, SAMPLE_PAST + SAMPLE_SEQ).repeat(SAMPLE_BATCH, 1),
+        "past_key_values": [torch.zeros(cache_shape, dtype=model.dtype) for _ in range(2 * len(layers))],
     }
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: total},
         "position_ids": {0: batch, 1: seq},
-        "past_key_values": [{0: batch, 2: past}] * (2 * kv["num_layers"]),
+        "past_key_values": [{0: batch, 2: past}] * (2 * len(layers)),
     }
     return sample, dynamic_shapes
 
