@@ -39,14 +39,14 @@ def export_onnx(model, out_dir: Path, opset: int) -> Path:
     (the module docstring gives its inputs and outputs). Returns its path."""
     import torch
 
-    layers = model.config.num_hidden_layers
+    sample, dynamic_shapes = sample_inputs(model)
+    layers = len(sample["past_key_values"]) // 2
     cache_names = [
         name.format(layer=i, kind=kind)
         for name in (PAST_NAMES, PRESENT_NAMES)
         for i in range(layers)
         for kind in ("key", "value")
     ]
-    sample, dynamic_shapes = sample_inputs(model)
     with quiet_exporter(), flat_forward(model), torch.no_grad():
         program = torch.onnx.export(
             model,
@@ -123,9 +123,9 @@ def flat_forward(model):
 def simplify(model) -> None:
     """Constants folded in the exported `model` (an onnx_ir model; its weights' transposes among them), common
     subexpressions merged, unused nodes and node metadata other than NAME_SCOPES dropped: what the graph needs of
-    onnxscript's optimizer. Its rewrite rules are
-    left out: at SmolLM2-135M's shape they took 40% of the export's time and changed no decode step's time, as
-    onnxruntime's own graph optimizations do the same when a session loads the graph."""
+    onnxscript's optimizer. Its rewrite rules are left out: at SmolLM2-135M's shape they took 40% of the export's
+    time and changed no decode step's time, as onnxruntime's own graph optimizations do the same when a session
+    loads the graph."""
     import onnx_ir as ir
     from onnx_ir.passes import common
     from onnxscript.optimizer import fold_constants
