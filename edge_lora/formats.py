@@ -23,9 +23,12 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 Flavor = Literal["merged", "adapters"]
 """merged: LoRA folded into the weights; adapters: one base graph and an adapter file each, chosen at run time."""
 FLAVORS: tuple[Flavor, ...] = get_args(Flavor)
-Graph = Literal["optimum", "builder", "auto"]
-"""Who writes the graph: optimum's exporter, onnxruntime-genai's model builder, or the builder where it applies."""
-GRAPHS: tuple[Graph, ...] = get_args(Graph)
+Graph = Literal["torch", "builder", "auto", "optimum"]
+"""Who writes the graph: torch's ONNX exporter, onnxruntime-genai's model builder, or "auto", the builder where it
+applies. "optimum" is what exports written by optimum's exporter record (before transformers 5): a graph with the
+same inputs and outputs as torch's, run the same way; nothing writes it now."""
+GRAPHS: tuple[Graph, ...] = ("torch", "builder", "auto")
+"""The graph writers an export can ask for."""
 
 MATMUL_Q4 = "matmul_q4"  # edge-lora's int4 matmul with the LoRA branches inside (edge_lora.runtime.kernels)
 LORA_ADD = "lora_add"  # edge-lora's op adding a projection's LoRA branches after onnxruntime's int4 matmul

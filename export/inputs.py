@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge_lora.errors import UsageError
 from edge_lora.export.graphs import builder as builder_graph
+from edge_lora.export.graphs import portable as portable_graph
 from edge_lora.export.options import ExportOptions, auto_graph
 from edge_lora.formats import ADAPTER_WEIGHTS, AdapterManifest
 from edge_lora.train import manifest as adapter_manifest
@@ -77,17 +78,15 @@ def check_adapter_weights(adapter_dir: Path) -> None:
 
 def graph_options(model_dir: Path, options: ExportOptions) -> ExportOptions:
     """`options` with graph "auto" resolved for the base's architecture, which the chosen writer must take."""
-    from edge_lora.export.graphs.optimum import supported_model_types
-
     model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
     if options.graph == "auto":
         options = replace(options, graph=auto_graph(model_type, options))
     if options.graph == "builder":
         builder_graph.check_supported(model_type, model_dir)
-    elif model_type not in (supported := supported_model_types()):
+    elif model_type not in portable_graph.MODEL_TYPES:
         raise UsageError(
             f"{model_dir}: architecture {model_type!r} cannot be exported with a KV cache — "
-            f"supported: {', '.join(supported)}"
+            f"supported: {', '.join(portable_graph.MODEL_TYPES)}"
         )
     return options
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
 
 from edge_lora import devices
 from edge_lora.errors import UsageError
 from edge_lora.export.graphs import builder as builder_graph
 from edge_lora.export.merge import MergeInto
-from edge_lora.formats import DEFAULT_DEVICE, FLAVORS, PRECISIONS, Flavor, Graph, Precision
+from edge_lora.formats import DEFAULT_DEVICE, FLAVORS, GRAPHS, PRECISIONS, Flavor, Graph, Precision
 
 
 @dataclass(frozen=True)
@@ -36,10 +35,11 @@ class ExportOptions:
     validate: bool = True
     """Run the parity gate and refuse an export that fails it."""
     graph: Graph = "auto"
-    """Who writes the graph: "optimum", optimum's exporter (every architecture it knows, shape ops as node chains);
+    """Who writes the graph: "torch", torch's ONNX exporter (export/graphs/portable.py: every architecture there, every
+    precision; shape ops as node chains);
     "builder", onnxruntime-genai's model builder (Llama-family, fp32 or int4: fused attention with the KV cache in
     one shared buffer, fewer nodes a layer, faster decode: BENCHMARKS.md, Runtime); "auto", the builder where it
-    writes the architecture and precision asked for, optimum's exporter otherwise (export.json records which)."""
+    writes the architecture and precision asked for, torch's exporter otherwise (export.json records which)."""
     kernels: tuple[str, ...] | None = None
     """edge-lora kernels to write a graph for beside the portable one: "matmul_q4" (export/kernel_graphs/q4.py),
     for a builder int4 graph in blocks of 32 or 64 with accuracy_level 4; "lora_add"
@@ -57,12 +57,17 @@ class ExportOptions:
             problems.append(f"int4_accuracy_level {self.int4_accuracy_level} is not one of 0, 1, 2, 3, 4")
         if self.int4_block_size not in (16, 32, 64, 128):
             problems.append(f"int4_block_size {self.int4_block_size} is not one of 16, 32, 64, 128")
-        if self.graph not in get_args(Graph):
-            problems.append(f"graph {self.graph!r} is not one of {', '.join(get_args(Graph))}")
+        if self.graph == "optimum":  # what exports made before transformers 5 record; readable, not writable
+            problems.append(
+                "graph 'optimum' cannot be written: optimum-onnx cannot be installed beside transformers 5 — "
+                "use --graph torch, the same kind of graph"
+            )
+        elif self.graph not in GRAPHS:
+            problems.append(f"graph {self.graph!r} is not one of {', '.join(GRAPHS)}")
         if self.graph == "builder" and self.precision not in builder_graph.PRECISIONS:
             problems.append(
                 f"graph builder writes precision {' or '.join(builder_graph.PRECISIONS)}, got "
-                f"{self.precision!r} — use --graph optimum for it"
+                f"{self.precision!r} — use --graph torch for it"
             )
         unknown = [k for k in self.kernels or () if k not in devices.KERNELS]
         if unknown:
@@ -72,6 +77,6 @@ class ExportOptions:
 
 
 def auto_graph(model_type: str | None, options: ExportOptions) -> str:
-    """The builder's graph where it writes this architecture and precision; optimum's otherwise."""
+    """The builder's graph where it writes this architecture and precision; torch's otherwise."""
     fits = model_type in builder_graph.MODEL_TYPES and options.precision in builder_graph.PRECISIONS
-    return "builder" if fits else "optimum"
+    return "builder" if fits else "torch"

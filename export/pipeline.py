@@ -1,7 +1,7 @@
 """`export()`: adapter dir → verified ONNX export dir, built in a temporary dir and renamed into place.
 
 The stages, each in its own module: inputs.py checks what the export starts from, models.py loads the trained
-model and the full-precision one with the graph's weights, graphs/ writes the graph (optimum.py or builder.py, with
+model and the full-precision one with the graph's weights, graphs/ writes the graph (portable.py or builder.py, with
 lora_inputs.py's LoRA inputs for the `adapters` flavor), adapters.py writes the adapter files, kernel_graphs/ the
 graphs for edge-lora's kernels, parity.py gates the result against the trained model, and manifest.py writes
 export.json.
@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_lora.export.adapters import write_adapters
 from edge_lora.export.graphs import builder as builder_graph
 from edge_lora.export.graphs import lora_inputs
-from edge_lora.export.graphs.optimum import export_onnx, quantize
+from edge_lora.export.graphs.portable import export_onnx, quantize
 from edge_lora.export.inputs import ExportInputs, resolve_inputs
 from edge_lora.export.kernel_graphs import write_kernel_graphs
 from edge_lora.export.manifest import describe, write_manifest
@@ -99,7 +99,8 @@ def write_graph(inputs: ExportInputs, models: Models, work: Path, advance: Calla
     fp32_dir = work / "fp32"
     graph = export_onnx(models.model, fp32_dir, options.opset)
     if modules is not None:
-        lora_inputs.rewrite_optimum_graph(graph, modules)
+        lora_inputs.rewrite_torch_graph(graph, modules)
+    write_hf_files(models.model, inputs.model_dir, fp32_dir)
     advance(1, "ONNX graph")
     final.mkdir()
     quantize(
@@ -114,6 +115,16 @@ def write_graph(inputs: ExportInputs, models: Models, work: Path, advance: Calla
         if (fp32_dir / name).exists():
             shutil.copy2(fp32_dir / name, final / name)
     return final
+
+
+def write_hf_files(model, tokenizer_dir: Path, out_dir: Path) -> None:
+    """The files transformers writes beside a model that the runtime reads (TOKENIZER_FILES): the model's config and
+    generation config, and the tokenizer of `tokenizer_dir`, saved into `out_dir`."""
+    from transformers import AutoTokenizer
+
+    model.config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
 
 
 def write_adapters_and_kernel_graphs(export_dir: Path, inputs: ExportInputs, models: Models) -> dict:

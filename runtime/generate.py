@@ -82,14 +82,15 @@ class Generator:
         self._outputs = [o.name for o in session.get_outputs()]
         self._dtype = cache_dtype(export)
         self.graph = export.manifest.graph
-        """"optimum": a cache handed from present.* to past.* (_GrowingCache); "builder": one shared KV buffer per
-        layer and kind, bound once per generation (cache.SharedCache)."""
+        """"torch" (and "optimum", which exports made before transformers 5 record: the same inputs and outputs): a
+        cache handed from present.* to past.* (_GrowingCache); "builder": one shared KV buffer per layer and kind,
+        bound once per generation (cache.SharedCache)."""
         self.adapters = adapters or {}
         """Loaded adapters by name (lora.Adapter)."""
         self.adapter: str | None = None
         self.kernel: str | None = None
         """The edge-lora kernel whose graph the session runs (runtime.load sets it), None for the portable graph."""
-        self._run_options = None  # with the active adapter, for session.run (the optimum graph)
+        self._run_options = None  # with the active adapter, for session.run (the torch graph)
         self._adapter_inputs: dict = {}  # the active adapter's tensors, for IOBinding (the builder graph)
 
     def with_adapter(self, name: str | None, adapter=None) -> Generator:
@@ -138,7 +139,7 @@ class Generator:
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict]:
-        """Logits (batch, seq, vocab) for `ids` (batch, seq) at positions start.., and the grown cache (an optimum
+        """Logits (batch, seq, vocab) for `ids` (batch, seq) at positions start.., and the grown cache (a torch
         graph's; a builder graph runs through cache.SharedCache).
 
         Without a mask every row is real tokens; a left-padded batch passes attention_mask (batch, start + seq),
@@ -146,7 +147,7 @@ class Generator:
 
         The cache goes in and out as numpy arrays, and neither way is copied: onnxruntime wraps a contiguous
         input array in place and returns outputs as views of its own buffers. That is why this is not an
-        IOBinding of OrtValues: the optimum graph concatenates past and new keys into present.* (so a step
+        IOBinding of OrtValues: the torch graph concatenates past and new keys into present.* (so a step
         writes a new cache whichever way it is bound), and binding the previous step's present.* OrtValues as
         the next step's past adds binding calls that cost more than they save: a decode step is no faster that
         way at any cache length, and slower at some.
@@ -303,7 +304,7 @@ class Generator:
 
 
 class _GrowingCache:
-    """One generation's KV cache on an optimum graph: prompts left-padded, the cache handed from each step's
+    """One generation's KV cache on a torch graph: prompts left-padded, the cache handed from each step's
     present.* to the next step's past.* (see Generator.forward)."""
 
     def __init__(self, generator: Generator, prompts: list[list[int]]):

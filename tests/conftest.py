@@ -107,14 +107,14 @@ def export_fp32(workdir, adapter_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def export_optimum_fp32(workdir, adapter_dir) -> Path:
-    """The same adapter through optimum's exporter (what every architecture the builder lacks gets)."""
+def export_torch_fp32(workdir, adapter_dir) -> Path:
+    """The same adapter through torch's ONNX exporter (what every architecture the builder lacks gets)."""
     from edge_lora.export import ExportOptions, export
 
     return export(
         adapter_dir,
-        workdir / "export-optimum-fp32",
-        ExportOptions(precision="fp32", graph="optimum"),
+        workdir / "export-torch-fp32",
+        ExportOptions(precision="fp32", graph="torch"),
         show_progress=False,
     )
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "optimum", "accelerate")
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "onnxscript", "accelerate")
 
 
 def heavy_modules_after(code: str) -> list[str]:

@@ -65,6 +65,15 @@ def test_an_older_export_gets_the_defaults():
     assert manifest.to_dict() == doc
 
 
+@pytest.mark.parametrize("graph", ["torch", "builder", "optimum"])
+def test_every_graph_kind_reads_back_and_none_other(graph):
+    """The graph "optimum", which exports made before transformers 5 record, stays readable beside those written now."""
+    manifest = ExportManifest.from_dict(EXPORT | {"graph": graph}, "x/export.json")
+    assert manifest.graph == graph and manifest.to_dict()["graph"] == graph
+    with pytest.raises(ExportError, match=r"'graph' is 'onnx'"):
+        ExportManifest.from_dict(EXPORT | {"graph": "onnx"}, "x/export.json")
+
+
 def test_every_problem_is_named_on_one_line():
     doc = json.loads(json.dumps(EXPORT))
     del doc["files"]

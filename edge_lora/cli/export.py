@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import click
 
-from edge_lora.formats import FLAVORS, GRAPHS, PRECISIONS
+from edge_lora.formats import FLAVORS, GRAPHS, PRECISIONS, Graph
 
 
 @click.command("export")
@@ -50,9 +52,11 @@ from edge_lora.formats import FLAVORS, GRAPHS, PRECISIONS
 )
 @click.option(
     "--graph",
-    type=click.Choice(GRAPHS),
+    # "optimum" too, so that ExportOptions answers it with one line: optimum-onnx is gone, --graph torch replaces it.
+    type=click.Choice(get_args(Graph)),
+    metavar=f"[{'|'.join(GRAPHS)}]",
     default=None,
-    help="Graph writer: optimum's exporter, onnxruntime-genai's model builder (fused attention, "
+    help="Graph writer: torch's ONNX exporter, onnxruntime-genai's model builder (fused attention, "
     "Llama-family, fp32 or int4), or auto (the builder where it applies). Default: the "
     "--device profile's, else auto.",
 )

@@ -4,20 +4,25 @@ them). A and B default to rank-0 tensors: x @ A is then (…, 0) and (x @ A) @ B
 active the graph computes the base model.
 
 Both graph kinds take the same branch (lora_branch, add_to_product); they differ in where it goes:
-add_optimum_lora_inputs finds one MatMul per module by its torch scope, add_builder_lora_inputs finds the builder's
-MatMul or MatMulNBits by layer and role, with q, k and v packed into one product.
+add_torch_lora_inputs finds each module's one MatMul (or Gemm) by the module path torch's exporter records on each
+node, add_builder_lora_inputs finds the builder's MatMul or MatMulNBits by layer and role, with q, k and v packed
+into one product.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
 import numpy as np
 
+from edge_lora.export.graphs.portable import NAME_SCOPES
+
 RANK_DIM = "lora_rank"
 BUILDER_MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")  # a PEFT target's module name
 QKV = ("q_proj", "k_proj", "v_proj")  # the builder packs them, in this order, into one qkv_proj MatMul
+PRODUCTS = ("MatMul", "Gemm")  # a linear layer's product: MatMul, or Gemm where its input is 2-D (GPT-2's Conv1D)
 
 
 def input_names(module: str) -> tuple[str, str]:
@@ -38,44 +43,49 @@ def lora_modules(peft_model) -> dict[str, tuple[int, int]]:
     }
 
 
-def scope_name(module: str) -> str:
-    """The ONNX node scope torch gives a module: 'model.layers.0.self_attn.q_proj' -> '/model/layers.0/self_attn/q_proj'
-    (a ModuleList index stays joined to its list's name)."""
-    return "/" + re.sub(r"\.(?!\d+(\.|$))", "/", module)
+def module_products(graph) -> dict[str, list]:
+    """{module path: the MatMul and Gemm nodes torch's exporter made in that module's own code} of a graph it wrote."""
+    products: dict[str, list] = {}
+    for node in graph.node:
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == NAME_SCOPES), [])
+        if node.op_type in PRODUCTS and len(scopes) >= 2:
+            products.setdefault(scopes[-2], []).append(node)
+    return products
 
 
-def add_optimum_lora_inputs(model_proto, modules: dict[str, tuple[int, int]]):
+def add_torch_lora_inputs(model_proto, modules: dict[str, tuple[int, int]]):
     """Give each of `modules` ({module name: (in_features, out_features)}) a LoRA branch fed by graph inputs, on a
-    graph of optimum's exporter (one MatMul per module, named by its torch scope).
+    graph of torch's exporter (export/graphs/portable.py), where each linear layer is one MatMul or Gemm whose node
+    metadata names the module.
 
-    Modifies and returns `model_proto`. A module whose MatMul is missing from the graph raises ValueError.
+    Modifies and returns `model_proto`. A module without exactly one such node raises ValueError.
     """
     import onnx
 
     graph = model_proto.graph
-    by_name = {node.name: node for node in graph.node}
+    products = module_products(graph)
     new_nodes = []
     for module, (fan_in, fan_out) in sorted(modules.items()):
-        node = by_name.get(f"{scope_name(module)}/MatMul")
-        if node is None:
+        nodes = products.get(module, [])
+        if len(nodes) != 1:
             raise ValueError(
-                f"no MatMul node for {module} (looked for {scope_name(module)}/MatMul) in the exported graph"
+                f"{module}: {len(nodes)} MatMul or Gemm nodes of that module in the exported graph, expected one"
             )
-        branch, delta = lora_branch(graph, module, fan_in, fan_out, node.input[0], scope_name(module))
-        new_nodes += [*branch, add_to_product(graph, node, delta, scope_name(module))]
+        branch, delta = lora_branch(graph, module, fan_in, fan_out, nodes[0].input[0], module)
+        new_nodes += [*branch, add_to_product(graph, nodes[0], delta, module)]
     graph.node.extend(new_nodes)
     topological_sort(graph)
     onnx.checker.check_model(model_proto)
     return model_proto
 
 
-def rewrite_optimum_graph(graph_path: Path, modules: dict[str, tuple[int, int]]) -> None:
-    """The optimum graph at `graph_path` rewritten in place by add_optimum_lora_inputs."""
+def rewrite_torch_graph(graph_path: Path, modules: dict[str, tuple[int, int]]) -> None:
+    """The graph of torch's exporter at `graph_path` rewritten in place by add_torch_lora_inputs."""
     import onnx
 
-    from edge_lora.export.graphs.optimum import save_model
+    from edge_lora.export.graphs.portable import save_model
 
-    save_model(add_optimum_lora_inputs(onnx.load(str(graph_path)), modules), graph_path)
+    save_model(add_torch_lora_inputs(onnx.load(str(graph_path)), modules), graph_path)
 
 
 def add_builder_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]], config) -> None:

@@ -10,9 +10,9 @@ import pytest
 from edge_lora.errors import UsageError
 
 
-@pytest.fixture(scope="module", params=["optimum", "builder"])
+@pytest.fixture(scope="module", params=["torch", "builder"])
 def shared_export(adapter_dir, second_adapter, tmp_path_factory, request):
-    """Both adapters beside one fp32 base graph: optimum's, and the builder's (q, k and v packed in one MatMul,
+    """Both adapters beside one fp32 base graph: torch's, and the builder's (q, k and v packed in one MatMul,
     where the second adapter's q and v branches meet a rank-0 k)."""
     from edge_lora.export import ExportOptions, export
 
@@ -77,7 +77,7 @@ def test_unknown_adapter_and_mixed_bases(shared_export, adapter_dir, make_base, 
         export([adapter_dir, adapter_dir], tmp_path / "x", ExportOptions())
 
 
-@pytest.mark.parametrize("graph, precision", [("optimum", "int4"), ("optimum", "int8"), ("builder", "int4")])
+@pytest.mark.parametrize("graph, precision", [("torch", "int4"), ("torch", "int8"), ("builder", "int4")])
 def test_quantized_adapters_exports_keep_their_lora_inputs(adapter_dir, second_adapter, tmp_path, graph, precision):
     # The LoRA A/B are graph inputs with placeholder initializers: a weight quantizer must leave their MatMuls
     # alone, or it bakes the placeholders in and no adapter can be applied.

@@ -9,8 +9,10 @@ import time
 
 import pytest
 import torch
+from test_cli import assert_one_line_error, edge_lora
 
 from edge_lora.errors import UsageError
+from edge_lora.export import ExportOptions
 from edge_lora.formats import AdapterManifest
 
 
@@ -18,7 +20,7 @@ def copy_adapter(adapter_dir, tmp_path):
     return shutil.copytree(adapter_dir, tmp_path / adapter_dir.name)
 
 
-@pytest.mark.parametrize("graph, int4_matmuls", [("optimum", 2 * 7), ("builder", 2 * 5)])  # builder: q, k, v packed
+@pytest.mark.parametrize("graph, int4_matmuls", [("torch", 2 * 7), ("builder", 2 * 5)])  # builder: q, k, v packed
 def test_int4_head_can_stay_full_precision(adapter_dir, tmp_path, graph, int4_matmuls):
     import onnx
 
@@ -37,12 +39,20 @@ def test_int4_head_can_stay_full_precision(adapter_dir, tmp_path, graph, int4_ma
 def test_weights_in_external_data(adapter_dir, tmp_path, monkeypatch):
     from edge_lora import runtime
     from edge_lora.export import ExportOptions, export
-    from edge_lora.export.graphs import optimum as onnx_graph
+    from edge_lora.export.graphs import portable as onnx_graph
 
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)  # what a model over 2 GB gets
-    out = export(adapter_dir, tmp_path / "x", ExportOptions(validate=False, graph="optimum"), show_progress=False)
+    out = export(adapter_dir, tmp_path / "x", ExportOptions(validate=False, graph="torch"), show_progress=False)
     assert "model.onnx.data" in json.loads((out / "export.json").read_text())["files"]
     assert runtime.load(out).generate("2024-01-02 ->").token_ids
+
+
+def test_graph_optimum_is_answered_with_its_replacement(tmp_path):
+    """Device profiles and scripts written before transformers 5 may still ask for optimum's exporter."""
+    done = edge_lora("export", str(tmp_path / "adapter"), "--output", str(tmp_path / "x"), "--graph", "optimum")
+    assert_one_line_error(done, "optimum-onnx cannot be installed beside transformers 5", "use --graph torch")
+    with pytest.raises(UsageError, match=r"graph 'optimum' cannot be written: .* use --graph torch"):
+        ExportOptions(graph="optimum")
 
 
 def test_merge_report_gives_both_choices(export_fp32):

@@ -2,7 +2,8 @@
 
 Each family is a tiny random-weight model of the real architecture (edge_lora.tiny.FAMILIES), so that its own
 layers are exercised: Phi-3's fused projections, tied embeddings (Qwen2, Gemma, GPT-2), Gemma's norm, embedding
-scale and head_dim, GPT-2's Conv1D layers and learned positions.
+scale and head_dim, GPT-2's Conv1D layers and learned positions. Each family's graph is checked as the default export
+writes it (graph auto: the builder's for Llama, Mistral and Qwen2) and as torch's exporter writes it.
 """
 
 from __future__ import annotations
@@ -44,9 +45,16 @@ class Family:
     base_dir: Path
     adapter_dir: Path
     export_dir: Path
+    """The default export: graph auto."""
+    torch_export_dir: Path
+    """The export through torch's exporter: export_dir where auto picks it."""
     reference: object
     """The trained model as export.reference builds it: 4-bit base + adapter, eval mode."""
     prompts: list[str]
+
+    def export_of(self, graph: str) -> Path:
+        """The export with graph "auto" or "torch"."""
+        return self.torch_export_dir if graph == "torch" else self.export_dir
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +73,8 @@ def task_files(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory, task_files) -> Family:
-    """Base, adapter and fp32 export of one family, built once; the export's parity gate has run inside."""
+    """Base, adapter and fp32 exports of one family (graph auto, and torch's), built once; the exports' parity gates
+    have run inside."""
     from edge_lora.export import ExportOptions, export
     from edge_lora.tiny import build_base_model
     from edge_lora.train.config import TrainConfig
@@ -89,9 +98,13 @@ def family(request, tmp_path_factory, task_files) -> Family:
         show_progress=False,
     )
     export_dir = export(adapter_dir, work / "export-fp32", ExportOptions(precision="fp32"), show_progress=False)
+    torch_export_dir = export_dir
+    if json.loads((export_dir / "export.json").read_text())["graph"] != "torch":
+        torch_options = ExportOptions(precision="fp32", graph="torch")
+        torch_export_dir = export(adapter_dir, work / "export-torch-fp32", torch_options, show_progress=False)
     prompts = [json.loads(line)["prompt"] for line in eval_path.read_text().splitlines()[:2]]
     reference = qlora_model(adapter_dir, base_dir, AdapterManifest.load(adapter_dir))
-    return Family(name, base_dir, adapter_dir, export_dir, reference, prompts)
+    return Family(name, base_dir, adapter_dir, export_dir, torch_export_dir, reference, prompts)
 
 
 def test_adapter_loads_in_peft_and_changed_the_model(family):
@@ -130,8 +143,9 @@ def test_merge_onto_original_weights_matches_peft_merge_and_unload(family):
         torch.testing.assert_close(weight, expected[name], rtol=0, atol=MERGE_ATOL)
 
 
-def test_export_passed_its_gate_and_describes_its_cache(family):
-    manifest = json.loads((family.export_dir / "export.json").read_text())
+@pytest.mark.parametrize("graph", ["auto", "torch"])
+def test_export_passed_its_gate_and_describes_its_cache(family, graph):
+    manifest = json.loads((family.export_of(graph) / "export.json").read_text())
     parity = manifest["parity"]["merged"]
     assert parity["passed"] and parity["greedy_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-3
     kv = manifest["kv_cache"]
@@ -141,15 +155,25 @@ def test_export_passed_its_gate_and_describes_its_cache(family):
     assert inputs["past_key_values.0.key"][1] == kv["num_kv_heads"]
     assert inputs["past_key_values.0.key"][3] == kv["head_dim"]
     assert kv["context_length"] == 256 and manifest["eos_token_ids"] == [2]
+    if graph == "torch":  # batch, sequence and past dynamic, the mask as long as past and new tokens together
+        outputs = {o["name"]: o["shape"] for o in manifest["outputs"]}
+        assert manifest["graph"] == "torch"
+        assert inputs["input_ids"] == inputs["position_ids"] == ["batch_size", "sequence_length"]
+        assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
+        past = ["batch_size", kv["num_kv_heads"], "past_sequence_length", kv["head_dim"]]
+        assert inputs["past_key_values.1.value"] == past
+        assert outputs["logits"] == ["batch_size", "sequence_length", 128]
+        assert outputs["present.1.value"][2] == "past_sequence_length + sequence_length"
 
 
-def test_runtime_greedy_equals_transformers_generate(family):
+@pytest.mark.parametrize("graph", ["auto", "torch"])
+def test_runtime_greedy_equals_transformers_generate(family, graph):
     from transformers import AutoTokenizer
 
     from edge_lora import runtime
 
-    tokenizer = AutoTokenizer.from_pretrained(family.export_dir)
-    generator = runtime.load(family.export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(family.export_of(graph))
+    generator = runtime.load(family.export_of(graph))
     for prompt in family.prompts:
         ids = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
         with torch.no_grad():
@@ -160,17 +184,18 @@ def test_runtime_greedy_equals_transformers_generate(family):
         assert ours.token_ids == expected.tolist()
 
 
-def test_runtime_decode_steps_match_pytorch_logits(family):
+@pytest.mark.parametrize("graph", ["auto", "torch"])
+def test_runtime_decode_steps_match_pytorch_logits(family, graph):
     """Prefill, then one token at a time through the KV cache, against one PyTorch pass over the whole sequence:
     the cache layout export.json declares, and the positions of later tokens (GPT-2 learns its own)."""
     from edge_lora import runtime
 
-    generator = runtime.load(family.export_dir)
+    generator = runtime.load(family.export_of(graph))
     prompt = generator.encode_prompt(family.prompts[0])
     ids = prompt + CONTINUATION
     with torch.no_grad():
         expected = family.reference(torch.tensor([ids])).logits[0].numpy()
-    kv = json.loads((family.export_dir / "export.json").read_text())["kv_cache"]
+    kv = json.loads((family.export_of(graph) / "export.json").read_text())["kv_cache"]
     empty = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), dtype=np.float32)  # (batch, kv_heads, seq, head_dim)
     past = {f"past_key_values.{i}.{kind}": empty for i in range(kv["num_layers"]) for kind in ("key", "value")}
     logits, past = generator.forward(np.array([prompt]), past, 0)

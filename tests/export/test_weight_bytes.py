@@ -1,4 +1,4 @@
-"""The weight bytes export.json records for each graph (export/graphs/weight_bytes.py), on a tiny optimum graph at
+"""The weight bytes export.json records for each graph (export/graphs/weight_bytes.py), on a tiny torch graph at
 every precision and with its weights in external data: equal to what onnx's own arrays hold, an embedding table
 read one row a token, through a Reshape too; a file that is not ONNX gets one line naming it."""
 
@@ -10,14 +10,13 @@ from edge_lora.export.graphs.weight_bytes import read_graph_weights, weight_byte
 
 @pytest.fixture(scope="module")
 def graph_variants(tmp_path_factory):
-    """model.onnx of a random-weight tiny Llama (hidden 64, vocab 128) written by optimum, at fp32, int4
+    """model.onnx of a random-weight tiny Llama (hidden 64, vocab 128) written by torch's exporter, at fp32, int4
     (MatMulNBits), int8 and fp16, and at fp32 with every weight in external data."""
     import onnx
     import torch
-    from optimum.exporters.onnx import onnx_export_from_model
     from transformers import LlamaForCausalLM
 
-    from edge_lora.export.graphs.optimum import quantize
+    from edge_lora.export.graphs.portable import export_onnx, quantize
     from edge_lora.tiny import llama_config
 
     out = tmp_path_factory.mktemp("graphs")
@@ -30,15 +29,7 @@ def graph_variants(tmp_path_factory):
         max_position_embeddings=256,
     )
     torch.manual_seed(0)
-    onnx_export_from_model(
-        LlamaForCausalLM(config).eval(),
-        out / "fp32",
-        task="text-generation-with-past",
-        opset=18,
-        do_validation=False,
-        no_post_process=True,
-    )
-    src = out / "fp32" / "model.onnx"
+    src = export_onnx(LlamaForCausalLM(config).eval(), out / "fp32", opset=18)
     paths = {"fp32": src}
     for precision in ("int4", "int8", "fp16"):
         (out / precision).mkdir()

@@ -35,7 +35,7 @@ HEAVY_MODULES = (
     "transformers",
     "peft",
     "bitsandbytes",
-    "optimum",
+    "onnxscript",
     "accelerate",
     "edge_lora.export",
     "edge_lora.train.loop",
@@ -67,14 +67,15 @@ def write_manifest(out, precision, vocab_size, eos_token_id, adapters=(), count_
 
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
-    """A random-weight Llama exported by optimum, with the export.json and tokenizer.json the runtime reads.
+    """A random-weight Llama exported by torch's ONNX exporter, with the export.json and tokenizer.json the runtime
+    reads.
 
     Built without edge-lora's train/export pipeline, so that the profiler is tested on its own.
     """
     import torch
-    from optimum.exporters.onnx import onnx_export_from_model
     from transformers import LlamaForCausalLM
 
+    from edge_lora.export.graphs.portable import export_onnx
     from edge_lora.tiny import char_tokenizer, llama_config
 
     out = tmp_path_factory.mktemp("export")
@@ -88,9 +89,7 @@ def export_dir(tmp_path_factory):
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    onnx_export_from_model(
-        model, out, task="text-generation-with-past", opset=18, do_validation=False, no_post_process=True
-    )
+    export_onnx(model, out, opset=18)
     char_tokenizer().save_pretrained(out)
     write_manifest(out, "fp32", config.vocab_size, config.eos_token_id)
     return out
@@ -124,11 +123,11 @@ def adapters_export_dir(export_dir, tmp_path_factory):
     import onnx
 
     from edge_lora.export.adapters import write_adapter
-    from edge_lora.export.graphs.lora_inputs import add_optimum_lora_inputs, input_names
+    from edge_lora.export.graphs.lora_inputs import add_torch_lora_inputs, input_names
 
     out = tmp_path_factory.mktemp("export") / "adapters"
     shutil.copytree(export_dir, out)
-    onnx.save(add_optimum_lora_inputs(onnx.load(str(export_dir / "model.onnx")), LORA_MODULES), str(out / "model.onnx"))
+    onnx.save(add_torch_lora_inputs(onnx.load(str(export_dir / "model.onnx")), LORA_MODULES), str(out / "model.onnx"))
     (out / "adapters").mkdir()
     rng = np.random.default_rng(0)
     for name, rank in ADAPTER_RANKS.items():

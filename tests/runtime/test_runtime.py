@@ -99,8 +99,8 @@ def test_batched_greedy_equals_one_by_one(generator, prompts):
     assert len({g.prompt_tokens for g in batched}) > 1
 
 
-def test_left_padded_logits_equal_unpadded(export_optimum_fp32, prompts):
-    generator = runtime.load(export_optimum_fp32)  # optimum's graph takes a left-padded batch with position ids
+def test_left_padded_logits_equal_unpadded(export_torch_fp32, prompts):
+    generator = runtime.load(export_torch_fp32)  # torch's graph takes a left-padded batch with position ids
     short, long = generator.encode_prompt(prompts[1]), generator.encode_prompt(prompts[0])
     ids = np.array([[0] * (len(long) - len(short)) + short, long])
     mask = (np.arange(len(long)) >= len(long) - len(short)).astype(np.int64)[None].repeat(2, 0)
@@ -110,6 +110,17 @@ def test_left_padded_logits_equal_unpadded(export_optimum_fp32, prompts):
     # the same fp32 sums with masked (zero-weight) terms beside them: equal within fp32 rounding
     np.testing.assert_allclose(logits[0, -1], generator.logits(short)[-1], rtol=0, atol=1e-5)
     np.testing.assert_allclose(logits[1, -1], generator.logits(long)[-1], rtol=0, atol=1e-5)
+
+
+def test_an_export_of_optimums_graph_runs_as_torchs(export_torch_fp32, prompts, tmp_path):
+    """export.json written before transformers 5 says graph "optimum": the same inputs and outputs, the same cache."""
+    old = shutil.copytree(export_torch_fp32, tmp_path / "old")
+    manifest = json.loads((old / "export.json").read_text())
+    (old / "export.json").write_text(json.dumps(manifest | {"graph": "optimum"}))
+    torch_graph, optimum_graph = runtime.load(export_torch_fp32), runtime.load(old)
+    assert (torch_graph.graph, optimum_graph.graph) == ("torch", "optimum")
+    ours, theirs = optimum_graph.generate_batch(prompts, GREEDY), torch_graph.generate_batch(prompts, GREEDY)
+    assert [g.token_ids for g in ours] == [g.token_ids for g in theirs]
 
 
 def test_batched_samples_are_each_rows_own(generator):
@@ -312,7 +323,9 @@ def test_chat_prompts_are_the_templates(chat_export, prompts):
 
     generator = runtime.load(chat_export)
     messages = [{"role": "system", "content": "dates"}, {"role": "user", "content": prompts[0]}]
-    expected = AutoTokenizer.from_pretrained(chat_export).apply_chat_template(messages, add_generation_prompt=True)
+    tokenizer = AutoTokenizer.from_pretrained(chat_export)
+    # the ids alone: transformers 5 returns a dict of ids and mask by default
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert generator.render_chat(messages) == expected
     assert generator.chat(messages, GREEDY).token_ids == generator.generate(expected, GREEDY).token_ids
 
