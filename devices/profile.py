@@ -49,9 +49,9 @@ class DeviceProfile:
     opset: int
     """Opset of the default ONNX domain, 14 to 21."""
     graph: Graph
-    """Who writes the graph: "optimum" (optimum's exporter, every architecture), "builder" (onnxruntime-genai's
-    model builder: fused attention, an in-place KV cache; Llama family, fp32 or int4) or "auto" (the
-    builder where it applies, optimum otherwise)."""
+    """Who writes the graph: "torch" (torch's ONNX exporter, every architecture edge-lora exports), "builder"
+    (onnxruntime-genai's model builder: fused attention, an in-place KV cache; Llama family, Phi-3 and Gemma, fp32 or
+    int4) or "auto" (the builder where it applies, torch's exporter otherwise)."""
     int4_block_size: int
     """Weights per quantization block in int4 MatMulNBits: 16, 32, 64 or 128."""
     int4_accuracy_level: int

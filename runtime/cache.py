@@ -3,7 +3,7 @@ per layer and kind, allocated once per generation at its final length and bound 
 
 GroupQueryAttention reads the first seqlens_k + 1 positions of each row's buffer and writes the new ones in place
 after them (its past_present_share_buffer mode, entered when past and present are the same memory), so a decode
-step copies nothing of the cache, where the optimum graph's Concat writes the whole cache anew each step. The graph
+step copies nothing of the cache, where the torch graph's Concat writes the whole cache anew each step. The graph
 derives seqlens_k (each row's tokens so far, minus one) and total_sequence_length (the mask's width) from
 attention_mask, and the rotary positions from seqlens_k: there is no position_ids input.
 

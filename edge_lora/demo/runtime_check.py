@@ -15,7 +15,7 @@ import sys
 from edge_lora.eval.run import EvalSettings, evaluate
 from edge_lora.runtime.profile.sweep import ProfileSettings, profile
 
-HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "optimum")
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "onnxscript")
 LATENCY_SETTINGS = ProfileSettings(prompt_lens=(16,), new_tokens=32, warmup_runs=2, min_runs=5, min_seconds=1.0)
 
 

@@ -1,7 +1,7 @@
 """Merged PyTorch model → fused ONNX decoder graph, written by onnxruntime-genai's model builder.
 
 The builder writes a few nodes a layer (MatMulNBits or MatMul with q, k and v packed, GroupQueryAttention with
-the rotary embedding inside, SkipSimplifiedLayerNormalization) where optimum's exporter writes chains of shape ops
+the rotary embedding inside, SkipSimplifiedLayerNormalization) where torch's exporter writes chains of shape ops
 for RoPE, the causal mask, repeat-kv and the KV Concat; it decodes faster (BENCHMARKS.md, Runtime). Its graph's
 GroupQueryAttention reads and writes the KV cache in place in one max-length buffer per layer, which
 runtime/cache.py binds as both past and present.
@@ -47,7 +47,7 @@ def check_supported(model_type: str | None, model_dir: Path) -> None:
     if model_type not in MODEL_TYPES:
         raise UsageError(
             f"{model_dir}: architecture {model_type!r} cannot be exported with --graph builder — "
-            f"supported: {', '.join(MODEL_TYPES)}; use --graph optimum for it"
+            f"supported: {', '.join(MODEL_TYPES)}; use --graph torch for it"
         )
 
 
@@ -63,7 +63,7 @@ def build_graph(
 ) -> Path:
     """Write the builder's graph of the in-memory `model` (fp32, merged) into `out_dir`: model.onnx with its weights
     in model.onnx.data, genai_config.json, and `hf_files` as transformers saves them (the model's configs, the
-    tokenizer of `tokenizer_dir`), as optimum's exporter leaves them beside its graph. Returns the model path.
+    tokenizer of `tokenizer_dir`), as the torch graph's export writes them beside its graph. Returns the model path.
 
     The builder reads an HF dir, so the model is saved to a temporary one first. At int4 its round-to-nearest
     quantizer ("rtn") writes symmetric blocks of `int4_block_size`, with no zero points. A tied embedding is shared
@@ -231,7 +231,7 @@ def check_signature(model_path: Path, num_layers: int) -> None:
         )
 
 
-# What export.json's kv_cache says beside the shape (the rest is as for an optimum graph).
+# What export.json's kv_cache says beside the shape (the rest is as for a torch graph).
 KV_CACHE = {
     "layout": "(batch, kv_heads, max_length, head_dim): one buffer per layer and kind, bound as past and "
     "present at once; GroupQueryAttention writes each new position in place",

@@ -95,7 +95,7 @@ def add_builder_lora_inputs(model_path: Path, modules: dict[str, tuple[int, int]
     The builder names each projection's MatMul (MatMulNBits at int4, named …/MatMul_Q4) by layer and role, and packs
     q, k and v into one qkv_proj: there the branches of q, k and v are concatenated along the output and added to
     the packed product, so all three get inputs when any of them is adapted (an adapter of q and v leaves k's at
-    rank 0). The LoRA MatMuls stay fp32, as in the optimum graph's. Only model.onnx is rewritten.
+    rank 0). The LoRA MatMuls stay fp32, as in the torch graph's. Only model.onnx is rewritten.
     """
     import onnx
 

@@ -1,6 +1,6 @@
 """The builder graph (ExportOptions(graph="builder")): onnxruntime-genai's model builder writes the merged model as a
 fused graph (GroupQueryAttention over a shared KV buffer), the parity gate passes, and the torch-free runtime
-generates from it exactly what it generates from optimum's graph of the same adapter."""
+generates from it exactly what it generates from torch's graph of the same adapter."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from test_cli import assert_one_line_error, edge_lora
 
 from edge_lora.export.parity import FALLBACK_PROMPTS
 
-# fp32 builder graph against fp32 optimum graph of the same merged weights: the same fp32 sums, fused in another order.
+# fp32 builder graph against fp32 torch graph of the same merged weights: the same fp32 sums, fused in another order.
 FP32_LOGIT_ATOL = 1e-4
 # Prompts of different lengths (characters are tokens here), so that a batch pads them.
 PROMPTS = [*FALLBACK_PROMPTS, "2024-03-17 ->", "x"]
@@ -91,12 +91,12 @@ def test_device_export_takes_the_profiles_graph_and_passes_parity(builder_int4):
     [
         ("llama", {}, "builder"),
         ("qwen2", {"precision": "int4"}, "builder"),
-        ("gpt2", {}, "optimum"),
+        ("gpt2", {}, "torch"),
         ("phi3", {"precision": "int4"}, "builder"),
         ("gemma", {}, "builder"),
         ("llama", {"flavor": "adapters"}, "builder"),
-        ("llama", {"precision": "int8"}, "optimum"),
-        ("mistral", {"precision": "fp16"}, "optimum"),
+        ("llama", {"precision": "int8"}, "torch"),
+        ("mistral", {"precision": "fp16"}, "torch"),
     ],
 )
 def test_auto_graph_is_the_builder_where_it_applies(model_type, options, graph):
@@ -106,16 +106,16 @@ def test_auto_graph_is_the_builder_where_it_applies(model_type, options, graph):
     assert auto_graph(model_type, ExportOptions(graph="auto", **options)) == graph
 
 
-def test_greedy_and_logits_equal_the_optimum_export(builder_fp32, export_optimum_fp32):
+def test_greedy_and_logits_equal_the_torch_export(builder_fp32, export_torch_fp32):
     from edge_lora import runtime
 
-    fused, optimum = runtime.load(builder_fp32), runtime.load(export_optimum_fp32)
-    assert (fused.graph, optimum.graph) == ("builder", "optimum")
+    fused, portable = runtime.load(builder_fp32), runtime.load(export_torch_fp32)
+    assert (fused.graph, portable.graph) == ("builder", "torch")
     sampling = runtime.SamplingConfig(max_new_tokens=24, ignore_eos=True)
     for prompt in PROMPTS:
         ids = fused.encode_prompt(prompt)
-        np.testing.assert_allclose(fused.logits(ids), optimum.logits(ids), rtol=0, atol=FP32_LOGIT_ATOL)
-        assert fused.generate(prompt, sampling).token_ids == optimum.generate(prompt, sampling).token_ids, prompt
+        np.testing.assert_allclose(fused.logits(ids), portable.logits(ids), rtol=0, atol=FP32_LOGIT_ATOL)
+        assert fused.generate(prompt, sampling).token_ids == portable.generate(prompt, sampling).token_ids, prompt
 
 
 def test_batch_stream_tokens_stop_and_sampling(builder_fp32):
@@ -153,7 +153,7 @@ def test_unsupported_architecture_is_one_line(tmp_path, adapter_dir):
     done = edge_lora(
         "export", adapter_dir, "--output", tmp_path / "out", "--graph", "builder", "--base", gpt2, "--force"
     )
-    assert_one_line_error(done, "'gpt2'", "--graph builder", "supported: llama, mistral, qwen2", "--graph optimum")
+    assert_one_line_error(done, "'gpt2'", "--graph builder", "supported: llama, mistral, qwen2", "--graph torch")
     assert not (tmp_path / "out").exists()
 
 
