@@ -8,7 +8,8 @@ shape and threads: requests/s and p50/p99 time to first token at 1, 4 and 16 con
 The models are bench/runtime.py's, built by its own build functions and cached in the same `--workdir`
 (bench/runtime.py's docstring says how): edge-lora serves the int4 export of the base with a merged 1-step
 adapter (by default the builder graph in blocks of 64, what `edge-lora export --device cpu-x86-64` writes for a
-Llama; `--graph torch` for torch's exporter's), llama.cpp the base's Q4_0 GGUF. Latency does not depend on weight values.
+Llama; `--graph torch` for torch's exporter's), llama.cpp the base's Q4_0 GGUF. Latency does not depend on weight
+values.
 
 Both servers run at once, each in its own process on a free loopback port, but only one is loaded at a time:
 
