@@ -655,8 +655,25 @@ def profile_child(work: Path, args) -> None:
     (work / "profile.json").write_text(json.dumps(breakdown, indent=1))
 
 
+def node_paths(graph) -> dict[str, str]:
+    """{node name: its module's path as a torch scope, '/model/layers.0/self_attn/q_proj/…'} for a torch graph, whose
+    node names ('node_linear_3') say nothing of where they belong: the exporter records the module path in each
+    node's name-scope metadata. A builder graph's names are such paths already and are left out."""
+    import ast
+
+    from edge_lora.export.graphs.portable import NAME_SCOPES
+
+    paths = {}
+    for node in graph.node:
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        if scopes and len(scopes) > 1:
+            module = scopes[-2] if len(scopes) > 2 else scopes[-1]
+            paths[node.name] = "/" + module.replace(".", "/") + "/" + node.name
+    return paths
+
+
 def region(node_name: str, op: str, head: set[str]) -> str:
-    """Where a node belongs, from the names optimum's exporter gives (kept by onnxruntime's fusions)."""
+    """Where a node belongs, from its scope path (the builder's node names, or node_paths for a torch graph)."""
     if node_name in head:
         return "output head"
     if "/self_attn/" in node_name:
@@ -675,6 +692,7 @@ def trace_breakdown(trace: Path, model_path: Path, runs: int) -> dict:
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     head = {n.name for n in graph.node if "logits" in n.output}
+    paths = node_paths(graph)
     levels = sorted(
         {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     )
@@ -696,7 +714,7 @@ def trace_breakdown(trace: Path, model_path: Path, runs: int) -> dict:
         for run in run_list:
             for e in within(run):
                 name = e["name"].removesuffix("_kernel_time")
-                r = region(name, e["args"]["op_name"], head)
+                r = region(paths.get(name, name), e["args"]["op_name"], head)
                 by_region[r] = by_region.get(r, 0) + e["dur"] / 1e3 / n
                 by_op[e["args"]["op_name"]] = by_op.get(e["args"]["op_name"], 0) + e["dur"] / 1e3 / n
                 kernel += e["dur"] / 1e3 / n

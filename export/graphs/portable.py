@@ -271,6 +271,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, in
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
     model = onnx.load(str(src))
     keep = lora_matmuls(model) + ([] if int4_head else [n for n in [head_node(model)] if n])
+    scopes = {n.name: list(n.metadata_props) for n in model.graph.node if n.op_type == "MatMul"}
     quantizer = MatMulNBitsQuantizer(
         model,
         block_size=block_size,
@@ -280,6 +281,11 @@ def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, in
         algo_config=config,
     )
     quantizer.process()
+    # The quantizer's MatMulNBits (named after the MatMul, + "_Q4") drop the MatMul's module path; keep it, so that a
+    # profile can still say which layer and projection a node is.
+    for node in quantizer.model.model.graph.node:
+        if node.op_type == "MatMulNBits" and not node.metadata_props:
+            node.metadata_props.extend(scopes.get(node.name.removesuffix("_Q4"), []))
     save_model(quantizer.model.model, dst)
 
 
