@@ -84,9 +84,9 @@ def check_loadable(file: Path) -> None:
     try:
         load_gguf_checkpoint(str(file), return_tensors=False)
     except ValueError as e:
-        version = metadata.version("transformers")
+        version, reason = metadata.version("transformers"), str(e).rstrip(".")
         raise UsageError(
-            f"transformers {version} cannot load {file}: {str(e).rstrip('.')} — use a GGUF of an architecture it supports "
+            f"transformers {version} cannot load {file}: {reason} — use a GGUF of an architecture it supports "
             "(e.g. llama, qwen2, mistral)"
         ) from None
 
