@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -78,17 +78,24 @@ def check_gguf(file: Path) -> None:
 
 
 def check_loadable(file: Path) -> None:
-    """UsageError unless transformers can read the file's architecture; reads the metadata only."""
+    """UsageError unless transformers can read the file's architecture and the file holds a tokenizer; reads the
+    metadata only."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import logging
 
+    version, verbosity = metadata.version("transformers"), logging.get_verbosity()
+    logging.set_verbosity_error()  # a file refused here gets one line, not transformers' warnings first
     try:
-        load_gguf_checkpoint(str(file), return_tensors=False)
+        parsed = load_gguf_checkpoint(str(file), return_tensors=False)
     except ValueError as e:
-        version, reason = metadata.version("transformers"), str(e).rstrip(".")
         raise UsageError(
-            f"transformers {version} cannot load {file}: {reason} — use a GGUF of an architecture it supports "
-            "(e.g. llama, qwen2, mistral)"
+            f"transformers {version} cannot load {file}: {str(e).rstrip('.')} — use a GGUF of an architecture it "
+            "supports (e.g. llama, qwen2, mistral)"
         ) from None
+    finally:
+        logging.set_verbosity(verbosity)
+    if not parsed.get("tokenizer"):
+        raise UsageError(f"{file} holds no tokenizer (no tokenizer.ggml.* keys) — use a GGUF that carries its own")
 
 
 def from_gguf(file: Path, output: Path, overwrite: bool = False) -> Path:
@@ -103,7 +110,8 @@ def from_gguf(file: Path, output: Path, overwrite: bool = False) -> Path:
     check_loadable(file)
     source = gguf_source(file)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    staging = _sibling(output, "tmp")
+    staging.mkdir()  # unlike tempfile.mkdtemp's 0700, the umask's mode: the dir is renamed into place as it is
     try:
         _save_hf_dir(file, staging)
         (staging / BASE_SOURCE).write_text(json.dumps(source, indent=2) + "\n")
@@ -128,15 +136,23 @@ def _save_hf_dir(file: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
+def _sibling(output: Path, suffix: str) -> Path:
+    """A hidden name beside `output`, unique to this call."""
+    return output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.{suffix}"
+
+
 def _replace(staging: Path, output: Path) -> None:
-    """Rename `staging` to `output`; an existing `output` is first renamed aside, then removed."""
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-        os.replace(output, old / output.name)
+    """Rename `staging` to `output`; an existing `output` (dir or file) is first renamed aside, then removed."""
+    if not output.exists():
         os.rename(staging, output)
+        return
+    old = _sibling(output, "old")
+    os.replace(output, old)
+    os.rename(staging, output)
+    if old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(staging, output)
+        old.unlink()
 
 
 def cache_root() -> Path:

@@ -74,11 +74,18 @@ def write_tiny_llama(path, hidden=32, ffn=64, heads=2, kv_heads=1):
     return path
 
 
-def write_unknown_architecture(path):
+def write_bare(path, architecture):
+    """A GGUF with a model's shape and one tensor, but no tokenizer."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), "nonesuch")
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_context_length(32)
+    writer.add_embedding_length(8)
     writer.add_block_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -117,6 +124,10 @@ def test_converted_dir_holds_model_tokenizer_and_provenance(tiny_gguf, tiny_base
     names = {p.name for p in tiny_base.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", BASE_SOURCE} <= names
     assert [p.name for p in tiny_base.parent.iterdir()] == ["base"]  # no staging dir left beside it
+    reference = tiny_base.parent / "reference"
+    reference.mkdir()  # the mode any new dir gets under this umask, not a temporary dir's 0700
+    assert tiny_base.stat().st_mode == reference.stat().st_mode
+    reference.rmdir()
     source = json.loads((tiny_base / BASE_SOURCE).read_text())
     assert source["gguf_file"] == tiny_gguf.name
     assert source["gguf_sha256"] == sha256_file(tiny_gguf)
@@ -157,21 +168,27 @@ def test_cli_converts_and_overwrites(tiny_gguf, tmp_path):
     assert done.returncode == 0, done.stderr
     assert not (output / "stale").exists() and (output / BASE_SOURCE).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["base"]
+    file_output = tmp_path / "file"
+    file_output.write_text("")
+    assert from_gguf(tiny_gguf, file_output, overwrite=True).is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "file"]
 
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_text("hello")
-    unknown = write_unknown_architecture(tmp_path / "unknown.gguf")
+    unknown = write_bare(tmp_path / "unknown.gguf", "nonesuch")
+    no_tokenizer = write_bare(tmp_path / "no-tokenizer.gguf", "llama")
     output = tmp_path / "out"
     cases = [
         (tmp_path / "missing.gguf", ("GGUF file not found", "missing.gguf")),
         (not_gguf, ("not a GGUF file", "model.gguf", "b'hell'")),
         (unknown, ("cannot load", "nonesuch", "architecture it supports")),
+        (no_tokenizer, ("no-tokenizer.gguf holds no tokenizer",)),
     ]
     for file, fragments in cases:
         assert_one_line_error(edge_lora("base", "from-gguf", file, "--output", output), *fragments)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "unknown.gguf"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "no-tokenizer.gguf", "unknown.gguf"]
 
 
 def test_missing_package_names_the_install(monkeypatch, tmp_path):
