@@ -1,7 +1,7 @@
 # Set-up and checks on a fresh machine (Python 3.11 + pip, no GPU, no hub access); each target builds .venv first:
 #   make demo         the offline end-to-end demo
 #   make test         the whole test suite (the README's test command; CI runs it)
-#   make test-fast    the tests not marked slow (pytest -m "not slow"), under 90 s on 2 cores
+#   make test-fast    the tests not marked slow or real (pytest -m "not slow and not real"), under 90 s on 2 cores
 #   make lint         ruff (lint + format check) and import-linter's contracts (pyproject.toml)
 #   make bench-deps   the benchmarks' anchors (llama-cpp-python, built from source: minutes) into .venv
 #   make test-latest  the fast tests in .venv-latest, on the newest releases pyproject.toml's ranges allow
@@ -41,7 +41,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow and not real"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

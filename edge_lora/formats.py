@@ -38,6 +38,8 @@ KERNELS = (MATMUL_Q4, LORA_ADD)
 DEFAULT_DEVICE = "cpu-x86-64"
 """The device profile used when none is named: a generic CPU (also the one for architectures with no profile)."""
 
+# A base model dir converted from a GGUF file (edge-lora base from-gguf): where its weights came from.
+BASE_SOURCE = "edge_lora_base.json"
 # The adapter dir (edge-lora train): PEFT's files and edge-lora's manifest beside them.
 ADAPTER_MANIFEST = "edge_lora.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for the adapter's tensors

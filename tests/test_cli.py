@@ -8,6 +8,8 @@ import pytest
 
 COMMANDS = [
     ["demo"],
+    ["base"],
+    ["base", "from-gguf"],
     ["train"],
     ["export"],
     ["run"],

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from edge_lora.cli.base import base
 from edge_lora.cli.demo import demo
 from edge_lora.cli.devices import devices
 from edge_lora.cli.eval import eval_group
@@ -36,7 +37,7 @@ def cli():
     """
 
 
-for command in (demo, train, export, run, serve, serve_admin, profile, eval_group, inspect_command, devices):
+for command in (demo, base, train, export, run, serve, serve_admin, profile, eval_group, inspect_command, devices):
     cli.add_command(command)
 
 

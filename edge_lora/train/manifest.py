@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from edge_lora.formats import ADAPTER_MANIFEST, AdapterManifest
+from edge_lora.formats import ADAPTER_MANIFEST, BASE_SOURCE, AdapterManifest
 
 FORMAT_VERSION = 1
 LIBRARIES = ("edge-lora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
@@ -17,7 +17,9 @@ VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", 
 
 
 def fingerprint(model_dir: str | Path) -> dict:
-    """Identity of a base model: its config, its tensor names and shapes, and a digest of its weight files."""
+    """Identity of a base model: its config, its tensor names and shapes, and a digest of its weight files. A dir
+    converted from a GGUF file (BASE_SOURCE) also names the file's sha256 and quantization, beside the digest: the
+    digest itself is computed as for any dir, so adapters of a dir keep matching it."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
@@ -35,7 +37,7 @@ def fingerprint(model_dir: str | Path) -> dict:
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     shapes_digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
     weights_digest = weights.hexdigest()
-    return {
+    identity = {
         "digest": hashlib.sha256(f"{config_digest}{shapes_digest}{weights_digest}".encode()).hexdigest(),
         "config_sha256": config_digest,
         "tensors_sha256": shapes_digest,
@@ -44,6 +46,12 @@ def fingerprint(model_dir: str | Path) -> dict:
         "model_type": config.get("model_type"),
         "num_tensors": len(shapes),
     }
+    source = model_dir / BASE_SOURCE
+    if source.is_file():
+        gguf = json.loads(source.read_text())
+        identity["gguf_sha256"] = gguf.get("gguf_sha256")
+        identity["gguf_quantization"] = gguf.get("quantization")
+    return identity
 
 
 def library_versions() -> dict[str, str]:
