@@ -83,9 +83,14 @@ def read_manifests(dirs: list[Path], options: ExportOptions, base: str | None) -
     fingerprints: dict[Path, dict] = {}
     manifests = []
     for d in dirs:
-        if (d / ADAPTER_MANIFEST).exists() or not (d / PEFT_CONFIG).exists():
+        if (d / ADAPTER_MANIFEST).exists() or not d.is_dir():
             manifests.append(adapter_manifest.read(d))
             continue
+        if not (d / PEFT_CONFIG).exists():
+            raise UsageError(
+                f"{d} has neither {ADAPTER_MANIFEST} nor {PEFT_CONFIG} — pass a dir written by edge-lora train or a "
+                "PEFT adapter dir (save_pretrained)"
+            )
         if options.trained_on is None:
             raise UsageError(
                 f"{d} has no {ADAPTER_MANIFEST} (not trained by edge-lora): say how its base was held in training "
@@ -95,7 +100,7 @@ def read_manifests(dirs: list[Path], options: ExportOptions, base: str | None) -
         base_model = base or json.loads((d / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
         if not base_model:
             raise UsageError(f"{d}/{PEFT_CONFIG} names no base_model_name_or_path — pass the base with --base")
-        model_dir = resolve_model_dir(base_model).resolve()
+        model_dir = foreign_base_dir(d, base_model, given=base is not None)
         if model_dir not in fingerprints:
             fingerprints[model_dir] = adapter_manifest.fingerprint(model_dir)
         manifests.append(
@@ -109,6 +114,29 @@ def read_manifests(dirs: list[Path], options: ExportOptions, base: str | None) -
             "it was trained — drop --trained-on"
         )
     return manifests
+
+
+def foreign_base_dir(adapter_dir: Path, base_model: str, given: bool) -> Path:
+    """The local dir of a foreign adapter's base: --base when `given`, else adapter_config.json's
+    base_model_name_or_path, whose failure names that key and --base as the fix. A checkpoint stored quantized
+    is refused: the merge and the graph need the full-precision weights."""
+    try:
+        model_dir = resolve_model_dir(base_model).resolve()
+    except UsageError as e:
+        if given:
+            raise
+        reason = str(e).split(" — ")[0].removeprefix(f"--model {base_model}").strip(" :")
+        raise UsageError(
+            f"{adapter_dir}/{PEFT_CONFIG} names base {base_model!r}: {reason} — pass the base model dir with --base"
+        ) from None
+    quantized = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    if quantized:  # e.g. a "-bnb-4bit" checkpoint QLoRA tools load: the original weights are not in it
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise UsageError(
+            f"base {base_model} is stored quantized ({method}) — pass the full-precision model it was made from "
+            "with --base, and --trained-on nf4 for a 4-bit one"
+        )
+    return model_dir
 
 
 def check_adapter_weights(adapter_dir: Path) -> None:

@@ -69,6 +69,7 @@ def assert_passed(export_json: dict) -> None:
         ("llama", "fp32", "adapters"),
         ("llama", "nf4", "merged"),
         ("llama", "nf4", "adapters"),
+        ("llama", "bf16", "merged"),
         ("gpt2", "fp32", "merged"),
         ("gpt2", "nf4", "adapters"),
         ("qwen2", "nf4", "merged"),
@@ -88,7 +89,7 @@ def test_a_peft_adapter_exports_and_passes_parity(bases, tmp_path, family, train
     assert doc["lineage"]["adapters"][0]["manifest_sha256"] is None
     assert doc["lineage"]["adapters"][0]["base"]["model"] == str(bases(family))
     # 4-bit: merged onto the dequantized weights the adapter was trained against; full precision: the original ones
-    assert doc["merge"]["into"] == ("original" if trained_on == "fp32" else "dequantized")
+    assert doc["merge"]["into"] == ("dequantized" if trained_on == "nf4" else "original")
     if flavor == "merged":
         errors = doc["merge"]["vs_trained_model"]
         assert errors[doc["merge"]["into"]]["max_abs_logit_diff"] < 1e-4
@@ -238,6 +239,15 @@ def test_tensors_for_modules_the_base_lacks_are_refused(llama_adapter, tmp_path)
     )
 
 
+def test_a_base_stored_quantized_is_refused(llama_adapter, bases, tmp_path):
+    """QLoRA tools often train on a pre-quantized checkpoint ("-bnb-4bit"): its full-precision weights are gone."""
+    base = Path(shutil.copytree(bases("llama"), tmp_path / "llama-bnb-4bit"))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "bitsandbytes"}}))
+    with pytest.raises(UsageError, match=r"stored quantized \(bitsandbytes\) — pass the full-precision model"):
+        export(llama_adapter, tmp_path / "x", ExportOptions(trained_on="nf4"), base=str(base))
+
+
 def test_trained_on_is_asked_for(llama_adapter, tmp_path):
     done = edge_lora("export", llama_adapter, "--output", tmp_path / "x")
     assert_one_line_error(done, "has no edge_lora.json", "--trained-on {nf4|fp4|bf16|fp16|fp32}", "nf4 for a QLoRA")
@@ -262,5 +272,13 @@ def test_bad_trained_on_and_missing_base_through_the_cli(llama_adapter, tmp_path
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
     done = edge_lora("export", adapter, "--output", tmp_path / "x", "--trained-on", "fp32")
     assert_one_line_error(done, "names no base_model_name_or_path", "--base")
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/not-here"}))
+    done = edge_lora("export", adapter, "--output", tmp_path / "x", "--trained-on", "fp32")
+    assert_one_line_error(
+        done, "names base 'org/not-here': not a local directory", "pass the base model dir with --base"
+    )
     done = edge_lora("export", tmp_path / "nothing", "--output", tmp_path / "x", "--trained-on", "fp32")
     assert_one_line_error(done, "does not exist")
+    (tmp_path / "empty").mkdir()
+    done = edge_lora("export", tmp_path / "empty", "--output", tmp_path / "x")
+    assert_one_line_error(done, "has neither edge_lora.json nor adapter_config.json", "a PEFT adapter dir")
