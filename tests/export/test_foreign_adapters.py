@@ -74,6 +74,9 @@ def assert_passed(export_json: dict) -> None:
         ("gpt2", "nf4", "adapters"),
         ("qwen2", "nf4", "merged"),
         ("qwen2", "fp32", "adapters"),
+        ("mistral", "nf4", "adapters"),
+        ("phi3", "nf4", "merged"),
+        ("gemma", "fp32", "merged"),
     ],
 )
 def test_a_peft_adapter_exports_and_passes_parity(bases, tmp_path, family, trained_on, flavor):
