@@ -17,7 +17,7 @@ from edge_lora.formats import ADAPTER_MANIFEST, ADAPTER_WEIGHTS, TOKENIZER_FILE,
 from edge_lora.train import manifest as adapter_manifest
 from edge_lora.train.manifest import PEFT_CONFIG, TRAINED_ON
 from edge_lora.train.qlora import resolve_model_dir
-from edge_lora.train.reference import base_dir_of
+from edge_lora.train.reference import base_dir_of, held_in_4bit
 
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")  # a dir with either holds a tokenizer transformers loads
 
@@ -66,7 +66,7 @@ def resolve_inputs(
         model_dir = resolve_model_dir(manifests[0].base_model)
     else:
         model_dir = base_dir_of(dirs[0], manifests[0], base, force)
-    if manifests[0].training["quant"] is None:  # a full-precision base: there are no dequantized weights
+    if not held_in_4bit(manifests[0]):  # a full-precision base: there are no dequantized weights
         options = replace(options, merge_into="original")
     options = graph_options(model_dir, options)
     check_same_base(dirs, manifests)

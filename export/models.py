@@ -47,6 +47,7 @@ def load_weights(model, reference, options: ExportOptions, manifest: AdapterMani
     import torch
 
     from edge_lora.train.qlora import dequantized_weights
+    from edge_lora.train.reference import held_in_4bit
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
     if options.flavor == "adapters":
@@ -61,7 +62,7 @@ def load_weights(model, reference, options: ExportOptions, manifest: AdapterMani
         expected = [reference(ids).logits for ids in prompts]
         # the other choice first, so that the chosen one is what stays in the model
         # a full-precision base (a foreign LoRA's) has no dequantized weights: "original" is the one choice
-        choices = ("original",) if manifest.training["quant"] is None else ("dequantized", "original")
+        choices = ("dequantized", "original") if held_in_4bit(manifest) else ("original",)
         for into in sorted(choices, key=lambda c: c == options.merge_into):
             model.load_state_dict(original)
             for name, weight in merged_weights(reference, original if into == "original" else None).items():

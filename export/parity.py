@@ -187,9 +187,9 @@ def parity_reference(reference, inputs: ExportInputs):
     base) already computes in plain fp32 layers: it is its own twin. Returns it and a record for export.json."""
     import torch
 
-    from edge_lora.train.reference import base_dtype, fp32_twin
+    from edge_lora.train.reference import base_dtype, fp32_twin, held_in_4bit
 
-    if inputs.manifests[0].training["quant"] is None:
+    if not held_in_4bit(inputs.manifests[0]):
         dtype = base_dtype(inputs.manifests[0])
         return reference, {"model": f"the full-precision base ({dtype} weights, fp32 compute) with the adapters"}
 

@@ -38,10 +38,15 @@ def qlora_model(
     fp32 even when training computed in bf16 or fp16: the weights are the same, and the reference is then
     exact, so that a parity figure measures the export alone and not the training dtype's rounding as well.
     """
-    if manifest.training["quant"] is None:
+    if not held_in_4bit(manifest):
         return with_adapters(full_precision_base(model_dir, base_dtype(manifest)), adapter_dirs, names)
     quant = QuantConfig(**manifest.training["quant"] | {"compute_dtype": "float32"})
     return with_adapters(load_quantized_base(model_dir, quant), adapter_dirs, names)
+
+
+def held_in_4bit(manifest: AdapterManifest) -> bool:
+    """Whether training held the base in 4-bit (edge-lora always; a foreign adapter when --trained-on nf4/fp4)."""
+    return manifest.training["quant"] is not None
 
 
 def base_dtype(manifest: AdapterManifest) -> str:
