@@ -101,4 +101,4 @@ def check_tensors(weights: Path) -> None:
         )
     other = next((n for n in names if not any(part in n for part in LORA_TENSORS)), None)
     if other is not None:
-        raise UsageError(f"{weights}: tensor {other} is not a LoRA weight (a whole trained layer or bias) — {RETRAIN}")
+        raise UsageError(f"{weights}: tensor {other} is not a LoRA weight (a trained layer or bias) — {RETRAIN}")

@@ -72,6 +72,7 @@ def assert_passed(export_json: dict) -> None:
         ("llama", "bf16", "merged"),
         ("gpt2", "fp32", "merged"),
         ("gpt2", "nf4", "adapters"),
+        ("gpt2", "fp16", "merged"),
         ("qwen2", "nf4", "merged"),
         ("qwen2", "fp32", "adapters"),
         ("mistral", "nf4", "adapters"),
@@ -285,3 +286,19 @@ def test_bad_trained_on_and_missing_base_through_the_cli(llama_adapter, tmp_path
     (tmp_path / "empty").mkdir()
     done = edge_lora("export", tmp_path / "empty", "--output", tmp_path / "x")
     assert_one_line_error(done, "has neither edge_lora.json nor adapter_config.json", "a PEFT adapter dir")
+
+
+@pytest.mark.slow
+def test_the_cli_exports_a_qlora_adapter_with_its_quant_settings(llama_adapter, tmp_path):
+    out = tmp_path / "x"
+    done = edge_lora(
+        "export", llama_adapter, "--output", out, "--trained-on", "fp4", "--no-double-quant",
+        "--compute-dtype", "bfloat16", "--graph", "torch", "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "parity merged: max |Δlogit|" in done.stdout
+    doc = json.loads((out / "export.json").read_text())
+    quant = doc["source_adapter"]["manifest"]["training"]["quant"]
+    assert quant == {"quant_type": "fp4", "double_quant": False, "compute_dtype": "bfloat16", "block_size": 64}
+    assert doc["options"]["trained_on"] == "fp4" and doc["foreign"]["peft-llama"]["trained_on"] == "fp4"
+    assert_passed(doc)
