@@ -107,6 +107,9 @@ class AdapterManifest(Record):
     metrics: dict[str, Any] = field(default_factory=dict)
     distributed: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    foreign: dict[str, Any] | None = None
+    """Set on the manifest `edge-lora export` builds in memory for an adapter dir without edge_lora.json (a PEFT
+    adapter from another tool): {"trained_on", "adapter_config_sha256", "peft_version"}. Never written to disk."""
 
     @property
     def base_digest(self) -> str:
@@ -212,6 +215,9 @@ class ExportManifest(Record):
     """What the adapter was merged into, and how far each choice is from the trained model."""
     lineage: dict[str, Any] | None = None
     """The adapters the export was made from (paths, digests, base, data) and the export's settings."""
+    foreign: dict[str, Any] | None = None
+    """{adapter name: its manifest's `foreign`} for each adapter that came without edge_lora.json; absent when
+    every adapter was trained by edge-lora."""
     versions: dict[str, str] = field(default_factory=dict)
 
     def graph_entry(self, kernel: str | None = None) -> ExportManifest | KernelGraph:

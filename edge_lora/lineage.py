@@ -29,16 +29,18 @@ def data_digests(data: dict) -> dict:
 
 
 def adapter_record(adapter_dir: Path, manifest: AdapterManifest, name: str) -> dict:
-    """One adapter as an export records it."""
+    """One adapter as an export records it. A foreign adapter (no edge_lora.json) has no manifest digest and no
+    data; its record says how it was described instead."""
     adapter_dir = Path(adapter_dir)
-    return {
+    record = {
         "name": name,
         "path": str(adapter_dir.resolve()),
         "adapter_sha256": sha256_file(adapter_dir / ADAPTER_WEIGHTS),
-        "manifest_sha256": sha256_file(adapter_dir / ADAPTER_MANIFEST),
+        "manifest_sha256": None if manifest.foreign else sha256_file(adapter_dir / ADAPTER_MANIFEST),
         "base": {"model": manifest.base_model, "fingerprint": manifest.base_digest},
         "data": data_digests(manifest.data),
     }
+    return record | ({"foreign": manifest.foreign} if manifest.foreign else {})
 
 
 def export_lineage(adapter_dirs: list[Path], names: list[str], manifests: list[AdapterManifest], options) -> dict:
@@ -93,7 +95,9 @@ def adapter_node(record: dict, verify_base: bool, status: str) -> dict:
         "sha256": record["adapter_sha256"],
         "status": status,
     }
-    if (Path(record["path"]) / ADAPTER_MANIFEST).is_file():
+    if record.get("foreign"):
+        node["foreign"] = record["foreign"]
+    elif (Path(record["path"]) / ADAPTER_MANIFEST).is_file():
         card = AdapterManifest.load(record["path"]).data_card
         if card:
             node["data_card"] = card_summary(card)
@@ -196,7 +200,8 @@ def describe(node: dict) -> str:
     if kind == "adapter":
         version = node["sha256"][:12] if node["sha256"] else "?"
         card = f"  data card: {node['data_card']}" if node.get("data_card") else ""
-        return f"adapter {node['name']}  {node['path']}  sha256 {version}{status}{card}"
+        foreign = f"  foreign PEFT adapter, trained on {node['foreign']['trained_on']}" if node.get("foreign") else ""
+        return f"adapter {node['name']}  {node['path']}  sha256 {version}{status}{foreign}{card}"
     if kind == "base":
         return f"base {node['path']}  fingerprint {node['fingerprint'][:12]}{status}"
     return f"{kind} {node['path']}  sha256 {node['sha256'][:12]}  {node['samples']} samples{status}"

@@ -17,7 +17,7 @@ FORMAT_VERSION = 1
 
 def describe(export_dir: Path, inputs: ExportInputs, models: Models) -> dict:
     """export.json without adapters, kernel graphs, files and parity: graph signature, weight bytes, KV-cache
-    layout, source, lineage and the merge report."""
+    layout, source, lineage, the merge report, and which adapters came without edge_lora.json."""
     import onnx
 
     from edge_lora.export.graphs.weight_bytes import weight_bytes
@@ -47,7 +47,13 @@ def describe(export_dir: Path, inputs: ExportInputs, models: Models) -> dict:
         "versions": adapter_manifest.library_versions() | {"onnx": onnx.__version__},
         "lineage": export_lineage(inputs.dirs, inputs.names, inputs.manifests, options),
         "merge": models.merge_report,
-    }
+    } | foreign_adapters(inputs)
+
+
+def foreign_adapters(inputs: ExportInputs) -> dict:
+    """export.json's "foreign": {name: how it was described} of the adapters without edge_lora.json; {} if none."""
+    foreign = {name: m.foreign for name, m in zip(inputs.names, inputs.manifests) if m.foreign}
+    return {"foreign": foreign} if foreign else {}
 
 
 def kv_cache(config) -> dict:

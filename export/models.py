@@ -16,7 +16,8 @@ from edge_lora.formats import AdapterManifest
 @dataclass
 class Models:
     reference: object
-    """The trained model: the 4-bit base with every adapter (PEFT), the first one active."""
+    """The trained model: the 4-bit base (or a foreign full-precision LoRA's base) with every adapter (PEFT), the
+    first one active."""
     model: object
     """The full-precision model holding the graph's weights."""
     merge_report: dict
@@ -25,11 +26,13 @@ class Models:
 
 def load_models(inputs: ExportInputs) -> Models:
     """The trained model and the full-precision one with the graph's weights in it."""
-    from edge_lora.train.reference import full_precision_base, qlora_model
+    from edge_lora.train.reference import base_dtype, full_precision_base, qlora_model
 
     reference = qlora_model(inputs.dirs, inputs.model_dir, inputs.manifests[0], inputs.names)
-    model = full_precision_base(inputs.model_dir)
-    merge_report = load_weights(model, reference, inputs.options, inputs.manifests[0], inputs.dirs[0])
+    # the original weights as training held them: the checkpoint itself, or a foreign full-precision LoRA's base
+    # rounded to its training dtype (bf16, fp16)
+    model = full_precision_base(inputs.model_dir, base_dtype(inputs.manifests[0]))
+    merge_report = load_weights(model, reference, inputs.options, inputs.manifests[0], inputs.tokenizer_dir)
     return Models(reference=reference, model=model, merge_report=merge_report)
 
 
@@ -44,6 +47,7 @@ def load_weights(model, reference, options: ExportOptions, manifest: AdapterMani
     import torch
 
     from edge_lora.train.qlora import dequantized_weights
+    from edge_lora.train.reference import held_in_4bit
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
     if options.flavor == "adapters":
@@ -57,7 +61,9 @@ def load_weights(model, reference, options: ExportOptions, manifest: AdapterMani
     with torch.no_grad():
         expected = [reference(ids).logits for ids in prompts]
         # the other choice first, so that the chosen one is what stays in the model
-        for into in sorted(("dequantized", "original"), key=lambda c: c == options.merge_into):
+        # a full-precision base (a foreign LoRA's) has no dequantized weights: "original" is the one choice
+        choices = ("dequantized", "original") if held_in_4bit(manifest) else ("original",)
+        for into in sorted(choices, key=lambda c: c == options.merge_into):
             model.load_state_dict(original)
             for name, weight in merged_weights(reference, original if into == "original" else None).items():
                 model.get_parameter(name).copy_(weight)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 from edge_lora import devices
 from edge_lora.errors import UsageError
 from edge_lora.export.graphs import builder as builder_graph
 from edge_lora.export.merge import MergeInto
 from edge_lora.formats import DEFAULT_DEVICE, FLAVORS, GRAPHS, PRECISIONS, Flavor, Graph, Precision
+from edge_lora.train.config import ComputeDtype
+from edge_lora.train.manifest import TRAINED_ON
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,15 @@ class ExportOptions:
     """edge-lora kernels to write a graph for beside the portable one: "matmul_q4" (export/kernel_graphs/q4.py),
     for a builder int4 graph in blocks of 32 or 64 with accuracy_level 4; "lora_add"
     (export/kernel_graphs/lora_add.py), for a builder int4 `adapters` graph. None: those the device profile lists."""
+    trained_on: str | None = None
+    """For adapter dirs without edge_lora.json (PEFT adapters from other tools), how their base was held in
+    training: "nf4" or "fp4" (QLoRA, bitsandbytes 4-bit: the reference and the merge use the dequantized 4-bit
+    weights) or "bf16", "fp16", "fp32" (a full-precision LoRA: the base in that dtype, merged onto its own weights).
+    Required when such a dir is given; refused when none is."""
+    double_quant: bool = True
+    """trained_on nf4 or fp4: whether the 4-bit block scales were quantized too (bitsandbytes' double quant)."""
+    compute_dtype: str = "auto"
+    """trained_on nf4 or fp4: the 4-bit layers' compute dtype in training, recorded (the reference computes fp32)."""
 
     def __post_init__(self):
         problems = []
@@ -69,6 +81,10 @@ class ExportOptions:
                 f"graph builder writes precision {' or '.join(builder_graph.PRECISIONS)}, got "
                 f"{self.precision!r} — use --graph torch for it"
             )
+        if self.trained_on is not None and self.trained_on not in TRAINED_ON:
+            problems.append(f"trained_on {self.trained_on!r} is not one of {', '.join(TRAINED_ON)}")
+        if self.compute_dtype not in get_args(ComputeDtype):
+            problems.append(f"compute_dtype {self.compute_dtype!r} is not one of {', '.join(get_args(ComputeDtype))}")
         unknown = [k for k in self.kernels or () if k not in devices.KERNELS]
         if unknown:
             problems.append(f"kernel {unknown[0]!r} is not one of {', '.join(devices.KERNELS)}")

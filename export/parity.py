@@ -183,13 +183,18 @@ def gate(export_dir: Path, export_json: dict, inputs: ExportInputs, reference) -
 def parity_reference(reference, inputs: ExportInputs):
     """The model the parity gate generates with: the fp32 twin of the trained 4-bit model (reference.fp32_twin)
     when its logits match the 4-bit model's on the parity prompts, for every adapter, within TWIN_TOLERANCE;
-    else the 4-bit model itself. Returns it and a record of the check for export.json."""
+    else the 4-bit model itself. A reference with no 4-bit layers (a foreign LoRA trained on a full-precision
+    base) already computes in plain fp32 layers: it is its own twin. Returns it and a record for export.json."""
     import torch
 
-    from edge_lora.train.reference import fp32_twin
+    from edge_lora.train.reference import base_dtype, fp32_twin, held_in_4bit
+
+    if not held_in_4bit(inputs.manifests[0]):
+        dtype = base_dtype(inputs.manifests[0])
+        return reference, {"model": f"the full-precision base ({dtype} weights, fp32 compute) with the adapters"}
 
     twin = fp32_twin(reference, inputs.model_dir, inputs.dirs, inputs.names)
-    prompts = [torch.tensor([ids]) for ids in reference_prompt_ids(inputs.dirs[0], inputs.manifests[0])]
+    prompts = [torch.tensor([ids]) for ids in reference_prompt_ids(inputs.tokenizer_dir, inputs.manifests[0])]
     gap = 0.0
     with torch.no_grad():
         for name in inputs.names:
@@ -220,7 +225,7 @@ def run_parity(export_dir: Path, reference, inputs: ExportInputs, kernels: tuple
         result = check(reference, gen, parity_prompts(manifest), precision).to_dict()
         samples = eval_samples(manifest)
         if samples:
-            result["task_accuracy"] = task_accuracy(reference, gen, inputs.dirs[0], samples)
+            result["task_accuracy"] = task_accuracy(reference, gen, inputs.tokenizer_dir, samples)
         return result
 
     if inputs.options.flavor == "merged":

@@ -1,10 +1,11 @@
 """`export()`: adapter dir → verified ONNX export dir, built in a temporary dir and renamed into place.
 
-The stages, each in its own module: inputs.py checks what the export starts from, models.py loads the trained
-model and the full-precision one with the graph's weights, graphs/ writes the graph (portable.py or builder.py, with
-lora_inputs.py's LoRA inputs for the `adapters` flavor), adapters.py writes the adapter files, kernel_graphs/ the
-graphs for edge-lora's kernels, parity.py gates the result against the trained model, and manifest.py writes
-export.json.
+The stages, each in its own module: inputs.py checks what the export starts from (with peft_config.py, what of
+a PEFT adapter dir can be exported; a dir without edge_lora.json is described by ExportOptions.trained_on),
+models.py loads the trained model and the full-precision one with the graph's weights, graphs/ writes the graph
+(portable.py or builder.py, with lora_inputs.py's LoRA inputs for the `adapters` flavor), adapters.py writes the
+adapter files, kernel_graphs/ the graphs for edge-lora's kernels, parity.py gates the result against the trained
+model, and manifest.py writes export.json.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from typing import get_args
 import click
 
 from edge_lora.formats import FLAVORS, GRAPHS, PRECISIONS, Graph
+from edge_lora.train.config import ComputeDtype
+from edge_lora.train.manifest import TRAINED_ON
 
 
 @click.command("export")
@@ -60,7 +62,31 @@ from edge_lora.formats import FLAVORS, GRAPHS, PRECISIONS, Graph
     "Llama-family, fp32 or int4), or auto (the builder where it applies). Default: the "
     "--device profile's, else auto.",
 )
-@click.option("--base", default=None, help="Base model dir, if not where the adapter's manifest says.")
+@click.option(
+    "--base",
+    default=None,
+    help="Base model dir, if not where the adapter's manifest (or a PEFT adapter's adapter_config.json) says.",
+)
+@click.option(
+    "--trained-on",
+    type=click.Choice(TRAINED_ON),
+    default=None,
+    help="For a PEFT adapter dir without edge_lora.json (PEFT, TRL, Unsloth, axolotl): how its base was held in "
+    "training — nf4/fp4 for QLoRA (4-bit base), else the dtype a full-precision LoRA trained in.",
+)
+@click.option(
+    "--double-quant/--no-double-quant",
+    default=True,
+    show_default=True,
+    help="With --trained-on nf4/fp4: whether training quantized the 4-bit block scales too.",
+)
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(get_args(ComputeDtype)),
+    default="auto",
+    show_default=True,
+    help="With --trained-on nf4/fp4: the 4-bit layers' compute dtype in training (recorded).",
+)
 @click.option("--force", is_flag=True, help="Export even if --base's fingerprint differs from the adapter's base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output once the new export is complete.")
 @click.option("--no-validate", is_flag=True, help="Skip the parity gate (not recommended).")
@@ -83,6 +109,9 @@ def export(
     int4_head: bool,
     graph: str | None,
     base: str | None,
+    trained_on: str | None,
+    double_quant: bool,
+    compute_dtype: str,
     force: bool,
     overwrite: bool,
     no_validate: bool,
@@ -96,8 +125,16 @@ def export(
     Example:  edge-lora export my-adapter --output my-export --precision int4
               edge-lora export adapter-a adapter-b --flavor adapters --output shared-export
               edge-lora export my-adapter --output laptop-export --device cpu-x86-64
+              edge-lora export peft-qlora-adapter --trained-on nf4 --output my-export
     """
-    options = {"merge_into": merge_into, "validate": not no_validate, "int4_head": int4_head}
+    options = {
+        "merge_into": merge_into,
+        "validate": not no_validate,
+        "int4_head": int4_head,
+        "trained_on": trained_on,
+        "double_quant": double_quant,
+        "compute_dtype": compute_dtype,
+    }
     if no_kernels:
         options["kernels"] = ()
     if device:

@@ -71,5 +71,61 @@ def write(adapter_dir: Path, fields: dict) -> Path:
 
 
 def read(adapter_dir: str | Path) -> AdapterManifest:
-    """edge_lora.json of `adapter_dir`; AdapterError, naming the fix, when the dir or its manifest is missing or bad."""
+    """edge_lora.json of `adapter_dir`; AdapterError, naming the fix, when the dir or its manifest is missing or bad.
+
+    A PEFT adapter dir without edge_lora.json (another tool's) has no record of how its base was held in
+    training: `edge-lora export` describes it with `foreign` instead, from the flags it is given.
+    """
     return AdapterManifest.load(adapter_dir)
+
+
+PEFT_CONFIG = "adapter_config.json"  # PEFT's adapter settings, beside ADAPTER_WEIGHTS
+TRAINED_ON = ("nf4", "fp4", "bf16", "fp16", "fp32")
+"""How a foreign adapter's base was held in training: 4-bit (bitsandbytes, QLoRA) or a full-precision dtype."""
+FULL_PRECISION = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def foreign(
+    adapter_dir: Path,
+    base_model: str,
+    base_fingerprint: dict,
+    trained_on: str,
+    double_quant: bool = True,
+    compute_dtype: str = "auto",
+) -> AdapterManifest:
+    """The manifest `edge-lora train` would have written for the PEFT adapter in `adapter_dir` (no edge_lora.json):
+    its LoRA settings from adapter_config.json, its base and that base's fingerprint as given, and how the base
+    was held in training from `trained_on` — 4-bit ("nf4", "fp4", bitsandbytes' default block size of 64, as
+    PEFT, TRL, Unsloth and axolotl load it) or a full-precision dtype ("bf16", "fp16", "fp32"; training["quant"]
+    None and training["base_dtype"] the torch dtype). Marked `foreign`; built in memory, never written."""
+    from edge_lora.train.config import QuantConfig
+
+    config_path = Path(adapter_dir) / PEFT_CONFIG
+    config = json.loads(config_path.read_text())
+    if trained_on in FULL_PRECISION:
+        training = {"quant": None, "base_dtype": FULL_PRECISION[trained_on]}
+    else:
+        quant = QuantConfig(quant_type=trained_on, double_quant=double_quant, compute_dtype=compute_dtype)
+        training = {"quant": dict(quant.__dict__)}
+    targets = config.get("target_modules")
+    lora = {
+        "r": config.get("r", 8),
+        "alpha": config.get("lora_alpha", 8),
+        "dropout": config.get("lora_dropout", 0.0),
+        "target_modules": [targets] if isinstance(targets, str) else sorted(targets or []),
+        "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": bool(config.get("use_dora")),
+        "rank_pattern": config.get("rank_pattern") or {},
+        "alpha_pattern": config.get("alpha_pattern") or {},
+    }
+    return AdapterManifest(
+        base_model=base_model,
+        base_fingerprint=base_fingerprint,
+        training=training,
+        lora=lora,
+        foreign={
+            "trained_on": trained_on,
+            "adapter_config_sha256": hashlib.sha256(config_path.read_bytes()).hexdigest(),
+            "peft_version": config.get("peft_version"),
+        },
+    )
