@@ -268,6 +268,7 @@ def test_trained_on_is_refused_for_an_edge_lora_adapter(llama_adapter, bases, tm
     assert_one_line_error(done, "--trained-on is for adapter dirs without edge_lora.json", "drop --trained-on")
 
 
+@pytest.mark.slow  # four processes that import transformers
 def test_bad_trained_on_and_missing_base_through_the_cli(llama_adapter, tmp_path):
     done = edge_lora("export", llama_adapter, "--output", tmp_path / "x", "--trained-on", "int8")
     assert done.returncode == 2 and "'int8' is not one of" in done.stderr

@@ -157,6 +157,7 @@ def test_fingerprint_names_the_gguf_and_keeps_the_digest(tiny_gguf, tiny_base, t
     assert without["digest"] == identity["digest"]  # the digest reads the weights, config and shapes as before
 
 
+@pytest.mark.slow  # converts twice, each in its own process
 def test_cli_converts_and_overwrites(tiny_gguf, tmp_path):
     output = tmp_path / "base"
     done = edge_lora("base", "from-gguf", tiny_gguf, "--output", output)
