@@ -659,17 +659,9 @@ def node_paths(graph) -> dict[str, str]:
     """{node name: its module's path as a torch scope, '/model/layers.0/self_attn/q_proj/…'} for a torch graph, whose
     node names ('node_linear_3') say nothing of where they belong: the exporter records the module path in each
     node's name-scope metadata. A builder graph's names are such paths already and are left out."""
-    import ast
+    from edge_lora.export.graphs.portable import module_of
 
-    from edge_lora.export.graphs.portable import NAME_SCOPES
-
-    paths = {}
-    for node in graph.node:
-        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == NAME_SCOPES), None)
-        if scopes and len(scopes) > 1:
-            module = scopes[-2] if len(scopes) > 2 else scopes[-1]
-            paths[node.name] = "/" + module.replace(".", "/") + "/" + node.name
-    return paths
+    return {n.name: "/" + module.replace(".", "/") + "/" + n.name for n in graph.node if (module := module_of(n))}
 
 
 def region(node_name: str, op: str, head: set[str]) -> str:

@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from edge_lora.formats import ADAPTER_MANIFEST, BASE_SOURCE, AdapterManifest
+from edge_lora.formats import ADAPTER_MANIFEST, BASE_SOURCE, AdapterManifest, sha256_file
 
 FORMAT_VERSION = 1
 LIBRARIES = ("edge-lora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
@@ -125,7 +125,7 @@ def foreign(
         lora=lora,
         foreign={
             "trained_on": trained_on,
-            "adapter_config_sha256": hashlib.sha256(config_path.read_bytes()).hexdigest(),
+            "adapter_config_sha256": sha256_file(config_path),
             "peft_version": config.get("peft_version"),
         },
     )

@@ -11,13 +11,12 @@ into one product.
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import numpy as np
 
-from edge_lora.export.graphs.portable import NAME_SCOPES
+from edge_lora.export.graphs.portable import module_of
 
 RANK_DIM = "lora_rank"
 BUILDER_MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")  # a PEFT target's module name
@@ -47,9 +46,9 @@ def module_products(graph) -> dict[str, list]:
     """{module path: the MatMul and Gemm nodes torch's exporter made in that module's own code} of a graph it wrote."""
     products: dict[str, list] = {}
     for node in graph.node:
-        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == NAME_SCOPES), [])
-        if node.op_type in PRODUCTS and len(scopes) >= 2:
-            products.setdefault(scopes[-2], []).append(node)
+        module = module_of(node)
+        if node.op_type in PRODUCTS and module:
+            products.setdefault(module, []).append(node)
     return products
 
 

@@ -34,6 +34,15 @@ SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 3, 4
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 
+def module_of(node) -> str | None:
+    """The path of the module whose code made `node` (an onnx NodeProto of a graph this exporter wrote), read from
+    its NAME_SCOPES metadata: 'model.layers.0.self_attn.q_proj'; None for a node without one."""
+    import ast
+
+    scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == NAME_SCOPES), [])
+    return scopes[-2] if len(scopes) >= 2 else None
+
+
 def export_onnx(model, out_dir: Path, opset: int) -> Path:
     """model.onnx in `out_dir` (created): the decoder graph of the in-memory transformers `model` with its KV cache
     (the module docstring gives its inputs and outputs). Returns its path."""
@@ -229,8 +238,6 @@ def quantize(
     int4_head: bool = True,
 ) -> None:
     """Write `src` at `precision` to `dst`. fp32 is a copy; the others quantize or cast weights only."""
-    import logging
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
